@@ -1,0 +1,41 @@
+"""Similarity and regularisation losses (MONAI ``_Loss`` style) and their functional core."""
+
+from __future__ import annotations
+
+from monai_cidir.losses.functional import (
+    bending_energy,
+    cofactor_matrix,
+    deformation_gradient,
+    determinant_3x3,
+    global_ncc,
+    hyperelastic_energy,
+    hyperelastic_terms,
+    jacobian_determinant,
+    jacobian_penalty,
+    smooth_clamp_determinant,
+    weighted_reduction,
+)
+from monai_cidir.losses.image_dissimilarity import GlobalNCCLoss
+from monai_cidir.losses.regularization import (
+    BendingEnergyRegularizer,
+    HyperelasticRegularizer,
+    JacobianRegularizer,
+)
+
+__all__ = [
+    "GlobalNCCLoss",
+    "BendingEnergyRegularizer",
+    "JacobianRegularizer",
+    "HyperelasticRegularizer",
+    "global_ncc",
+    "deformation_gradient",
+    "determinant_3x3",
+    "cofactor_matrix",
+    "jacobian_determinant",
+    "smooth_clamp_determinant",
+    "bending_energy",
+    "jacobian_penalty",
+    "hyperelastic_terms",
+    "hyperelastic_energy",
+    "weighted_reduction",
+]
