@@ -206,9 +206,14 @@ def test_hyperelastic_is_finite_for_folded_points_and_pushes_det_up():
     assert (values <= bound).all() and float(values[0]) == pytest.approx(bound, rel=1e-6)
     # gradient w.r.t. the stretched/compressed diagonal entry increases det for the moderately folded points
     assert jac.grad[0, 0, 0] < 0 and jac.grad[1, 0, 0] < 0 and jac.grad[3, 0, 0] < 0
-    # the full energy stays finite too
+    # the full energy stays finite too, in float32 as used in training
     full = HyperelasticRegularizer()(jac.detach())
     assert torch.isfinite(full)
+    jac32 = jac.detach().float().requires_grad_(True)
+    full32 = HyperelasticRegularizer()(jac32)
+    full32.backward()
+    assert torch.isfinite(full32) and torch.isfinite(jac32.grad).all()
+    assert float(full32) == pytest.approx(float(full), rel=1e-5)
 
 
 def test_smooth_clamp_is_c1_increasing_and_bounded():
