@@ -1,0 +1,69 @@
+"""Engines: per-patient cIDIR training, affine pre-alignment, alpha selection and exports.
+
+* :class:`CIDIRTrainer` (trainer.py): the per-patient MONAI/Ignite training workflow.
+* :func:`fit_affine` (prealign.py): the global affine the INR's residual starts from.
+* :class:`AlphaSelectionEvaluator` (alpha_selection.py): the alpha sweep scored by lung Dice.
+* :class:`RegistrationModel`, :func:`load_registration_model` (model.py): the trained transform.
+* export.py: displacement field, warped image, alpha curve files.
+* :func:`register_patient`, :func:`run_cohort`, :func:`export_registration` (registration.py):
+  the entry points the bundle wires.
+"""
+
+from __future__ import annotations
+
+from monai_cidir.engines.alpha_selection import AlphaCurve, AlphaSelectionEvaluator, alpha_grid, mask_region
+from monai_cidir.engines.export import (
+    plot_alpha_curve,
+    write_alpha_curve,
+    write_displacement_field,
+    write_json,
+    write_warped_image,
+)
+from monai_cidir.engines.model import RegistrationModel, iter_grid_chunks, load_registration_model, save_registration_model
+from monai_cidir.engines.prealign import AffinePrealignment, fit_affine
+from monai_cidir.engines.registration import (
+    COHORT_COLUMNS,
+    collect_cohort_metrics,
+    export_registration,
+    format_summary_table,
+    landmark_tre,
+    make_point_sampler,
+    register_patient,
+    run_cohort,
+    select_and_export,
+    write_cohort_table,
+)
+from monai_cidir.engines.trainer import REGULARIZER_SCALES, AlphaPrior, CIDIRTrainer, build_lr_scheduler, build_regularizers
+
+__all__ = [
+    "AffinePrealignment",
+    "AlphaCurve",
+    "AlphaPrior",
+    "AlphaSelectionEvaluator",
+    "CIDIRTrainer",
+    "COHORT_COLUMNS",
+    "REGULARIZER_SCALES",
+    "RegistrationModel",
+    "alpha_grid",
+    "build_lr_scheduler",
+    "build_regularizers",
+    "collect_cohort_metrics",
+    "export_registration",
+    "fit_affine",
+    "format_summary_table",
+    "iter_grid_chunks",
+    "landmark_tre",
+    "load_registration_model",
+    "make_point_sampler",
+    "mask_region",
+    "plot_alpha_curve",
+    "register_patient",
+    "run_cohort",
+    "save_registration_model",
+    "select_and_export",
+    "write_alpha_curve",
+    "write_cohort_table",
+    "write_displacement_field",
+    "write_json",
+    "write_warped_image",
+]

@@ -1,0 +1,167 @@
+"""Per-patient outputs: displacement field, warped moving image, alpha curve (CSV + PNG), JSON.
+
+``displacement.nii.gz`` is written by ITK as a 3-component float vector image with the
+fixed image's geometry in ITK's LPS convention and LPS vectors in mm, so that
+``sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(path), sitk.sitkVectorFloat64))``
+maps a fixed-space point ``p`` (LPS) to ``p + u(p)``, its position in the moving image.
+Everything is evaluated in chunks (:meth:`RegistrationModel.map_grid`), so memory stays at
+a few copies of the output array: a 512x512x136 field needs about 0.9 GB.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from monai_cidir.coordinates import CoordinateMapping
+from monai_cidir.engines.model import RegistrationModel
+
+__all__ = [
+    "write_displacement_field",
+    "write_warped_image",
+    "write_alpha_curve",
+    "plot_alpha_curve",
+    "write_json",
+    "lps_geometry",
+]
+
+_FLIP = np.array([-1.0, -1.0, 1.0])
+
+
+def lps_geometry(mapping: CoordinateMapping) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(origin, spacing, direction)`` of a grid in ITK's LPS convention.
+
+    Raises:
+        ValueError: when the direction is not orthonormal (ITK cannot represent it).
+    """
+    aff = mapping.affine.numpy()
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    direction = _FLIP[:, None] * (aff[:3, :3] / spacing)
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise ValueError(f"the fixed image's direction is not orthonormal:\n{direction}")
+    return _FLIP * aff[:3, 3], spacing, direction
+
+
+def write_displacement_field(
+    model: RegistrationModel, alpha: float, path: str | os.PathLike, chunk_size: int = 65536
+) -> Path:
+    """Write the total displacement (affine + INR, world mm) on the fixed grid as an ITK field.
+
+    Args:
+        model: the trained registration (its mapping is the fixed grid).
+        alpha: the regularisation weight to export.
+        path: output file (``.nii.gz``, ``.mha``, ``.nrrd``: any ITK vector format).
+        chunk_size: points per network call.
+
+    Returns:
+        the path written.
+    """
+    import itk
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    field = model.map_grid(alpha, chunk_size=chunk_size)  # (X, Y, Z, 3) RAS mm, float32
+    field *= _FLIP.astype(np.float32)  # RAS -> LPS vectors (ras_to_lps, done in place to save a copy)
+    array = np.ascontiguousarray(field.transpose(2, 1, 0, 3))  # ITK arrays are (z, y, x, c)
+    del field
+    origin, spacing, direction = lps_geometry(model.mapping)
+    image = itk.image_view_from_array(array, is_vector=True)
+    image.SetOrigin([float(v) for v in origin])
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(direction)))
+    itk.imwrite(image, str(path), compression=True)
+    return path
+
+
+def write_warped_image(
+    model: RegistrationModel,
+    alpha: float,
+    moving_image: torch.Tensor,
+    path: str | os.PathLike,
+    mode: str = "bilinear",
+    chunk_size: int = 65536,
+) -> Path:
+    """Resample the moving image onto the fixed grid through ``phi`` and write it (NIfTI, RAS).
+
+    Args:
+        model: the trained registration.
+        alpha: the regularisation weight.
+        moving_image: moving MetaTensor ``(1, X, Y, Z)``.
+        path: output ``.nii.gz``.
+        mode: ``"bilinear"`` (trilinear) or ``"nearest"`` (for masks).
+        chunk_size: points per network call.
+
+    Returns:
+        the path written.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mmap = CoordinateMapping.from_image(moving_image)
+    data = (moving_image.as_tensor() if hasattr(moving_image, "as_tensor") else torch.as_tensor(moving_image)).float()
+
+    def fn(world, moved):
+        return mmap.sample(data, moved.float(), mode=mode)[0][:, None]
+
+    warped = model.map_grid(alpha, fn=fn, channels=1, chunk_size=chunk_size)[..., 0]
+    nib.save(nib.Nifti1Image(warped, model.mapping.affine.numpy()), str(path))
+    return path
+
+
+def write_alpha_curve(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Write ``alpha_curve.csv`` (columns alpha, dice, folding, seconds)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["alpha", "dice", "folding", "seconds"])
+        for r in sorted(rows, key=lambda r: r["alpha"]):
+            w.writerow([f"{r['alpha']:.6g}", f"{r['dice']:.6f}", f"{r['folding']:.6g}", f"{r['seconds']:.4f}"])
+    return path
+
+
+def plot_alpha_curve(rows: Sequence[dict], best_alpha: float, path: str | os.PathLike, title: str = "") -> Path:
+    """Write ``alpha_curve.png``: Dice and folding against alpha, the chosen alpha marked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    rows = sorted(rows, key=lambda r: r["alpha"])
+    a = [r["alpha"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
+    ax.plot(a, [r["dice"] for r in rows], "o-", color="tab:blue", ms=3, label="lung Dice")
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("lung Dice", color="tab:blue")
+    ax.axvline(best_alpha, color="k", ls="--", lw=1, label=f"chosen alpha = {best_alpha:.3g}")
+    ax2 = ax.twinx()
+    ax2.plot(a, [100 * r["folding"] for r in rows], "s-", color="tab:red", ms=3, label="folding")
+    ax2.set_ylabel("folding (% of lung points)", color="tab:red")
+    ax.legend(loc="lower center", fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_json(data: dict, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (a temporary file, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+    os.replace(tmp, path)
+    return path
+
+

@@ -1,0 +1,333 @@
+"""The trained registration of one patient: INR + coordinate mapping + optional affine.
+
+:class:`RegistrationModel` is the single place where the transform of cIDIR is
+composed. A fixed-space world point ``p`` (RAS mm) maps to the moving image at::
+
+    phi(p) = A p + t + u(p, alpha),    u(p, alpha) = scale * net((p - center) / scale, alpha)
+
+where ``(A, t)`` is the optional affine pre-alignment (identity when absent) and ``net`` is
+the INR (normalised units, see :mod:`monai_cidir.coordinates`). The total displacement is
+``d(p) = phi(p) - p``; its Jacobian is ``A - I + J_u`` (dimensionless, ``[n, i, j] = dd_i/dp_j``)
+and its Hessian is ``H_u / scale`` (1/mm, the affine part has none).
+
+``model.pt`` (written by :func:`save_registration_model`) holds the pickled network and
+its state dict, the fixed image's :class:`~monai_cidir.coordinates.CoordinateMapping` state
+and the affine, so :func:`load_registration_model` evaluates the field at any alpha
+without the images.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from monai_cidir.coordinates import CoordinateMapping
+
+__all__ = [
+    "RegistrationModel",
+    "save_registration_model",
+    "load_registration_model",
+    "iter_grid_chunks",
+    "region_shape",
+    "as_alpha_tensor",
+]
+
+MODEL_FORMAT_VERSION = 1
+
+
+def as_alpha_tensor(alpha, num_points: int | None = None, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Bring alpha to a network-ready tensor: ``(1,)`` for one value, ``(N, 1)`` per point.
+
+    Args:
+        alpha: a float, a 0-d/1-element tensor, or ``N`` values (``(N,)`` or ``(N, 1)``).
+        num_points: the number of points (to check per-point alpha).
+        dtype: output dtype.
+        device: output device.
+
+    Returns:
+        ``(1,)`` or ``(N, 1)`` tensor.
+
+    Raises:
+        ValueError: when a per-point alpha does not match ``num_points``.
+    """
+    a = torch.as_tensor(alpha, dtype=dtype, device=device)
+    if a.numel() == 1:
+        return a.reshape(1)
+    a = a.reshape(-1, 1)
+    if num_points is not None and a.shape[0] != num_points:
+        raise ValueError(f"per-point alpha has {a.shape[0]} values for {num_points} points")
+    return a
+
+
+def iter_grid_chunks(
+    mapping: CoordinateMapping, shape=None, chunk_size: int = 65536, region: tuple[slice, ...] | None = None
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield the world points of a grid in flat (C-order) chunks, never the whole grid at once.
+
+    Args:
+        mapping: the grid's mapping.
+        shape: sample the mapping's field of view with this shape (default: the grid itself,
+            see :meth:`CoordinateMapping.world_grid`).
+        chunk_size: points per chunk.
+        region: optional per-axis index slices (of ``shape``) restricting the grid; the flat
+            order is then that of the region's shape.
+
+    Yields:
+        ``(flat_slice, world_points (n, 3) float64)``.
+    """
+    full = mapping.spatial_shape if shape is None else tuple(int(s) for s in shape)
+    step = [(n - 1) / (s - 1) if s > 1 else 0.0 for n, s in zip(mapping.spatial_shape, full)]
+    region = tuple(slice(0, s) for s in full) if region is None else tuple(region)
+    axes = [np.arange(*r.indices(s), dtype=np.float64) * st for r, s, st in zip(region, full, step)]
+    sub = tuple(len(a) for a in axes)
+    total = int(np.prod(sub))
+    for begin in range(0, total, chunk_size):
+        end = min(begin + chunk_size, total)
+        flat = np.unravel_index(np.arange(begin, end), sub)
+        idx = np.stack([a[f] for a, f in zip(axes, flat)], axis=-1)
+        yield slice(begin, end), mapping.index_to_world(torch.from_numpy(idx))
+
+
+def region_shape(mapping: CoordinateMapping, shape=None, region=None) -> tuple[int, ...]:
+    """The shape of the grid that :func:`iter_grid_chunks` walks for these arguments."""
+    full = mapping.spatial_shape if shape is None else tuple(int(s) for s in shape)
+    region = tuple(slice(0, s) for s in full) if region is None else tuple(region)
+    return tuple(len(range(*r.indices(s))) for r, s in zip(region, full))
+
+
+class RegistrationModel(nn.Module):
+    """A fixed->moving transform ``phi(p) = A p + t + u(p, alpha)`` in world RAS mm.
+
+    Args:
+        network: an INR with ``forward(coords, alpha)`` and
+            ``forward_with_derivatives(coords, alpha, order)`` on normalised coordinates
+            (:class:`~monai_cidir.networks.ConditionedINR` or ``SirenINR``).
+        mapping: the fixed image's mapping; it defines the network's normalised frame.
+        affine: optional 4x4 world (RAS mm) affine of the pre-alignment, fixed -> moving.
+        derivatives: ``"forward"`` (the network's exact forward-mode derivatives) or
+            ``"autograd"`` (nested autograd, :func:`monai_cidir.networks.autograd_derivatives`).
+
+    Example::
+
+        >>> model = RegistrationModel(ConditionedINR(), CoordinateMapping.from_image(fixed))
+        >>> moved, jac, hess = model.forward_with_derivatives(points_mm, alpha=0.3, order=2)
+        >>> u_mm = model.displacement(points_mm, alpha=0.3)
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        mapping: CoordinateMapping,
+        affine: torch.Tensor | np.ndarray | None = None,
+        derivatives: str = "forward",
+    ) -> None:
+        super().__init__()
+        if derivatives not in ("forward", "autograd"):
+            raise ValueError(f"derivatives must be 'forward' or 'autograd', found {derivatives!r}")
+        self.network = network
+        self.mapping = mapping
+        self.derivatives = derivatives
+        self.set_affine(affine)
+
+    # ------------------------------------------------------------------ affine part
+    def set_affine(self, affine) -> None:
+        """Set (or clear with ``None``) the pre-alignment affine (4x4, world RAS mm)."""
+        if affine is None:
+            self.affine = None
+            return
+        a = torch.as_tensor(np.asarray(affine, dtype=np.float64) if not isinstance(affine, torch.Tensor) else affine)
+        a = a.detach().to(torch.float64).cpu()
+        if a.shape != (4, 4):
+            raise ValueError(f"expected a 4x4 affine, found shape {tuple(a.shape)}")
+        self.affine = a
+
+    def apply_affine(self, points: torch.Tensor) -> torch.Tensor:
+        """``A p + t`` (identity without an affine), same dtype/device as ``points``."""
+        if self.affine is None:
+            return points
+        a = self.affine.to(dtype=points.dtype, device=points.device)
+        return points @ a[:3, :3].T + a[:3, 3]
+
+    def affine_jacobian(self, dtype=torch.float32, device=None) -> torch.Tensor:
+        """``A - I`` (3x3): the affine's contribution to the displacement Jacobian."""
+        if self.affine is None:
+            return torch.zeros(3, 3, dtype=dtype, device=device)
+        return (self.affine[:3, :3] - torch.eye(3, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+    # ------------------------------------------------------------------ evaluation
+    def _param(self) -> torch.Tensor:
+        return next(self.network.parameters())
+
+    def forward_with_derivatives(self, points: torch.Tensor, alpha, order: int = 1):
+        """Moved positions and the INR's derivatives in millimetres.
+
+        Args:
+            points: fixed-space world points (N, 3) mm.
+            alpha: one value or N values (per-point alpha).
+            order: 0 (no derivatives), 1 (Jacobian) or 2 (Jacobian and Hessian).
+
+        Returns:
+            ``(moved (N, 3) mm, jacobian (N, 3, 3) or None, hessian (N, 3, 3, 3) 1/mm or None)``;
+            the derivatives are the INR residual's ``u`` only (add :meth:`affine_jacobian`
+            for the total displacement's Jacobian).
+        """
+        p = self._param()
+        points = points.to(dtype=p.dtype, device=p.device)
+        coords = self.mapping.world_to_normalized(points)
+        a = as_alpha_tensor(alpha, points.shape[0], dtype=p.dtype, device=p.device)
+        jac = hess = None
+        if order == 0:
+            u = self.network(coords, a)
+        elif self.derivatives == "forward":
+            u, jac, hess = self.network.forward_with_derivatives(coords, a, order=order)
+        else:
+            from monai_cidir.networks import autograd_derivatives
+
+            u, jac, hess = autograd_derivatives(self.network, coords, a, order=order)
+        moved = self.apply_affine(points) + self.mapping.displacement_to_world(u)
+        if jac is not None:
+            jac = self.mapping.jacobian_to_world(jac)
+        if hess is not None:
+            hess = self.mapping.hessian_to_world(hess)
+        return moved, jac, hess
+
+    def forward(self, points: torch.Tensor, alpha) -> torch.Tensor:
+        """Moved positions ``phi(p)`` (N, 3) mm of fixed-space world points."""
+        return self.forward_with_derivatives(points, alpha, order=0)[0]
+
+    @torch.no_grad()
+    def transform_points(self, points, alpha, chunk_size: int = 65536) -> torch.Tensor:
+        """``phi(p)`` for any number of points, in chunks, without gradients (float64 out)."""
+        pts = torch.as_tensor(points, dtype=torch.float64).reshape(-1, 3)
+        out = [self.forward(pts[s : s + chunk_size], alpha).double().cpu() for s in range(0, len(pts), chunk_size)]
+        return torch.cat(out) if out else pts.clone()
+
+    @torch.no_grad()
+    def displacement(self, points, alpha, chunk_size: int = 65536) -> torch.Tensor:
+        """Total displacement ``phi(p) - p`` (N, 3) world mm (float64) at fixed-space points."""
+        pts = torch.as_tensor(points, dtype=torch.float64).reshape(-1, 3)
+        return self.transform_points(pts, alpha, chunk_size) - pts
+
+    def displacement_jacobian(self, points, alpha, chunk_size: int = 32768) -> torch.Tensor:
+        """Jacobian of the total displacement, ``A - I + J_u`` (N, 3, 3), without gradients."""
+        pts = torch.as_tensor(points, dtype=torch.float64).reshape(-1, 3)
+        out = []
+        for s in range(0, len(pts), chunk_size):
+            with torch.enable_grad() if self.derivatives == "autograd" else torch.no_grad():
+                _, jac, _ = self.forward_with_derivatives(pts[s : s + chunk_size], alpha, order=1)
+            out.append((jac.detach() + self.affine_jacobian(jac.dtype, jac.device)).cpu())
+        return torch.cat(out) if out else torch.zeros(0, 3, 3)
+
+    @torch.no_grad()
+    def map_grid(
+        self,
+        alpha,
+        mapping: CoordinateMapping | None = None,
+        fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        channels: int = 3,
+        chunk_size: int = 65536,
+        shape=None,
+        region=None,
+    ) -> np.ndarray:
+        """Evaluate a function of ``(p, phi(p))`` on a grid in chunks (bounded memory).
+
+        Args:
+            alpha: the regularisation weight.
+            mapping: the grid (default: the fixed image's).
+            fn: ``fn(points, moved) -> (n, channels)`` (default: the displacement ``moved - points``).
+            channels: the output channels of ``fn``.
+            chunk_size: points per chunk.
+            shape: optional resampled grid shape (see :func:`iter_grid_chunks`).
+            region: optional index slices of the grid.
+
+        Returns:
+            float32 array ``(*grid_shape, channels)`` (``channels == 1`` keeps the last axis).
+        """
+        mapping = self.mapping if mapping is None else mapping
+        full = mapping.spatial_shape if shape is None else tuple(shape)
+        sub = region_shape(mapping, full, region)
+        out = np.empty((int(np.prod(sub)), channels), dtype=np.float32)
+        for flat, world in iter_grid_chunks(mapping, full, chunk_size, region):
+            moved = self.forward(world, alpha).double()
+            value = moved - world if fn is None else fn(world, moved)
+            out[flat] = value.reshape(len(world), channels).float().cpu().numpy()
+        return out.reshape(*sub, channels)
+
+
+def save_registration_model(model: RegistrationModel, path: str | os.PathLike, **extra) -> Path:
+    """Write ``model.pt``: the network (pickled module and state dict), mapping and affine.
+
+    Args:
+        model: the trained model.
+        path: the output file (written atomically: a temporary file then a rename).
+        extra: plain-data entries stored alongside (e.g. ``alpha``, ``alpha_range``, ``regularizer``).
+
+    Returns:
+        the path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format_version": MODEL_FORMAT_VERSION,
+        "network": model.network,
+        "network_state_dict": model.network.state_dict(),
+        "mapping": model.mapping.state_dict(),
+        "affine": None if model.affine is None else model.affine.clone(),
+        "derivatives": model.derivatives,
+        **extra,
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_registration_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> RegistrationModel:
+    """Reload a :class:`RegistrationModel` written by :func:`save_registration_model`.
+
+    The network object is unpickled (``weights_only=False``): load only files you trust,
+    e.g. those this package wrote. The extra entries are available as ``model.info``.
+
+    Args:
+        path: a ``model.pt`` file.
+        device: where to put the network.
+
+    Returns:
+        the model, in eval mode; ``model.displacement(world_points, alpha)`` gives mm.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: when the file is not a monai_cidir model.
+
+    Example::
+
+        >>> model = load_registration_model("outputs/case1/model.pt")
+        >>> u = model.displacement(torch.tensor([[10.0, -20.0, 30.0]]), alpha=0.4)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"registration model not found: {path}")
+    state = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(state, dict) or "network" not in state or "mapping" not in state:
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a monai_cidir model.pt: expected keys 'network' and 'mapping', found {found}")
+    network = state["network"]
+    network.load_state_dict(state["network_state_dict"])
+    network.to(device).eval()
+    model = RegistrationModel(
+        network,
+        CoordinateMapping.from_state_dict(state["mapping"]),
+        affine=state.get("affine"),
+        derivatives=state.get("derivatives", "forward"),
+    )
+    model.info = {
+        k: v
+        for k, v in state.items()
+        if k not in ("network", "network_state_dict", "mapping", "affine", "derivatives")
+    }
+    return model

@@ -1,0 +1,677 @@
+"""Top-level entry points: register one patient, a cohort, or redo alpha selection/export.
+
+``register_patient(item, output_dir, ...)`` runs the whole method on one loaded pair (the
+loaded-pair contract of :mod:`monai_cidir.data`) and writes ``output_dir/<name>/``:
+
+* ``model.pt`` (:func:`~monai_cidir.engines.model.load_registration_model`),
+* ``alpha_curve.csv`` / ``alpha_curve.png``,
+* ``displacement.nii.gz`` (ITK displacement field at the chosen alpha, LPS),
+* ``warped_moving.nii.gz`` (the moving image resampled on the fixed grid),
+* ``metrics.json`` (written last: its presence marks the patient as complete),
+* ``checkpoint.pt`` (resumable training state, written during training).
+
+Re-running skips a complete patient unless ``overwrite=True``; an interrupted one resumes
+from ``checkpoint.pt``. All options are keyword arguments so a bundle config can wire them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_cidir.coordinates import CoordinateMapping
+from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator
+from monai_cidir.engines.export import plot_alpha_curve, write_alpha_curve, write_displacement_field, write_json, write_warped_image
+from monai_cidir.engines.model import RegistrationModel, load_registration_model, save_registration_model
+from monai_cidir.engines.prealign import fit_affine
+from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer
+
+__all__ = [
+    "register_patient",
+    "run_cohort",
+    "export_registration",
+    "select_and_export",
+    "landmark_tre",
+    "make_point_sampler",
+    "collect_cohort_metrics",
+    "format_summary_table",
+    "write_cohort_table",
+    "COHORT_COLUMNS",
+]
+
+logger = logging.getLogger("monai_cidir.engines")
+
+OUTPUT_FILES = ("model.pt", "alpha_curve.csv", "alpha_curve.png", "displacement.nii.gz", "warped_moving.nii.gz", "metrics.json")
+
+COHORT_COLUMNS = (
+    "name",
+    "alpha",
+    "dice",
+    "folding",
+    "tre_before_mean",
+    "tre_before_sd",
+    "tre_after_mean",
+    "tre_after_sd",
+    "tre_before_snapped_mean",
+    "tre_after_snapped_mean",
+    "affine_prealign",
+    "iterations",
+    "seconds_training",
+    "seconds_selection",
+    "seconds_per_alpha",
+)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
+def make_point_sampler(mask: torch.Tensor, seed: int = 0, dilation_mm: float = 0.0) -> Callable[[int], torch.Tensor]:
+    """``sampler(n) -> (n, 3)`` float32 world points drawn uniformly in a lung mask.
+
+    Wraps :class:`monai_cidir.transforms.RandPointsInMask` (seeded with ``seed``; its voxel
+    list is cached, so a call costs a few milliseconds); the callable exposes the
+    transform's ``R`` so checkpoints save and restore its random state.
+
+    Args:
+        mask: the fixed lung mask MetaTensor ``(1, X, Y, Z)``.
+        seed: random seed.
+        dilation_mm: grow the mask before sampling.
+
+    Example::
+
+        >>> sampler = make_point_sampler(item["fixed_mask"], seed=0)
+        >>> sampler(10_000).shape
+        torch.Size([10000, 3])
+    """
+    from monai_cidir.transforms import RandPointsInMask
+
+    transform = RandPointsInMask(num_points=1, dilation_mm=dilation_mm)
+    transform.set_random_state(seed=seed)
+    return _MaskPointSampler(transform, mask)
+
+
+class _MaskPointSampler:
+    def __init__(self, transform, mask) -> None:
+        self.transform = transform
+        self.mask = mask
+
+    @property
+    def R(self):  # noqa: N802 (MONAI's Randomizable name)
+        return self.transform.R
+
+    def __call__(self, n: int) -> torch.Tensor:
+        self.transform.num_points = int(n)
+        return self.transform(self.mask).float()
+
+
+def _ensure_masks(item: dict, backend: str, lung_mask_kwargs: dict | None, need_moving: bool) -> dict:
+    """Compute missing lung masks with :class:`~monai_cidir.transforms.LungMaskd` (given masks win)."""
+    keys = [k for k, img in (("fixed", "fixed_image"), ("moving", "moving_image")) if (k == "fixed" or need_moving)]
+    missing = [k for k in keys if item.get(f"{k}_mask") is None]
+    if not missing:
+        return item
+    from monai_cidir.transforms import LungMaskd
+
+    item = dict(item)
+    for k in missing:
+        logger.info("%s: computing the %s lung mask (backend %s)", item.get("name", "pair"), k, backend)
+        out = LungMaskd(keys=f"{k}_image", backend=backend, output_key=f"{k}_mask", **(lung_mask_kwargs or {}))(
+            {f"{k}_image": item[f"{k}_image"]}
+        )
+        item[f"{k}_mask"] = out[f"{k}_mask"]
+    return item
+
+
+def _build(factory, *args, default: Callable, **kwargs):
+    if factory is None:
+        return default(*args, **kwargs)
+    if isinstance(factory, torch.nn.Module):
+        raise TypeError(
+            "network must be a factory (a class or a callable returning a fresh module, e.g. a bundle "
+            "'_mode_: callable' partial), found a module instance: one network would be shared by all patients"
+        )
+    return factory(*args) if args else factory()
+
+
+def landmark_tre(
+    model: RegistrationModel | None, alpha: float | None, item: Mapping, moving_grid: CoordinateMapping | None = None
+) -> dict[str, float]:
+    """TRE statistics (mm) of a model at ``alpha`` (``model=None``: before registration).
+
+    Returns:
+        ``{"mean", "sd", "snapped_mean", "snapped_sd"}`` (``snapped_*`` snap to the moving
+        image's voxels, the DIR-LAB convention); empty when the item has no landmarks.
+    """
+    from monai_cidir.metrics import TargetRegistrationError
+
+    if item.get("fixed_landmarks") is None or item.get("moving_landmarks") is None:
+        return {}
+    fixed = torch.as_tensor(item["fixed_landmarks"], dtype=torch.float64)
+    target = torch.as_tensor(item["moving_landmarks"], dtype=torch.float64)
+    pred = fixed if model is None else model.transform_points(fixed, alpha)
+    grid = moving_grid or CoordinateMapping.from_image(item["moving_image"])
+    out = {}
+    for snap, prefix in ((False, ""), (True, "snapped_")):
+        metric = TargetRegistrationError(snap=snap, moving_grid=grid if snap else None, over="landmarks")
+        metric(pred[None], target[None])
+        out[f"{prefix}mean"] = float(metric.aggregate("mean"))
+        out[f"{prefix}sd"] = float(metric.aggregate("std"))
+    return out
+
+
+def _patient_dir(output_dir, name: str) -> Path:
+    return Path(output_dir) / str(name)
+
+
+# ---------------------------------------------------------------------------- selection + export
+def select_and_export(
+    model: RegistrationModel,
+    item: dict,
+    patient_dir: str | os.PathLike,
+    alpha: float | None = None,
+    alpha_range: Sequence[float] = (0.0, 1.0),
+    num_alphas: int = 21,
+    golden_section_steps: int = 0,
+    no_folding: bool = False,
+    selection_mode: str = "warp_mask",
+    lung_mask_backend: str = "threshold",
+    lung_mask_kwargs: dict | None = None,
+    coarse_factor: int = 2,
+    chunk_size: int = 65536,
+    export_images: bool = True,
+    previous: dict | None = None,
+    selection_handlers: Sequence | None = None,
+) -> dict:
+    """Alpha selection (or a fixed ``alpha``), TRE, exports and ``metrics.json`` for one trained model.
+
+    Args:
+        model: the trained registration.
+        item: the loaded pair (images, masks, optional landmarks, name).
+        patient_dir: where the outputs go.
+        alpha: export at this alpha; the sweep still runs (its curve is written) unless
+            ``num_alphas=0``.
+        alpha_range, num_alphas, golden_section_steps, no_folding, selection_mode,
+            lung_mask_backend, lung_mask_kwargs, coarse_factor, chunk_size: see
+            :class:`~monai_cidir.engines.alpha_selection.AlphaSelectionEvaluator`.
+        export_images: write ``displacement.nii.gz`` and ``warped_moving.nii.gz``.
+        previous: entries to carry into ``metrics.json`` (e.g. training seconds).
+        selection_handlers: handlers attached to the selection evaluator.
+
+    Returns:
+        the metrics dict written to ``metrics.json``.
+    """
+    patient_dir = Path(patient_dir)
+    name = str(item.get("name", patient_dir.name))
+    start = time.perf_counter()
+    rows: list[dict] = []
+    best: dict | None = None
+    if num_alphas and num_alphas > 0:
+        evaluator = AlphaSelectionEvaluator(
+            model,
+            item["fixed_mask"],
+            item.get("moving_mask"),
+            alpha_range=alpha_range,
+            num_alphas=num_alphas,
+            golden_section_steps=golden_section_steps,
+            no_folding=no_folding,
+            mode=selection_mode,
+            moving_image=item.get("moving_image"),
+            fixed_image=item.get("fixed_image"),
+            lung_mask_backend=lung_mask_backend,
+            lung_mask_kwargs=lung_mask_kwargs,
+            coarse_factor=coarse_factor,
+            chunk_size=chunk_size,
+            val_handlers=selection_handlers,
+        )
+        curve = evaluator.run()
+        rows, best = curve.rows, curve.best
+    seconds_selection = time.perf_counter() - start
+    if alpha is None:
+        if best is None:
+            raise ValueError("no alpha to export: give alpha=... or num_alphas > 0")
+        alpha = best["alpha"]
+        chosen = best
+    else:
+        alpha = float(alpha)
+        chosen = next((r for r in rows if abs(r["alpha"] - alpha) < 1e-12), None)
+        if chosen is None:
+            ev = AlphaSelectionEvaluator(
+                model,
+                item["fixed_mask"],
+                item.get("moving_mask"),
+                alphas=[alpha],
+                mode=selection_mode,
+                moving_image=item.get("moving_image"),
+                fixed_image=item.get("fixed_image"),
+                lung_mask_backend=lung_mask_backend,
+                lung_mask_kwargs=lung_mask_kwargs,
+                coarse_factor=coarse_factor,
+                chunk_size=chunk_size,
+            )
+            chosen = ev.run().best
+    if rows:
+        write_alpha_curve(rows, patient_dir / "alpha_curve.csv")
+        plot_alpha_curve(rows, alpha, patient_dir / "alpha_curve.png", title=name)
+    export_seconds = time.perf_counter()
+    if export_images:
+        write_displacement_field(model, alpha, patient_dir / "displacement.nii.gz", chunk_size=chunk_size)
+        write_warped_image(model, alpha, item["moving_image"], patient_dir / "warped_moving.nii.gz", chunk_size=chunk_size)
+    export_seconds = time.perf_counter() - export_seconds
+    before = landmark_tre(None, None, item)
+    after = landmark_tre(model, alpha, item)
+    metrics: dict[str, Any] = dict(previous or {})
+    metrics.update(
+        {
+            "name": name,
+            "alpha": float(alpha),
+            "dice": float(chosen["dice"]),
+            "folding": float(chosen["folding"]),
+            "alpha_selection": "fixed" if not rows or alpha != (best or {}).get("alpha") else "max_dice",
+            "num_alphas_evaluated": len(rows),
+        }
+    )
+    if rows:
+        metrics["dice_at_alpha_min"] = float(rows[0]["dice"])
+        metrics["seconds_per_alpha"] = float(sum(r["seconds"] for r in rows) / len(rows))
+    for key, stats in (("tre_before", before), ("tre_after", after)):
+        for stat, value in stats.items():
+            metrics[f"{key}_{stat}"] = value
+    metrics["seconds_selection"] = seconds_selection
+    metrics["seconds_export"] = export_seconds
+    write_json(metrics, patient_dir / "metrics.json")
+    return metrics
+
+
+# ---------------------------------------------------------------------------- one patient
+def register_patient(
+    item: dict,
+    output_dir: str | os.PathLike,
+    network: Callable[[], torch.nn.Module] | None = None,
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    learning_rate: float = 1e-4,
+    max_iterations: int = 1000,
+    num_points: int = 10000,
+    regularizer: str | Sequence[str] | Mapping[str, float] = "bending",
+    regularizer_scales: Mapping[str, float] | None = None,
+    alpha_range: Sequence[float] = (0.0, 1.0),
+    alpha_distribution: str = "uniform",
+    alpha_per_point: bool = True,
+    lr_schedule: str | Callable | None = "cosine",
+    grad_clip: float | None = 1.0,
+    derivatives: str = "forward",
+    regularization_points: int | None = None,
+    affine_prealign: bool | str = "auto",
+    affine_kwargs: dict | None = None,
+    num_alphas: int = 21,
+    golden_section_steps: int = 0,
+    no_folding: bool = False,
+    selection_mode: str = "warp_mask",
+    lung_mask_backend: str = "threshold",
+    lung_mask_kwargs: dict | None = None,
+    coarse_factor: int = 2,
+    alpha: float | None = None,
+    export_images: bool = True,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    handlers: Sequence | Callable[[], Sequence] | None = None,
+    selection_handlers: Sequence | None = None,
+    checkpoint_interval: int = 500,
+    iterations_per_epoch: int = 100,
+    overwrite: bool = False,
+    resume: bool = True,
+    chunk_size: int = 65536,
+) -> dict:
+    """Register one loaded pair with cIDIR and write its outputs to ``output_dir/<name>/``.
+
+    Args:
+        item: a loaded pair (``fixed_image``, ``moving_image``, optional masks, landmarks, ``name``).
+        output_dir: the cohort's output folder.
+        network: a factory returning a fresh INR (default ``ConditionedINR()``).
+        optimizer: a factory ``f(params) -> optimizer`` (default ``Adam(params, lr=learning_rate)``).
+        learning_rate: Adam's initial learning rate (used by the default optimizer).
+        max_iterations: training steps (paper: 50,000).
+        num_points: points per step (paper: 10,000).
+        regularizer: ``"bending"``, ``"jacobian"``, ``"hyperelastic"``, a list or a weight mapping.
+        regularizer_scales: overrides of :data:`~monai_cidir.engines.trainer.REGULARIZER_SCALES`.
+        alpha_range: the prior's range (paper: (0, 1)).
+        alpha_distribution: ``"uniform"`` (paper) or ``"log-uniform"``.
+        alpha_per_point: one alpha per point (default; converges faster, see README) or one per batch.
+        lr_schedule: ``"cosine"``, ``"step"``, ``"constant"`` or a callable.
+        grad_clip: gradient-norm clipping (``None``: off).
+        derivatives: ``"forward"`` (exact forward-mode) or ``"autograd"`` (nested autograd baseline).
+        regularization_points: regularizer on this many of the points only (``None``: all).
+        affine_prealign: ``"auto"`` (fit, keep if it improves NCC), ``True`` (always keep), ``False``.
+        affine_kwargs: extra arguments of :func:`~monai_cidir.engines.prealign.fit_affine`.
+        num_alphas, golden_section_steps, no_folding, selection_mode, lung_mask_backend,
+            lung_mask_kwargs, coarse_factor: alpha selection, see :func:`select_and_export`.
+        alpha: export at this fixed alpha instead of the selected one.
+        export_images: write the displacement field and warped image.
+        device: torch device.
+        seed: seeds network initialisation, points and alphas.
+        handlers: handlers (or a factory returning them, for one fresh set per patient) attached
+            to the trainer, e.g. ``StatsHandler(output_transform=lambda x: x["loss"])``.
+        selection_handlers: handlers attached to the alpha-selection evaluator.
+        checkpoint_interval: iterations between resumable checkpoints.
+        iterations_per_epoch: the trainer's Ignite epoch length.
+        overwrite: redo a patient whose ``metrics.json`` exists (otherwise it is skipped).
+        resume: continue from ``checkpoint.pt`` when present.
+        chunk_size: points per network call in evaluation (bounds memory).
+
+    Returns:
+        the metrics dict (also in ``metrics.json``); a skipped patient returns its stored one
+        with ``"skipped": True``.
+
+    Raises:
+        ValueError: when the item lacks images.
+
+    Example::
+
+        >>> item = LoadRegistrationPaird()(load_pair_datalist("phantom/datalist.json")[0])
+        >>> metrics = register_patient(item, "outputs", max_iterations=300, num_points=2000)
+        >>> metrics["tre_after_mean"] < metrics["tre_before_mean"]
+        True
+    """
+    from monai.utils import set_determinism
+
+    for key in ("fixed_image", "moving_image"):
+        if item.get(key) is None:
+            raise ValueError(f"the pair has no '{key}': expected a loaded pair with keys {sorted(item)}")
+    name = str(item.get("name") or "pair")
+    pdir = _patient_dir(output_dir, name)
+    metrics_path = pdir / "metrics.json"
+    ckpt_path = pdir / "checkpoint.pt"
+    if metrics_path.is_file() and not overwrite:
+        logger.info("%s: outputs complete in %s, skipping (overwrite=True redoes it)", name, pdir)
+        stored = json.loads(metrics_path.read_text())
+        stored["skipped"] = True
+        return stored
+    if overwrite and pdir.is_dir():
+        for f in OUTPUT_FILES + ("checkpoint.pt",):
+            (pdir / f).unlink(missing_ok=True)
+    pdir.mkdir(parents=True, exist_ok=True)
+
+    item = _ensure_masks(item, lung_mask_backend, lung_mask_kwargs, need_moving=selection_mode == "warp_mask" or affine_prealign is not False)
+    device = torch.device(device)
+    set_determinism(seed=seed)
+    from monai_cidir.networks import ConditionedINR
+
+    net = _build(network, default=ConditionedINR)
+    opt = optimizer(net.parameters()) if optimizer is not None else torch.optim.Adam(net.parameters(), lr=learning_rate)
+    sampler = make_point_sampler(item["fixed_mask"], seed=seed)
+    prior = AlphaPrior(alpha_range[0], alpha_range[1], alpha_distribution, per_point=alpha_per_point)
+    trainer_handlers = handlers() if callable(handlers) else handlers
+    trainer = CIDIRTrainer(
+        net,
+        opt,
+        item["fixed_image"],
+        item["moving_image"],
+        sampler,
+        max_iterations=max_iterations,
+        num_points=num_points,
+        regularizer=regularizer,
+        regularizer_scales=regularizer_scales,
+        alpha_prior=prior,
+        lr_schedule=lr_schedule,
+        grad_clip=grad_clip,
+        derivatives=derivatives,
+        regularization_points=regularization_points,
+        device=device,
+        seed=seed,
+        iterations_per_epoch=iterations_per_epoch,
+        checkpoint_path=ckpt_path,
+        checkpoint_interval=checkpoint_interval,
+        handlers=trainer_handlers,
+    )
+    prealign_info: dict[str, Any] = {"affine_prealign": False}
+    resumed = resume and trainer.resume()
+    start = time.perf_counter()
+    if resumed:
+        logger.info("%s: resuming from %s at iteration %d", name, ckpt_path, trainer.state.iteration)
+        prealign_info["affine_prealign"] = trainer.model.affine is not None
+    elif affine_prealign is not False:
+        result = fit_affine(
+            item["fixed_image"],
+            item["moving_image"],
+            sampler,
+            fixed_mask=item.get("fixed_mask"),
+            moving_mask=item.get("moving_mask"),
+            seed=seed,
+            **(affine_kwargs or {}),
+        )
+        keep = result.kept or affine_prealign is True
+        if keep:
+            trainer.model.set_affine(result.matrix)
+        prealign_info = {
+            "affine_prealign": bool(keep),
+            "affine_ncc_identity": result.ncc_identity,
+            "affine_ncc_affine": result.ncc_affine,
+            "seconds_affine": result.seconds,
+        }
+        logger.info(
+            "%s: affine pre-alignment NCC %.4f -> %.4f (%s)",
+            name,
+            result.ncc_identity,
+            result.ncc_affine,
+            "kept" if keep else "not kept",
+        )
+    logger.info("%s: training %d iterations x %d points on %s", name, max_iterations, num_points, device)
+    trainer.run()
+    seconds_training = time.perf_counter() - start
+    model = trainer.model
+    save_registration_model(
+        model,
+        pdir / "model.pt",
+        name=name,
+        alpha_range=list(alpha_range),
+        regularizer=regularizer if isinstance(regularizer, str) else list(regularizer),
+        iterations=trainer.state.iteration,
+    )
+    previous = {
+        "iterations": int(trainer.state.iteration),
+        "num_points": int(num_points),
+        "regularizer": regularizer if isinstance(regularizer, str) else list(regularizer),
+        "seed": seed,
+        **prealign_info,
+        "seconds_training": seconds_training,
+    }
+    metrics = select_and_export(
+        model,
+        item,
+        pdir,
+        alpha=alpha,
+        alpha_range=alpha_range,
+        num_alphas=num_alphas,
+        golden_section_steps=golden_section_steps,
+        no_folding=no_folding,
+        selection_mode=selection_mode,
+        lung_mask_backend=lung_mask_backend,
+        lung_mask_kwargs=lung_mask_kwargs,
+        coarse_factor=coarse_factor,
+        chunk_size=chunk_size,
+        export_images=export_images,
+        previous=previous,
+        selection_handlers=selection_handlers,
+    )
+    save_registration_model(
+        model, pdir / "model.pt", name=name, alpha=metrics["alpha"], alpha_range=list(alpha_range),
+        iterations=trainer.state.iteration,
+    )
+    logger.info(
+        "%s: alpha %.3f, Dice %.4f, folding %.2g, TRE %s -> %s mm",
+        name,
+        metrics["alpha"],
+        metrics["dice"],
+        metrics["folding"],
+        _fmt(metrics.get("tre_before_mean")),
+        _fmt(metrics.get("tre_after_mean")),
+    )
+    return metrics
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+# ---------------------------------------------------------------------------- inference entry
+def export_registration(
+    item: dict,
+    output_dir: str | os.PathLike,
+    model_path: str | os.PathLike | None = None,
+    alpha: float | None = None,
+    device: str | torch.device = "cpu",
+    lung_mask_backend: str = "threshold",
+    lung_mask_kwargs: dict | None = None,
+    **selection_kwargs,
+) -> dict:
+    """Reload ``model.pt`` and redo alpha selection and export, without retraining.
+
+    Args:
+        item: the loaded pair (images and masks are needed for Dice and the warped image).
+        output_dir: the cohort's output folder (the model is ``output_dir/<name>/model.pt``
+            unless ``model_path`` is given); outputs are rewritten there.
+        model_path: an explicit ``model.pt``.
+        alpha: export at this alpha (``None``: select by Dice).
+        device: torch device.
+        lung_mask_backend: backend for missing masks and ``selection_mode="segment"``.
+        lung_mask_kwargs: extra arguments of the lung-mask transform.
+        selection_kwargs: :func:`select_and_export` options (``num_alphas``, ``alpha_range``,
+            ``golden_section_steps``, ``no_folding``, ``selection_mode``, ``coarse_factor``, ...).
+
+    Returns:
+        the new metrics dict (training entries of the previous ``metrics.json`` are kept).
+
+    Raises:
+        FileNotFoundError: when there is no model.pt.
+    """
+    name = str(item.get("name") or "pair")
+    pdir = _patient_dir(output_dir, name)
+    model_path = Path(model_path) if model_path is not None else pdir / "model.pt"
+    model = load_registration_model(model_path, device=device)
+    previous = {}
+    if (pdir / "metrics.json").is_file():
+        old = json.loads((pdir / "metrics.json").read_text())
+        previous = {k: v for k, v in old.items() if k in ("iterations", "num_points", "regularizer", "seed", "seconds_training", "affine_prealign")}
+    mode = selection_kwargs.get("selection_mode", "warp_mask")
+    item = _ensure_masks(item, lung_mask_backend, lung_mask_kwargs, need_moving=mode == "warp_mask")
+    if "alpha_range" not in selection_kwargs and "alpha_range" in model.info:
+        selection_kwargs["alpha_range"] = model.info["alpha_range"]
+    metrics = select_and_export(
+        model,
+        item,
+        pdir,
+        alpha=alpha,
+        lung_mask_backend=lung_mask_backend,
+        lung_mask_kwargs=lung_mask_kwargs,
+        previous=previous,
+        **selection_kwargs,
+    )
+    save_registration_model(model, pdir / "model.pt", **{**model.info, "alpha": metrics["alpha"]})
+    return metrics
+
+
+# ---------------------------------------------------------------------------- cohort
+def collect_cohort_metrics(output_dir: str | os.PathLike, names: Iterable[str] | None = None, path=None) -> list[dict]:
+    """Gather ``<name>/metrics.json`` under ``output_dir`` into ``metrics.csv`` (rank 0 after a split run).
+
+    Args:
+        output_dir: the cohort's output folder.
+        names: restrict to these patients (default: every folder with a metrics.json).
+        path: the CSV (default ``output_dir/metrics.csv``).
+
+    Returns:
+        the rows (dicts) in name order.
+    """
+    output_dir = Path(output_dir)
+    if names is None:
+        files = sorted(output_dir.glob("*/metrics.json"))
+    else:
+        files = [output_dir / str(n) / "metrics.json" for n in names]
+    rows = [json.loads(f.read_text()) for f in files if f.is_file()]
+    write_cohort_table(rows, output_dir / "metrics.csv" if path is None else path)
+    return rows
+
+
+def write_cohort_table(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Write the cohort ``metrics.csv`` (columns :data:`COHORT_COLUMNS`, blank when absent)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(COHORT_COLUMNS), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COHORT_COLUMNS})
+    return path
+
+
+def format_summary_table(rows: Sequence[dict]) -> str:
+    """The summary table printed after a cohort: patient, alpha, Dice, folding, TRE before -> after."""
+    head = f"{'patient':<16} {'alpha':>6} {'Dice':>7} {'folding %':>9}  {'TRE before -> after (mm)':>26}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        tre = f"{_fmt(r.get('tre_before_mean'))} -> {_fmt(r.get('tre_after_mean'))}"
+        lines.append(
+            f"{str(r.get('name')):<16} {r.get('alpha', float('nan')):>6.3f} {r.get('dice', float('nan')):>7.4f} "
+            f"{100 * r.get('folding', float('nan')):>9.3f}  {tre:>26}"
+        )
+    befores = [r["tre_before_mean"] for r in rows if r.get("tre_before_mean") is not None]
+    afters = [r["tre_after_mean"] for r in rows if r.get("tre_after_mean") is not None]
+    if afters:
+        lines.append("-" * len(head))
+        tre = f"{sum(befores) / len(befores):.2f} -> {sum(afters) / len(afters):.2f}"
+        lines.append(f"{'mean':<16} {'':>6} {'':>7} {'':>9}  {tre:>26}")
+    return "\n".join(lines)
+
+
+def run_cohort(
+    dataset: Iterable[dict],
+    output_dir: str | os.PathLike,
+    progress: bool = True,
+    print_summary: bool = True,
+    metrics_csv: str | os.PathLike | None = None,
+    **kwargs,
+) -> list[dict]:
+    """Register every pair of a dataset (loaded pairs, e.g. a MONAI Dataset) and tabulate.
+
+    Args:
+        dataset: iterable of loaded pairs (``RegistrationPairDataset``, ``DIRLabDataset``, a list).
+        output_dir: outputs go to ``output_dir/<name>/``; the cohort table to ``metrics.csv``.
+        progress: attach an Ignite ``ProgressBar`` to each patient's training (unless
+            ``handlers`` are given) and log one line per patient.
+        print_summary: print :func:`format_summary_table` at the end.
+        metrics_csv: the cohort table path (default ``output_dir/metrics.csv``).
+        kwargs: options of :func:`register_patient`.
+
+    Returns:
+        one metrics dict per patient.
+
+    Example::
+
+        >>> rows = run_cohort(RegistrationPairDataset("phantom/datalist.json"), "outputs", max_iterations=500)
+    """
+    output_dir = Path(output_dir)
+    rows: list[dict] = []
+    if progress and kwargs.get("handlers") is None:
+        from ignite.contrib.handlers import ProgressBar
+
+        kwargs["handlers"] = lambda: [ProgressBar(persist=False, output_transform=lambda x: {"loss": x["loss"]})]
+    n = len(dataset) if hasattr(dataset, "__len__") else None
+    for i, item in enumerate(dataset):
+        name = item.get("name", f"pair{i}")
+        logger.info("patient %d%s: %s", i + 1, f"/{n}" if n else "", name)
+        rows.append(register_patient(item, output_dir, **kwargs))
+    write_cohort_table(rows, output_dir / "metrics.csv" if metrics_csv is None else metrics_csv)
+    if print_summary:
+        print(format_summary_table(rows), flush=True)
+    return rows

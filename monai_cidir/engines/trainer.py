@@ -1,0 +1,412 @@
+"""Per-patient cIDIR training as a MONAI/Ignite workflow.
+
+Each iteration draws ``num_points`` world points in the fixed lung mask and an alpha from
+the prior, and minimises::
+
+    loss = -NCC(fixed(p), moving(phi(p, alpha))) + sum_r lambda_r(alpha) * R_r(u)
+    lambda_r(alpha) = alpha * scale_r * weight_r
+
+with ``phi`` the :class:`~monai_cidir.engines.model.RegistrationModel` transform (affine
+pre-alignment + INR residual) and ``R_r`` the bending-energy, Jacobian or hyperelastic
+regularizer of :mod:`monai_cidir.losses`, evaluated on the INR residual's derivatives in
+millimetres (Jacobian unchanged, Hessian / scale).
+
+Regularizer scales (:data:`REGULARIZER_SCALES`): chosen so that alpha in [0, 1] spans
+under- to over-regularised fields on the embedded phantom and on a real CT with a synthetic
+breathing motion (``benchmarks/alpha_scales.py`` measures TRE and folding at alpha = 0, 0.5, 1
+after one training; see README's engines section for the numbers).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents
+
+from monai_cidir.coordinates import CoordinateMapping
+from monai_cidir.engines.model import RegistrationModel
+
+__all__ = [
+    "REGULARIZER_SCALES",
+    "AlphaPrior",
+    "CIDIRTrainer",
+    "PointStream",
+    "build_regularizers",
+    "build_lr_scheduler",
+]
+
+#: lambda(alpha) = alpha * scale: the per-regularizer scale (see the module docstring).
+REGULARIZER_SCALES: dict[str, float] = {"bending": 100.0, "jacobian": 1.0, "hyperelastic": 1.0}
+
+_REGULARIZER_ORDER = {"bending": 2, "jacobian": 1, "hyperelastic": 1}
+
+
+class AlphaPrior:
+    """The prior alpha is drawn from during training (and the range alpha selection sweeps).
+
+    Args:
+        low: lower end of the range (paper: 0).
+        high: upper end of the range (paper: 1).
+        distribution: ``"uniform"`` (paper) or ``"log-uniform"`` (uniform in log alpha on
+            ``[max(low, log_floor), high]``).
+        per_point: draw one alpha per point (one batch then covers the whole prior) instead
+            of one per batch.
+        log_floor: lower end used by the log-uniform prior when ``low`` is 0.
+
+    Example::
+
+        >>> prior = AlphaPrior(0.0, 1.0, per_point=True)
+        >>> prior.sample(4, torch.Generator().manual_seed(0)).shape
+        torch.Size([4, 1])
+    """
+
+    def __init__(
+        self,
+        low: float = 0.0,
+        high: float = 1.0,
+        distribution: str = "uniform",
+        per_point: bool = False,
+        log_floor: float = 1e-3,
+    ) -> None:
+        if distribution not in ("uniform", "log-uniform"):
+            raise ValueError(f"distribution must be 'uniform' or 'log-uniform', found {distribution!r}")
+        if not high > low or low < 0:
+            raise ValueError(f"expected 0 <= low < high, found low={low}, high={high}")
+        self.low, self.high = float(low), float(high)
+        self.distribution = distribution
+        self.per_point = bool(per_point)
+        self.log_floor = float(log_floor)
+
+    @property
+    def range(self) -> tuple[float, float]:
+        """``(low, high)``."""
+        return self.low, self.high
+
+    def sample(self, num_points: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(1,)`` (one per batch) or ``(num_points, 1)`` (per point) alphas."""
+        n = num_points if self.per_point else 1
+        r = torch.rand(n, generator=generator, dtype=torch.float64)
+        if self.distribution == "uniform":
+            a = self.low + (self.high - self.low) * r
+        else:
+            lo = math.log(max(self.low, self.log_floor))
+            a = torch.exp(lo + (math.log(self.high) - lo) * r)
+        a = a.float()
+        return a.reshape(n, 1) if self.per_point else a.reshape(1)
+
+
+def build_regularizers(
+    regularizer: str | Sequence[str] | Mapping[str, float] = "bending",
+    scales: Mapping[str, float] | None = None,
+) -> list[tuple[str, torch.nn.Module, float, int]]:
+    """Resolve a regularizer specification into ``(name, module, lambda scale, derivative order)``.
+
+    Args:
+        regularizer: ``"bending"``, ``"jacobian"``, ``"hyperelastic"``, a list of those (a sum),
+            or a mapping name -> weight (a weighted sum; each weight multiplies the scale).
+        scales: overrides of :data:`REGULARIZER_SCALES`.
+
+    Returns:
+        one tuple per regularizer; ``lambda_r(alpha) = alpha * scale``.
+
+    Raises:
+        ValueError: for an unknown regularizer name.
+    """
+    from monai_cidir import losses
+
+    if isinstance(regularizer, str):
+        spec = {regularizer: 1.0}
+    elif isinstance(regularizer, Mapping):
+        spec = {str(k): float(v) for k, v in regularizer.items()}
+    else:
+        spec = {str(k): 1.0 for k in regularizer}
+    table = dict(REGULARIZER_SCALES)
+    table.update(scales or {})
+    classes = {
+        "bending": "BendingEnergyRegularizer",
+        "jacobian": "JacobianRegularizer",
+        "hyperelastic": "HyperelasticRegularizer",
+    }
+    out = []
+    for name, weight in spec.items():
+        if name not in classes:
+            raise ValueError(f"unknown regularizer {name!r}: expected one of {sorted(classes)}")
+        out.append((name, getattr(losses, classes[name])(), float(table[name]) * weight, _REGULARIZER_ORDER[name]))
+    return out
+
+
+def build_lr_scheduler(
+    schedule: str | Callable | None, optimizer: torch.optim.Optimizer, max_iterations: int, min_factor: float = 0.05
+):
+    """Learning-rate schedule, stepped once per iteration.
+
+    Args:
+        schedule: ``"cosine"`` (cosine annealing to ``min_factor`` x the initial rate),
+            ``"step"`` (x0.3 at 60% and 85% of the run), ``"constant"``/``None``, or a callable
+            ``f(optimizer) -> scheduler``.
+        optimizer: the optimizer.
+        max_iterations: the run's length.
+        min_factor: final rate of the cosine schedule relative to the initial one.
+
+    Returns:
+        a ``torch.optim.lr_scheduler`` object or ``None``.
+    """
+    if schedule is None or schedule == "constant":
+        return None
+    if callable(schedule):
+        return schedule(optimizer)
+    if schedule == "cosine":
+        lr0 = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda it: min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(it, max_iterations) / max(1, max_iterations))),
+        ) if lr0 else None
+    if schedule == "step":
+        milestones = [int(0.6 * max_iterations), int(0.85 * max_iterations)]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.3)
+    raise ValueError(f"unknown lr schedule {schedule!r}: expected 'cosine', 'step', 'constant' or a callable")
+
+
+class PointStream:
+    """Endless iterable of ``{"points": (N, 3)}`` batches from a point sampler (the trainer's data).
+
+    Args:
+        sampler: ``sampler(n) -> (n, 3)`` world points (mm) inside the fixed lung mask.
+        num_points: points per batch.
+    """
+
+    def __init__(self, sampler: Callable[[int], torch.Tensor], num_points: int) -> None:
+        self.sampler = sampler
+        self.num_points = int(num_points)
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            yield {"points": self.sampler(self.num_points)}
+
+
+class CIDIRTrainer(Trainer):
+    """Per-patient cIDIR trainer (a MONAI ``Trainer``/Ignite engine).
+
+    Every MONAI/Ignite handler attaches (StatsHandler, TensorBoardStatsHandler,
+    CheckpointSaver, ignite ProgressBar); ``IterationEvents`` fire. ``engine.state.output``
+    is a dict of floats: ``loss``, ``similarity`` (-NCC), ``regularization`` (the weighted
+    sum), ``reg_<name>`` (each weighted term), ``alpha`` (mean of the drawn alphas), ``lr``.
+    Use ``output_transform=lambda x: x["loss"]`` for StatsHandler.
+
+    Args:
+        network: a fresh INR (``ConditionedINR`` or ``SirenINR``).
+        optimizer: its optimizer (e.g. Adam).
+        fixed_image: fixed MetaTensor ``(1, X, Y, Z)``, RAS affine.
+        moving_image: moving MetaTensor (its own grid).
+        point_sampler: ``sampler(n) -> (n, 3)`` world points in the fixed lung mask.
+        max_iterations: optimisation steps (paper: 50,000).
+        num_points: points per step (paper: 10,000).
+        regularizer: see :func:`build_regularizers`.
+        regularizer_scales: overrides of :data:`REGULARIZER_SCALES`.
+        alpha_prior: an :class:`AlphaPrior` (default uniform on [0, 1], one per batch).
+        lr_schedule: see :func:`build_lr_scheduler`.
+        grad_clip: max gradient norm (``None`` disables clipping).
+        derivatives: ``"forward"`` (exact forward-mode, default) or ``"autograd"`` (nested autograd).
+        regularization_points: evaluate the regularizer on only the first this-many points of
+            each batch (``None``: all of them); the other points cost one plain forward pass.
+        affine: optional 4x4 pre-alignment (world RAS mm), see :mod:`~monai_cidir.engines.prealign`.
+        device: torch device.
+        seed: seeds the alpha draws.
+        iterations_per_epoch: Ignite epoch length (epoch events, checkpoint and logging cadence).
+        checkpoint_path: when set, a resumable checkpoint is written there every
+            ``checkpoint_interval`` iterations and at the end (atomic replace).
+        checkpoint_interval: see ``checkpoint_path``.
+        handlers: MONAI/Ignite handlers to attach.
+
+    Example::
+
+        >>> trainer = CIDIRTrainer(ConditionedINR(), opt, fixed, moving, sampler, max_iterations=500)
+        >>> StatsHandler(output_transform=lambda x: x["loss"]).attach(trainer)
+        >>> trainer.run()
+        >>> moved = trainer.model.transform_points(landmarks, alpha=0.3)
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        fixed_image: torch.Tensor,
+        moving_image: torch.Tensor,
+        point_sampler: Callable[[int], torch.Tensor],
+        max_iterations: int = 2000,
+        num_points: int = 10000,
+        regularizer: str | Sequence[str] | Mapping[str, float] = "bending",
+        regularizer_scales: Mapping[str, float] | None = None,
+        alpha_prior: AlphaPrior | None = None,
+        lr_schedule: str | Callable | None = "cosine",
+        grad_clip: float | None = 1.0,
+        derivatives: str = "forward",
+        regularization_points: int | None = None,
+        affine: torch.Tensor | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        iterations_per_epoch: int = 100,
+        checkpoint_path: str | os.PathLike | None = None,
+        checkpoint_interval: int = 500,
+        handlers: Sequence | None = None,
+    ) -> None:
+        if max_iterations < 1 or num_points < 2:
+            raise ValueError(f"expected max_iterations >= 1 and num_points >= 2, found {max_iterations}, {num_points}")
+        epoch_length = int(min(iterations_per_epoch, max_iterations))
+        super().__init__(
+            device=torch.device(device),
+            max_epochs=int(math.ceil(max_iterations / epoch_length)),
+            data_loader=PointStream(point_sampler, num_points),
+            epoch_length=epoch_length,
+            decollate=False,
+            handlers=None,
+        )
+        self.max_iterations = int(max_iterations)
+        self.network = network.to(self.state.device)
+        self.optimizer = optimizer
+        self.fixed_mapping = CoordinateMapping.from_image(fixed_image)
+        self.moving_mapping = CoordinateMapping.from_image(moving_image)
+        self.model = RegistrationModel(self.network, self.fixed_mapping, affine=affine, derivatives=derivatives)
+        as_plain = lambda x: (x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)).float()  # noqa: E731
+        self.fixed = as_plain(fixed_image).to(self.state.device)
+        self.moving = as_plain(moving_image).to(self.state.device)
+        self.point_sampler = point_sampler
+        self.num_points = int(num_points)
+        self.regularizers = build_regularizers(regularizer, regularizer_scales)
+        self.order = max(o for *_, o in self.regularizers)
+        self.alpha_prior = alpha_prior or AlphaPrior()
+        self.lr_scheduler = build_lr_scheduler(lr_schedule, optimizer, self.max_iterations)
+        self.grad_clip = grad_clip
+        self.regularization_points = regularization_points
+        from monai_cidir.losses import GlobalNCCLoss
+
+        self.similarity = GlobalNCCLoss()
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+        self.checkpoint_interval = int(checkpoint_interval)
+
+        @self.on(Events.ITERATION_COMPLETED)
+        def _stop_at_max_iterations(engine: Engine) -> None:
+            if engine.state.iteration >= self.max_iterations:
+                engine.terminate()
+
+        if self.checkpoint_path is not None:
+            self.add_event_handler(Events.ITERATION_COMPLETED(every=self.checkpoint_interval), self._save_checkpoint)
+            self.add_event_handler(Events.COMPLETED, self._save_checkpoint)
+        if handlers is not None:
+            self._register_handlers(handlers)
+
+    # ------------------------------------------------------------------ one step
+    def _regularization(self, jac, hess, alpha: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        total = torch.zeros((), device=self.state.device)
+        parts: dict[str, float] = {}
+        for name, reg, scale, order in self.regularizers:
+            deriv = hess if order == 2 else jac
+            if alpha.numel() == 1:
+                term = alpha.reshape(()) * scale * reg(deriv)
+            else:
+                term = reg(deriv, weight=alpha.reshape(-1) * scale)
+            total = total + term
+            parts[f"reg_{name}"] = float(term.detach())
+        return total, parts
+
+    def _iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict[str, float]:
+        points = torch.as_tensor(batchdata["points"]).to(device=self.state.device, dtype=torch.float32)
+        n = points.shape[0]
+        alpha = self.alpha_prior.sample(n, self.generator).to(self.state.device)
+        nr = n if self.regularization_points is None else max(2, min(int(self.regularization_points), n))
+        self.network.train()
+        alpha_r = alpha if alpha.numel() == 1 else alpha[:nr]
+        moved, jac, hess = self.model.forward_with_derivatives(points[:nr], alpha_r, order=self.order)
+        if nr < n:
+            rest = self.model(points[nr:], alpha if alpha.numel() == 1 else alpha[nr:])
+            moved = torch.cat([moved, rest])
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        with torch.no_grad():
+            fixed_values = self.fixed_mapping.sample(self.fixed, points)
+        moving_values = self.moving_mapping.sample(self.moving, moved)
+        similarity = self.similarity(fixed_values.reshape(-1), moving_values.reshape(-1))
+        regularization, parts = self._regularization(jac, hess, alpha_r)
+        loss = similarity + regularization
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return {
+            "loss": float(loss.detach()),
+            "similarity": float(similarity.detach()),
+            "regularization": float(regularization.detach()),
+            **parts,
+            "alpha": float(alpha.mean()),
+            "lr": float(lr),
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> dict:
+        """Everything needed to resume: network, optimizer, scheduler, affine, engine and RNG states."""
+        sampler_rng = getattr(self.point_sampler, "R", None)
+        return {
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
+            "affine": self.model.affine,
+            "engine": {"iteration": self.state.iteration, "epoch": self.state.epoch},
+            "alpha_generator": self.generator.get_state(),
+            "sampler_rng": None if sampler_rng is None else sampler_rng.get_state(),
+            "torch_rng": torch.random.get_rng_state(),
+        }
+
+    def restore_checkpoint(self, state: Mapping) -> None:
+        """Restore :meth:`checkpoint_state` output so that :meth:`run` continues where it stopped."""
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.model.set_affine(state.get("affine"))
+        self.generator.set_state(state["alpha_generator"])
+        sampler_rng = getattr(self.point_sampler, "R", None)
+        if sampler_rng is not None and state.get("sampler_rng") is not None:
+            sampler_rng.set_state(state["sampler_rng"])
+        torch.random.set_rng_state(state["torch_rng"])
+        self.state.iteration = int(state["engine"]["iteration"])
+        self.state.epoch = int(state["engine"]["iteration"]) // int(self.state.epoch_length)
+
+    def _save_checkpoint(self, engine: Engine | None = None) -> None:
+        path = self.checkpoint_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.checkpoint_state(), tmp)
+        os.replace(tmp, path)
+
+    def resume(self, path: str | os.PathLike | None = None) -> bool:
+        """Load a checkpoint (default ``checkpoint_path``) if it exists; returns whether one was loaded."""
+        path = self.checkpoint_path if path is None else Path(path)
+        if path is None or not Path(path).is_file():
+            return False
+        self.restore_checkpoint(torch.load(path, map_location=self.state.device, weights_only=False))
+        return True
+
+    @property
+    def finished(self) -> bool:
+        """Whether ``max_iterations`` steps are done."""
+        return self.state.iteration >= self.max_iterations
+
+    def run(self) -> None:  # type: ignore[override]
+        """Train until ``max_iterations`` (continues from a restored checkpoint; no-op when finished)."""
+        if self.finished:
+            return
+        super().run()
