@@ -1,0 +1,190 @@
+"""Pair datalists (MONAI decathlon style) and the dataset that loads them.
+
+A datalist is a JSON file::
+
+    {"training": [
+        {"name": "patient1",
+         "fixed_image": "p1/inhale.nii.gz", "moving_image": "p1/exhale.nii.gz",
+         "fixed_mask": "p1/inhale_lungs.nii.gz", "moving_mask": "p1/exhale_lungs.nii.gz",
+         "fixed_landmarks": "p1/inhale.csv", "moving_landmarks": "p1/exhale.csv"}
+    ]}
+
+``fixed_image`` and ``moving_image`` are required, the rest optional; relative paths are resolved
+against the datalist's folder. Images: anything MONAI's ITK reader opens (NIfTI, MHA/MHD, NRRD, a
+DICOM series folder). Landmarks: any format of :func:`~monai_cidir.data.load_landmarks` (CSV with
+header ``x,y,z`` in world LPS mm is the recommended one). fixed = inhale, moving = exhale: the
+network maps a fixed-space world point ``p`` to ``p + u(p)`` in moving space.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from monai.data import Dataset
+from monai.transforms import apply_transform
+
+__all__ = ["PAIR_PATH_KEYS", "load_pair_datalist", "write_pair_datalist", "RegistrationPairDataset"]
+
+#: the record keys that hold file paths.
+PAIR_PATH_KEYS = (
+    "fixed_image",
+    "moving_image",
+    "fixed_mask",
+    "moving_mask",
+    "fixed_landmarks",
+    "moving_landmarks",
+)
+_REQUIRED = ("fixed_image", "moving_image")
+
+
+def load_pair_datalist(
+    path: str | os.PathLike, key: str = "training", path_keys: Sequence[str] = PAIR_PATH_KEYS
+) -> list[dict]:
+    """Read a pair datalist JSON; return its records with absolute, existing paths.
+
+    Args:
+        path: the datalist JSON file.
+        key: the list to read (``"training"``; e.g. ``"validation"`` or ``"test"`` too).
+        path_keys: record keys whose values are paths (resolved against the datalist's folder).
+
+    Returns:
+        a list of new dicts; path values are absolute strings; ``name`` defaults to
+        ``pair_000``, ``pair_001``, ... by position. Other keys are kept as they are.
+
+    Raises:
+        FileNotFoundError: when the datalist or a file a record names does not exist (the message
+            names the datalist, the record, the key and the resolved path).
+        ValueError: for invalid JSON, a missing ``key`` list, or a record without fixed/moving image.
+
+    Example::
+
+        >>> records = load_pair_datalist("data/datalist.json")  # doctest: +SKIP
+        >>> records[0]["fixed_image"]
+        '/abs/path/data/p1/inhale.nii.gz'
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist not found: {path}")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"datalist {path} is not valid JSON: {e}") from None
+    if not isinstance(content, dict) or key not in content:
+        found = list(content) if isinstance(content, dict) else type(content).__name__
+        raise ValueError(f"datalist {path}: expected a JSON object with a '{key}' list, found keys {found}")
+    records = content[key]
+    if not isinstance(records, list):
+        raise ValueError(f"datalist {path}: '{key}' must be a list of records, found {type(records).__name__}")
+    base = path.parent.resolve()
+    out = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise ValueError(f"datalist {path}: record {i} of '{key}' must be an object, found {type(rec).__name__}")
+        missing = [k for k in _REQUIRED if not rec.get(k)]
+        if missing:
+            raise ValueError(f"datalist {path}: record {i} of '{key}' lacks {missing}; it has keys {list(rec)}")
+        rec = dict(rec)
+        rec.setdefault("name", f"pair_{i:03d}")
+        for k in path_keys:
+            if rec.get(k) is None:
+                continue
+            if not isinstance(rec[k], str):
+                raise ValueError(
+                    f"datalist {path}: record {i} ({rec['name']}): '{k}' must be a path string, "
+                    f"found {type(rec[k]).__name__}"
+                )
+            p = Path(rec[k]).expanduser()
+            p = Path(os.path.normpath(p if p.is_absolute() else base / p))
+            if not p.exists():
+                raise FileNotFoundError(
+                    f"datalist {path}: record {i} ({rec['name']}): '{k}' file not found: {p} (given as {rec[k]!r})"
+                )
+            rec[k] = str(p)
+        out.append(rec)
+    return out
+
+
+def write_pair_datalist(
+    path: str | os.PathLike, records: Sequence[dict], key: str = "training", path_keys: Sequence[str] = PAIR_PATH_KEYS
+) -> Path:
+    """Write records as a pair datalist JSON, with paths relative to its folder where possible.
+
+    Args:
+        path: the JSON file to write (parent folders are created).
+        records: dicts with at least ``fixed_image`` and ``moving_image``.
+        key: the list's key.
+        path_keys: keys whose values are paths.
+
+    Returns:
+        the path written; :func:`load_pair_datalist` reads it back.
+
+    Raises:
+        ValueError: when a record lacks ``fixed_image`` or ``moving_image``.
+
+    Example::
+
+        >>> records = [{"fixed_image": "out/f.nii.gz", "moving_image": "out/m.nii.gz"}]
+        >>> write_pair_datalist("out/datalist.json", records)  # doctest: +SKIP
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = path.parent.resolve()
+    out = []
+    for i, rec in enumerate(records):
+        missing = [k for k in _REQUIRED if not rec.get(k)]
+        if missing:
+            raise ValueError(f"record {i} lacks {missing}; it has keys {list(rec)}")
+        rec = dict(rec)
+        for k in path_keys:
+            if rec.get(k) is None:
+                continue
+            p = Path(rec[k]).resolve()
+            rec[k] = os.path.relpath(p, base) if _shares_root(p, base) else str(p)
+        out.append(rec)
+    path.write_text(json.dumps({key: out}, indent=2) + "\n")
+    return path
+
+
+def _shares_root(a: Path, b: Path) -> bool:
+    return a.anchor == b.anchor
+
+
+class RegistrationPairDataset(Dataset):
+    """A MONAI Dataset of loaded fixed/moving pairs from a pair datalist.
+
+    Items follow the loaded-pair contract (see :mod:`monai_cidir.transforms.io`): every record is
+    loaded by :class:`~monai_cidir.transforms.LoadRegistrationPaird` when accessed, then
+    ``transform`` (if any) runs on the loaded item.
+
+    Args:
+        datalist: a datalist JSON path, or records as returned by :func:`load_pair_datalist`.
+        transform: optional transform applied after loading.
+        key: the list to read from a JSON datalist.
+
+    Raises:
+        FileNotFoundError: see :func:`load_pair_datalist`.
+
+    Example::
+
+        >>> ds = RegistrationPairDataset("data/datalist.json")  # doctest: +SKIP
+        >>> item = ds[0]
+        >>> item["fixed_image"].affine  # index -> world RAS mm
+    """
+
+    def __init__(
+        self, datalist: str | os.PathLike | Sequence[dict], transform: Callable | None = None, key: str = "training"
+    ) -> None:
+        from monai_cidir.transforms.io import LoadRegistrationPaird
+
+        records = load_pair_datalist(datalist, key=key) if isinstance(datalist, (str, os.PathLike)) else list(datalist)
+        self.loader = LoadRegistrationPaird()
+        self.post_transform = transform
+        super().__init__(data=records, transform=transform)
+
+    def _transform(self, index: int):
+        # loading errors reach the user as raised (naming the file), not wrapped by apply_transform
+        item = self.loader(self.data[index])
+        return apply_transform(self.post_transform, item) if self.post_transform is not None else item

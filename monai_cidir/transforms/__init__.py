@@ -1,0 +1,28 @@
+"""MONAI transforms for lung CT pairs: loading, preprocessing, point sampling.
+
+Array transforms come with dictionary twins (``X`` / ``Xd``). Add new exports as one explicit
+import line plus their names in ``__all__``.
+"""
+
+from __future__ import annotations
+
+from monai_cidir.transforms.intensity import HU_LUNG_WINDOW, ScaleHU, ScaleHUd
+from monai_cidir.transforms.io import DEFAULT_PAIR_KEYS, LoadDIRLabd, LoadRegistrationPaird
+from monai_cidir.transforms.presets import pair_preprocessing
+from monai_cidir.transforms.sampling import RandPointsInMask, RandPointsInMaskd, dilate_mask_mm
+from monai_cidir.transforms.spatial import CropToMask, CropToMaskd
+
+__all__ = [
+    "CropToMask",
+    "CropToMaskd",
+    "DEFAULT_PAIR_KEYS",
+    "HU_LUNG_WINDOW",
+    "LoadDIRLabd",
+    "LoadRegistrationPaird",
+    "RandPointsInMask",
+    "RandPointsInMaskd",
+    "ScaleHU",
+    "ScaleHUd",
+    "dilate_mask_mm",
+    "pair_preprocessing",
+]

@@ -1,0 +1,213 @@
+"""Loading transforms: a datalist record (file paths) -> the project's loaded-pair item.
+
+The loaded item (shared by data, phantom, engines and bundle)::
+
+    "name": str
+    "fixed_image", "moving_image": MetaTensor (1, X, Y, Z) float32 HU, affine = index -> world RAS mm
+    "fixed_mask", "moving_mask" (optional): MetaTensor (1, X, Y, Z) float32 0/1 on the image's grid
+    "fixed_landmarks", "moving_landmarks" (optional): torch.float64 (N, 3) world RAS mm
+
+Values that are already loaded (tensors) pass through untouched, so a record may mix paths and
+in-memory data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import LoadImage, MapTransform, ResampleToMatch
+from monai.utils import ensure_tuple
+
+from monai_cidir.data.dirlab import read_dirlab_image
+from monai_cidir.data.landmarks import load_landmarks
+
+__all__ = ["LoadDIRLabd", "LoadRegistrationPaird", "DEFAULT_PAIR_KEYS"]
+
+#: image, mask and landmark keys of the loaded-pair contract, in (fixed, moving) order.
+DEFAULT_PAIR_KEYS = {
+    "image": ("fixed_image", "moving_image"),
+    "mask": ("fixed_mask", "moving_mask"),
+    "landmarks": ("fixed_landmarks", "moving_landmarks"),
+}
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, (str, os.PathLike))
+
+
+class LoadDIRLabd(MapTransform):
+    """Load a DIR-LAB record (paths from :func:`~monai_cidir.data.dirlab_datalist`) into a loaded pair.
+
+    Images are read by :func:`~monai_cidir.data.read_dirlab_image` (headerless int16, HU = raw - 1024,
+    size/spacing from the built-in case table), landmarks by
+    :func:`~monai_cidir.data.load_landmarks` (1-based voxel -> world RAS mm) with the case's affine,
+    so landmarks load even without the images. The record must hold ``case_key``.
+
+    Args:
+        image_keys: keys of the T00 / T50 ``.img`` paths.
+        landmark_keys: keys of the T00 / T50 landmark ``.txt`` paths.
+        case_key: key of the case number (1-10).
+        allow_missing_keys: do not fail when an image or landmark key is absent.
+
+    Raises:
+        KeyError: when ``case_key`` (or, unless allowed, a file key) is missing.
+        ValueError: for a file of the wrong size (naming file, expected and found byte counts).
+
+    Example::
+
+        >>> from monai_cidir.data import dirlab_datalist
+        >>> item = LoadDIRLabd()(dirlab_datalist("/data/dirlab", [1])[0])  # doctest: +SKIP
+        >>> item["fixed_landmarks"].shape
+        torch.Size([300, 3])
+    """
+
+    def __init__(
+        self,
+        image_keys: Sequence[str] = DEFAULT_PAIR_KEYS["image"],
+        landmark_keys: Sequence[str] = DEFAULT_PAIR_KEYS["landmarks"],
+        case_key: str = "case",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        self.image_keys = ensure_tuple(image_keys)
+        self.landmark_keys = ensure_tuple(landmark_keys)
+        super().__init__(self.image_keys + self.landmark_keys, allow_missing_keys)
+        self.case_key = case_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if self.case_key not in d:
+            raise KeyError(f"LoadDIRLabd: the record has no '{self.case_key}' (DIR-LAB case number); keys: {list(d)}")
+        case = int(d[self.case_key])
+        from monai_cidir.data.dirlab import dirlab_affine
+
+        for key in self.key_iterator(d):
+            value = d[key]
+            if not _is_path(value):
+                continue
+            if key in self.image_keys:
+                d[key] = read_dirlab_image(value, case)
+            else:
+                d[key] = load_landmarks(value, reference_image=dirlab_affine(case), format="dirlab")
+        d.setdefault("name", f"dirlab_case{case:02d}")
+        return d
+
+
+class LoadRegistrationPaird(MapTransform):
+    """Load a pair-datalist record (see :func:`~monai_cidir.data.load_pair_datalist`) into a loaded pair.
+
+    * Images: MONAI ``LoadImage`` with the ITK reader (NIfTI, MHA/MHD, NRRD, DICOM series folder, ...),
+      channel first, float32, values as stored (HU for CT); ``affine`` = index -> world RAS mm.
+      Multi-channel or non-3-D images are refused.
+    * Masks: read the same way and binarised (``value > 0`` -> 1.0, so label maps such as
+      lungmask's 1 = right / 2 = left lung become one lung mask). A mask stored on another grid
+      than its image is resampled onto the image's grid (nearest neighbour, through world
+      coordinates).
+    * Landmarks: :func:`~monai_cidir.data.load_landmarks`, with the matching image (fixed
+      landmarks -> fixed image, moving -> moving) as reference for voxel-index formats.
+
+    Images are required; masks and landmarks are optional. Values that are not paths (already
+    loaded tensors) pass through.
+
+    Args:
+        image_keys: (fixed, moving) image keys.
+        mask_keys: (fixed, moving) mask keys, paired with ``image_keys`` by position.
+        landmark_keys: (fixed, moving) landmark keys, paired with ``image_keys`` by position.
+        reader: the reader given to ``monai.transforms.LoadImage`` (default ``"ITKReader"``).
+        name_key: key of the pair's name; set from the fixed image's file name when absent.
+
+    Raises:
+        KeyError: when an image key is missing.
+        FileNotFoundError: for a path that does not exist.
+        RuntimeError: when the reader cannot open a file (names the file and the reader).
+        ValueError: for images that are not single-channel 3-D.
+
+    Example::
+
+        >>> load = LoadRegistrationPaird()
+        >>> record = {"fixed_image": "f.nii.gz", "moving_image": "m.mha", "fixed_landmarks": "f.csv"}
+        >>> item = load(record)  # doctest: +SKIP
+        >>> item["fixed_image"].shape, item["fixed_landmarks"].dtype
+        (torch.Size([1, 128, 128, 64]), torch.float64)
+    """
+
+    def __init__(
+        self,
+        image_keys: Sequence[str] = DEFAULT_PAIR_KEYS["image"],
+        mask_keys: Sequence[str] = DEFAULT_PAIR_KEYS["mask"],
+        landmark_keys: Sequence[str] = DEFAULT_PAIR_KEYS["landmarks"],
+        reader: object = "ITKReader",
+        name_key: str = "name",
+    ) -> None:
+        self.image_keys = ensure_tuple(image_keys)
+        self.mask_keys = ensure_tuple(mask_keys)
+        self.landmark_keys = ensure_tuple(landmark_keys)
+        for what, keys in (("mask_keys", self.mask_keys), ("landmark_keys", self.landmark_keys)):
+            if len(keys) not in (0, len(self.image_keys)):
+                raise ValueError(f"{what} must pair with image_keys {self.image_keys} by position, found {keys}")
+        super().__init__(self.image_keys + self.mask_keys + self.landmark_keys, allow_missing_keys=True)
+        self.reader = reader
+        self.name_key = name_key
+        self._loader = LoadImage(reader=reader, image_only=True, dtype=np.float32, ensure_channel_first=True)
+        self._resample = ResampleToMatch(mode="nearest", padding_mode="zeros")
+
+    def _load(self, key: str, path) -> MetaTensor:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{key}: file not found: {path}")
+        try:
+            img = self._loader(str(path))
+        except Exception as e:  # readers raise many types; give the user the file and the reader
+            hint = " (a headerless DIR-LAB .img: use monai_cidir.data.DIRLabDataset)" if path.suffix == ".img" else ""
+            raise RuntimeError(f"{key}: could not read {path} with {self.reader}{hint}: {e}") from e
+        if img.ndim != 4 or img.shape[0] != 1:
+            raise ValueError(
+                f"{key}: expected a single-channel 3-D image, i.e. (1, X, Y, Z) after loading, found shape "
+                f"{tuple(img.shape)} in {path}"
+            )
+        return img
+
+    @staticmethod
+    def _same_grid(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return tuple(a.shape[1:]) == tuple(b.shape[1:]) and torch.allclose(
+            torch.as_tensor(a.affine, dtype=torch.float64), torch.as_tensor(b.affine, dtype=torch.float64), atol=1e-4
+        )
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.image_keys:
+            if key not in d:
+                raise KeyError(f"LoadRegistrationPaird: the record has no '{key}'; keys: {list(d)}")
+            if _is_path(d[key]):
+                d[key] = self._load(key, d[key])
+        for i, key in enumerate(self.mask_keys):
+            if key not in d or d[key] is None:
+                continue
+            mask = self._load(key, d[key]) if _is_path(d[key]) else d[key]
+            image = d[self.image_keys[i]]
+            if isinstance(mask, MetaTensor) and isinstance(image, MetaTensor) and not self._same_grid(mask, image):
+                mask = self._resample(mask, image)
+            d[key] = (mask > 0).to(torch.float32)  # a MetaTensor stays one, with its affine
+        for i, key in enumerate(self.landmark_keys):
+            if key not in d or d[key] is None:
+                continue
+            if _is_path(d[key]):
+                d[key] = load_landmarks(d[key], reference_image=d[self.image_keys[i]])
+            else:
+                d[key] = torch.as_tensor(d[key], dtype=torch.float64)
+        if not d.get(self.name_key):
+            fixed = data.get(self.image_keys[0])
+            d[self.name_key] = _stem(fixed) if _is_path(fixed) else "pair"
+        return d
+
+
+def _stem(path) -> str:
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".img", ".dcm"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
