@@ -214,6 +214,19 @@ class AlphaSelectionEvaluator(Evaluator):
         return seg.reshape(image.shape)
 
     @torch.no_grad()
+    def score_identity(self) -> float:
+        """Dice of the unregistered pair on the same grid (the moving mask/segmentation read at ``p``)."""
+        source = self.moving_mask if self.mode == "warp_mask" else self.moving_image
+        source = torch.as_tensor(source.as_tensor() if hasattr(source, "as_tensor") else source).float()
+        values = torch.empty(int(np.prod(self.shape)), dtype=torch.float32)
+        for flat, world in iter_grid_chunks(self.fixed_mapping, None, self.chunk_size, self.region):
+            values[flat] = self.moving_mapping.sample(source, world.float()).reshape(-1)
+        values = values.reshape(self.shape)
+        pred = self._segment(values) > 0.5 if self.mode == "segment" else values > 0.5
+        self.dice_metric.reset()
+        return float(self.dice_metric(pred[None, None].float(), self.fixed_mask_grid[None, None].float()).mean())
+
+    @torch.no_grad()
     def score(self, alpha: float) -> dict:
         """Dice, folding and seconds of one alpha (also returns the warped mask as ``pred``)."""
         from monai_cidir.metrics import JacobianDeterminantMetric

@@ -57,6 +57,7 @@ COHORT_COLUMNS = (
     "name",
     "alpha",
     "dice",
+    "dice_before",
     "folding",
     "tre_before_mean",
     "tre_before_sd",
@@ -217,6 +218,7 @@ def select_and_export(
     start = time.perf_counter()
     rows: list[dict] = []
     best: dict | None = None
+    dice_before = None
     if num_alphas and num_alphas > 0:
         evaluator = AlphaSelectionEvaluator(
             model,
@@ -237,6 +239,7 @@ def select_and_export(
         )
         curve = evaluator.run()
         rows, best = curve.rows, curve.best
+        dice_before = evaluator.score_identity()
     seconds_selection = time.perf_counter() - start
     if alpha is None:
         if best is None:
@@ -261,6 +264,7 @@ def select_and_export(
                 chunk_size=chunk_size,
             )
             chosen = ev.run().best
+            dice_before = ev.score_identity()
     if rows:
         write_alpha_curve(rows, patient_dir / "alpha_curve.csv")
         plot_alpha_curve(rows, alpha, patient_dir / "alpha_curve.png", title=name)
@@ -277,6 +281,7 @@ def select_and_export(
             "name": name,
             "alpha": float(alpha),
             "dice": float(chosen["dice"]),
+            "dice_before": dice_before,
             "folding": float(chosen["folding"]),
             "alpha_selection": "fixed" if not rows or alpha != (best or {}).get("alpha") else "max_dice",
             "num_alphas_evaluated": len(rows),
@@ -447,7 +452,6 @@ def register_patient(
             sampler,
             fixed_mask=item.get("fixed_mask"),
             moving_mask=item.get("moving_mask"),
-            seed=seed,
             **(affine_kwargs or {}),
         )
         keep = result.kept or affine_prealign is True

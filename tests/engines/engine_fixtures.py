@@ -10,7 +10,6 @@ ground truth: a fixed point ``p`` sits in the moving image at ``q`` with ``q - v
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from monai.data import MetaTensor
 
@@ -39,8 +38,12 @@ def make_blob_pair(
     num_blobs=60,
     num_landmarks=40,
     seed=0,
+    maps=None,
 ):
-    """A loaded pair (the datalist contract) with an exact motion ``v`` (moving(q) = fixed(q - v(q)))."""
+    """A loaded pair (the datalist contract) with an exact motion ``v`` (moving(q) = fixed(q - v(q))).
+
+    ``maps=(forward, inverse)`` gives the fixed->moving map and its inverse instead of ``motion``.
+    """
     rng = np.random.default_rng(seed)
     spacing = np.asarray(spacing, dtype=float)
     extent = (np.asarray(shape) - 1) * spacing
@@ -66,13 +69,17 @@ def make_blob_pair(
     fp = grid_points(shape, f_aff)
     f_img, f_lung = _field(fp, *params)
     mq = grid_points(m_shape, m_aff)
-    m_img, m_lung = _field(mq - motion(mq), *params)
+    inverse = maps[1] if maps is not None else (lambda q: q - motion(q))
+    m_img, m_lung = _field(inverse(mq), *params)
     # landmarks: blob centres inside the lung (they are features), moved by inverting q - v(q) = p
     inside = np.sum(((centers - lung_center) / lung_radii) ** 2, axis=-1) < 0.8
     lm_f = centers[inside][:num_landmarks]
-    q = lm_f.copy()
-    for _ in range(100):
-        q = lm_f + motion(q)
+    if maps is not None:
+        q = maps[0](lm_f)
+    else:
+        q = lm_f.copy()
+        for _ in range(100):
+            q = lm_f + motion(q)
     as_mt = lambda a, shp, aff: MetaTensor(torch.as_tensor(a.reshape(shp), dtype=torch.float32)[None], affine=torch.as_tensor(aff))  # noqa: E731
     return {
         "name": f"blob{seed}",
@@ -98,8 +105,3 @@ def breathing_motion(amplitude=8.0, extent_z=135.0):
         return out
 
     return v
-
-
-@pytest.fixture(scope="module")
-def blob_pair():
-    return make_blob_pair(motion=breathing_motion())
