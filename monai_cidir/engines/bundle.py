@@ -21,10 +21,12 @@ lives here:
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,30 +57,44 @@ DEFAULT_PHANTOM_DIR = "data/cidir_phantom"
 
 
 # ---------------------------------------------------------------------------- distributed
+# Why the process group is created only after training: MONAI's cumulative metrics (DiceMetric,
+# and monai_cidir's TRE / Jacobian metrics) all-gather their buffers whenever a default process
+# group exists. With one patient per rank that would average different patients' metrics (and
+# hang when ranks hold different numbers of patients). So ranks learn their rank from torchrun's
+# environment, train without a group, and join NCCL/Gloo only to gather the cohort table.
+GATHER_TIMEOUT = datetime.timedelta(hours=48)
+"""How long the first rank to finish waits for the others (ranks may hold unequal work)."""
+
+
 def rank_and_world_size() -> tuple[int, int]:
-    """``(rank, world_size)`` of the initialised process group, ``(0, 1)`` without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if rank_and_world_size()[1] > 1:
-        torch.distributed.barrier()
-
-
-def init_distributed(backend: str | None = None) -> torch.device:
-    """Initialise the process group of a ``torchrun`` launch and pick this rank's device.
-
-    Args:
-        backend: ``"nccl"``, ``"gloo"`` or ``None`` (NCCL when CUDA is available, else Gloo).
+    """``(rank, world_size)``: of the process group if one exists, else of a ``torchrun`` launch.
 
     Returns:
-        ``cuda:<LOCAL_RANK>`` (made the current CUDA device) or ``cpu``.
+        ``(0, 1)`` for a plain (non-``torchrun``) process.
+
+    Example::
+
+        >>> rank_and_world_size()  # a plain python process  # doctest: +SKIP
+        (0, 1)
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed() -> torch.device:
+    """This rank's device for a ``torchrun`` launch (``multi_gpu_train.json``'s ``initialize``).
+
+    Checks the ``torchrun`` environment and makes ``cuda:<LOCAL_RANK>`` the current CUDA
+    device; the NCCL (GPU) or Gloo (CPU) process group is created by :func:`train_cohort` once
+    the rank's patients are done (see the note above :data:`GATHER_TIMEOUT`).
+
+    Returns:
+        ``cuda:<LOCAL_RANK>`` or ``cpu``.
 
     Raises:
         RuntimeError: when the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``,
-            ``MASTER_ADDR``, ...) is missing.
+            ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) is missing.
 
     Example::
 
@@ -91,23 +107,35 @@ def init_distributed(backend: str | None = None) -> torch.device:
             "`torchrun --standalone --nnodes=1 --nproc_per_node=N -m monai.bundle run training --config_file "
             "\"['.../train.json','.../multi_gpu_train.json']\"`, or drop multi_gpu_train.json for one process."
         )
-    use_cuda = torch.cuda.is_available()
-    backend = backend or ("nccl" if use_cuda else "gloo")
     local_rank = int(os.environ["LOCAL_RANK"])
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-    if use_cuda:
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
         torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend=backend)
+    else:
+        device = torch.device("cpu")
     rank, world = rank_and_world_size()
-    logger.info("rank %d of %d on %s (backend %s)", rank, world, device, backend)
+    logger.info("rank %d of %d on %s", rank, world, device)
     return device
 
 
+def _join_process_group(backend: str | None = None) -> None:
+    if not torch.distributed.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group(backend=backend, timeout=GATHER_TIMEOUT)
+
+
 def destroy_distributed() -> None:
-    """Tear down the process group if one is initialised (the ``finalize`` step)."""
+    """Tear down the process group if one exists (``multi_gpu_train.json``'s ``finalize``)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _wait_for_file(path: Path, timeout_s: float = 600.0, poll_s: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank_and_world_size()[0]} waited {timeout_s:.0f} s for rank 0 to write {path}")
+        time.sleep(poll_s)
 
 
 # ---------------------------------------------------------------------------- data
@@ -149,7 +177,10 @@ def make_phantom_cohort(
         s = int(seed) + i
         sub = make_breathing_phantom(dataset_dir / f"phantom_seed{s}", seed=s, **phantom_kwargs)
         records.extend(load_pair_datalist(sub))
-    path = write_pair_datalist(dataset_dir / "datalist.json", records)
+    # written under a temporary name and renamed, so a waiting rank never reads half a file
+    tmp = write_pair_datalist(dataset_dir / f".datalist.json.{os.getpid()}.tmp", records)
+    path = dataset_dir / "datalist.json"
+    os.replace(tmp, path)
     logger.info("phantom cohort of %d pair(s) written to %s", len(records), dataset_dir)
     return path
 
@@ -171,7 +202,7 @@ def make_dataset(
       ``phantom`` is given, the phantom cohort is generated into ``dataset_dir`` first, but only
       if ``dataset_dir`` is missing or empty, so that user data is never written into.
 
-    In a distributed run, rank 0 generates the phantom while the other ranks wait.
+    Under ``torchrun``, rank 0 generates the phantom while the other ranks wait for its datalist.
 
     Args:
         dataset_dir: the data folder.
@@ -211,8 +242,7 @@ def make_dataset(
                 "'moving_image': ..., ...}]}} (see the bundle's docs/README.md), or "
                 "--dataset_format dirlab --dataset_dir /path/to/dirlab for DIR-LAB."
             )
-        rank, _ = rank_and_world_size()
-        if rank == 0:
+        if rank_and_world_size()[0] == 0:
             found = sorted(p.name for p in dataset_dir.iterdir()) if dataset_dir.is_dir() else []
             if found and not all(n.startswith("phantom_seed") for n in found):
                 raise FileNotFoundError(
@@ -221,7 +251,8 @@ def make_dataset(
                     "--datalist /path/to/datalist.json, or --dataset_dir to a new folder for the phantom."
                 )
             make_phantom_cohort(dataset_dir, **({} if phantom is True else dict(phantom)))
-        _barrier()
+        else:  # the other ranks of a torchrun launch wait for rank 0's phantom
+            _wait_for_file(default_list)
     return RegistrationPairDataset(str(path), transform=transform)
 
 
@@ -319,24 +350,33 @@ def handler_factory(handlers: Sequence[Callable[[], Any]] | None = None) -> Call
 
 
 # ---------------------------------------------------------------------------- training
-def train_cohort(dataset, output_dir: str | os.PathLike, print_summary: bool = True, **kwargs) -> list[dict]:
-    """:func:`~monai_cidir.engines.run_cohort`, split across ranks when a process group exists.
+def train_cohort(
+    dataset, output_dir: str | os.PathLike, print_summary: bool = True, backend: str | None = None, **kwargs
+) -> list[dict]:
+    """:func:`~monai_cidir.engines.run_cohort`, with the patients split across ``torchrun`` ranks.
 
-    Without a process group this is ``run_cohort(dataset, output_dir, **kwargs)``. Under
-    ``torchrun`` the patients are partitioned with ``monai.data.partition_dataset`` (rank ``r``
-    trains patients ``r, r + N, ...``, each one INR on its own), the per-patient metrics are
-    gathered, and rank 0 writes ``output_dir/metrics.csv`` and prints the summary table.
+    In a plain process this is ``run_cohort(dataset, output_dir, **kwargs)``. Under ``torchrun``
+    (``WORLD_SIZE > 1``) the patients are partitioned with ``monai.data.partition_dataset``
+    (rank ``r`` of ``N`` trains patients ``r, r + N, ...``, one INR each, no DDP), then the ranks
+    join an NCCL (GPU) or Gloo (CPU) process group, the per-patient metrics are gathered, and
+    rank 0 writes ``output_dir/metrics.csv`` and prints the summary table.
 
     Args:
         dataset: the loaded pairs (see :func:`make_dataset`).
         output_dir: the cohort's output folder.
         print_summary: print the summary table (rank 0).
+        backend: process-group backend for the gather (default NCCL with CUDA, else Gloo).
         kwargs: options of :func:`~monai_cidir.engines.register_patient` (``network``,
             ``optimizer``, ``max_iterations``, ``num_points``, ``regularizer``, ``alpha_range``,
-            ``affine_prealign``, ``device``, ``seed``, ``overwrite``, ``handlers``, ...).
+            ``affine_prealign``, ``device``, ``seed``, ``overwrite``, ``handlers``, ...); string
+            flags such as ``"true"`` from the command line are accepted (:func:`as_flag`).
 
     Returns:
         the metrics of every patient (all ranks' on rank 0, this rank's on the others).
+
+    Raises:
+        RuntimeError: when a process group already exists before training (MONAI's metrics
+            would then mix the ranks' patients).
 
     Example::
 
@@ -351,22 +391,27 @@ def train_cohort(dataset, output_dir: str | os.PathLike, print_summary: bool = T
     rank, world = rank_and_world_size()
     if world == 1:
         return run_cohort(dataset, output_dir, print_summary=print_summary, **kwargs)
+    if torch.distributed.is_initialized():
+        raise RuntimeError(
+            "a torch.distributed process group exists before the cohort is trained: MONAI's cumulative metrics "
+            "would all-gather each patient's Dice/TRE across ranks. Let train_cohort create the group after "
+            "training (multi_gpu_train.json does)."
+        )
     indices = partition_dataset(list(range(len(dataset))), num_partitions=world, shuffle=False, even_divisible=False)[rank]
-    logger.info("rank %d of %d: %d patient(s) %s", rank, world, len(indices), indices)
+    logger.info("rank %d of %d: patient indices %s", rank, world, indices)
     part_csv = output_dir / f"metrics_rank{rank}.csv"
     rows = run_cohort(torch.utils.data.Subset(dataset, indices), output_dir, print_summary=False, metrics_csv=part_csv, **kwargs)
+    part_csv.unlink(missing_ok=True)
+    _join_process_group(backend)
     gathered: list[list[dict] | None] = [None] * world
     torch.distributed.all_gather_object(gathered, rows)
-    part_csv.unlink(missing_ok=True)
-    if rank != 0:
-        _barrier()
-        return rows
-    all_rows = sorted((r for part in gathered for r in (part or [])), key=lambda r: str(r.get("name")))
-    write_cohort_table(all_rows, output_dir / "metrics.csv")
-    if print_summary:
-        print(format_summary_table(all_rows), flush=True)
-    _barrier()
-    return all_rows
+    if rank == 0:
+        rows = sorted((r for part in gathered for r in (part or [])), key=lambda r: str(r.get("name")))
+        write_cohort_table(rows, output_dir / "metrics.csv")
+        if print_summary:
+            print(format_summary_table(rows), flush=True)
+    torch.distributed.barrier()
+    return rows
 
 
 # ---------------------------------------------------------------------------- inference
