@@ -1,0 +1,109 @@
+"""CIDIRTrainer: the loss it minimises, Ignite behaviour, determinism, checkpoint resume, autograd mode."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from engine_fixtures import breathing_motion, make_blob_pair
+from ignite.engine import Events
+
+from monai_cidir.coordinates import CoordinateMapping
+from monai_cidir.engines import REGULARIZER_SCALES, AlphaPrior, CIDIRTrainer, RegistrationModel, make_point_sampler
+from monai_cidir.losses import BendingEnergyRegularizer, GlobalNCCLoss, JacobianRegularizer
+from monai_cidir.networks import ConditionedINR
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_blob_pair(shape=(24, 22, 18), spacing=(6.0, 6.0, 7.5), motion=breathing_motion(), num_blobs=30)
+
+
+def _trainer(pair, seed=0, **kw):
+    torch.manual_seed(seed)
+    net = ConditionedINR(hidden_features=32)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    sampler = kw.pop("sampler", None) or make_point_sampler(pair["fixed_mask"], seed=seed)
+    kw.setdefault("num_points", 256)
+    return CIDIRTrainer(net, opt, pair["fixed_image"], pair["moving_image"], sampler, seed=seed, **kw)
+
+
+def test_loss_is_minus_ncc_plus_alpha_times_scaled_regularizers(pair):
+    points = make_point_sampler(pair["fixed_mask"], seed=3)(200)
+    trainer = _trainer(
+        pair, max_iterations=1, sampler=lambda n: points, regularizer={"bending": 1.0, "jacobian": 0.5},
+        alpha_prior=AlphaPrior(0.2, 0.8, per_point=False),
+    )
+    before = copy.deepcopy(trainer.network)
+    trainer.run()
+    out = trainer.state.output
+    alpha = out["alpha"]
+    assert 0.2 <= alpha <= 0.8
+    model = RegistrationModel(before, CoordinateMapping.from_image(pair["fixed_image"]))
+    moved, jac, hess = model.forward_with_derivatives(points, alpha, order=2)
+    fmap, mmap = CoordinateMapping.from_image(pair["fixed_image"]), CoordinateMapping.from_image(pair["moving_image"])
+    sim = GlobalNCCLoss()(fmap.sample(pair["fixed_image"], points), mmap.sample(pair["moving_image"], moved))
+    bend = alpha * REGULARIZER_SCALES["bending"] * BendingEnergyRegularizer()(hess)
+    jreg = alpha * 0.5 * REGULARIZER_SCALES["jacobian"] * JacobianRegularizer()(jac)
+    assert out["similarity"] == pytest.approx(float(sim), rel=1e-4)
+    assert out["reg_bending"] == pytest.approx(float(bend), rel=1e-3, abs=1e-9)
+    assert out["reg_jacobian"] == pytest.approx(float(jreg), rel=1e-3, abs=1e-9)
+    assert out["loss"] == pytest.approx(out["similarity"] + out["regularization"], rel=1e-6)
+
+
+def test_ignite_events_handlers_and_exact_iteration_count(pair):
+    from monai.handlers import StatsHandler
+
+    trainer = _trainer(pair, max_iterations=7, iterations_per_epoch=3)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.output["loss"]))
+    StatsHandler(name="cidir_test", output_transform=lambda x: x["loss"], iteration_log=True).attach(trainer)
+    trainer.run()
+    assert trainer.state.iteration == 7 and len(seen) == 7
+    assert {"loss", "similarity", "regularization", "reg_bending", "alpha", "lr"} <= set(trainer.state.output)
+    # cosine schedule: the rate decreases from the initial one
+    assert trainer.state.output["lr"] < 1e-4
+
+
+def test_deterministic_and_resume_from_checkpoint(pair, tmp_path):
+    full = _trainer(pair, max_iterations=6)
+    full.run()
+    again = _trainer(pair, max_iterations=6)
+    again.run()
+    for a, b in zip(full.network.parameters(), again.network.parameters()):
+        assert torch.equal(a, b)
+    ckpt = tmp_path / "checkpoint.pt"
+    interrupted = _trainer(pair, max_iterations=6, checkpoint_path=ckpt, checkpoint_interval=3)
+    interrupted.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: e.terminate())
+    interrupted.run()
+    assert interrupted.state.iteration == 3
+    resumed = _trainer(pair, seed=0, max_iterations=6, checkpoint_path=ckpt)
+    assert resumed.resume() and resumed.state.iteration == 3
+    resumed.run()
+    assert resumed.state.iteration == 6
+    for a, b in zip(full.network.parameters(), resumed.network.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_autograd_derivatives_mode_gives_the_same_loss(pair):
+    outs = []
+    for mode in ("forward", "autograd"):
+        trainer = _trainer(pair, max_iterations=2, derivatives=mode, alpha_prior=AlphaPrior(per_point=True))
+        trainer.run()
+        outs.append(trainer.state.output)
+    assert outs[0]["loss"] == pytest.approx(outs[1]["loss"], rel=1e-4)
+    assert outs[0]["reg_bending"] == pytest.approx(outs[1]["reg_bending"], rel=1e-3)
+
+
+def test_alpha_prior():
+    g = torch.Generator().manual_seed(0)
+    a = AlphaPrior(0.0, 1.0, per_point=True).sample(20000, g)
+    assert a.shape == (20000, 1) and 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    assert float(a.mean()) == pytest.approx(0.5, abs=0.01)
+    b = AlphaPrior(0.0, 1.0, "log-uniform").sample(1, g)
+    assert b.shape == (1,)
+    logs = torch.log10(AlphaPrior(0.0, 1.0, "log-uniform", per_point=True, log_floor=1e-3).sample(20000, g))
+    assert float(logs.mean()) == pytest.approx(-1.5, abs=0.03)  # uniform in log10 on [-3, 0]
+    with pytest.raises(ValueError, match="low < high"):
+        AlphaPrior(1.0, 0.5)
