@@ -23,7 +23,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, ResampleToMatch
 from monai.utils import ensure_tuple
 
-from monai_cidir.data.dirlab import read_dirlab_image
+from monai_cidir.data.dirlab import dirlab_affine, read_dirlab_image
 from monai_cidir.data.landmarks import load_landmarks
 
 __all__ = ["LoadDIRLabd", "LoadRegistrationPaird", "DEFAULT_PAIR_KEYS"]
@@ -83,8 +83,6 @@ class LoadDIRLabd(MapTransform):
         if self.case_key not in d:
             raise KeyError(f"LoadDIRLabd: the record has no '{self.case_key}' (DIR-LAB case number); keys: {list(d)}")
         case = int(d[self.case_key])
-        from monai_cidir.data.dirlab import dirlab_affine
-
         for key in self.key_iterator(d):
             value = d[key]
             if not _is_path(value):
