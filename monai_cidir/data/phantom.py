@@ -375,7 +375,7 @@ class _Anatomy:
         self.hilum = {}
         for side in (1.0, -1.0):
             lc = self.lungs[side]["center"]
-            target = np.array([lc[0], lc[1], self.carina[2] - 0.10 * height])
+            target = np.array([lc[0], lc[1], self.carina[2] - 0.20 * height])
             entry = self._entry_point(self.carina, target, side)
             direction = (target - self.carina) / np.linalg.norm(target - self.carina)
             self.airways.append((self.carina.copy(), entry + 1.5 * r_b * direction, r_b))
