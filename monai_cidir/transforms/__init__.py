@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from monai_cidir.transforms.intensity import HU_LUNG_WINDOW, ScaleHU, ScaleHUd
 from monai_cidir.transforms.io import DEFAULT_PAIR_KEYS, LoadDIRLabd, LoadRegistrationPaird
+from monai_cidir.transforms.lungmask import LungMask, LungMaskd, threshold_lung_mask
 from monai_cidir.transforms.presets import pair_preprocessing
 from monai_cidir.transforms.sampling import RandPointsInMask, RandPointsInMaskd, dilate_mask_mm
 from monai_cidir.transforms.spatial import CropToMask, CropToMaskd
@@ -19,10 +20,13 @@ __all__ = [
     "HU_LUNG_WINDOW",
     "LoadDIRLabd",
     "LoadRegistrationPaird",
+    "LungMask",
+    "LungMaskd",
     "RandPointsInMask",
     "RandPointsInMaskd",
     "ScaleHU",
     "ScaleHUd",
     "dilate_mask_mm",
     "pair_preprocessing",
+    "threshold_lung_mask",
 ]
