@@ -1,0 +1,100 @@
+"""Alpha selection: coarse-grid Dice tracks full-resolution Dice, the selection rule, folding, MeanDice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monai_cidir.coordinates import CoordinateMapping
+from monai_cidir.engines import AlphaSelectionEvaluator, RegistrationModel, alpha_grid
+from monai_cidir.networks import ConditionedINR
+
+
+class _AlphaScaledField(torch.nn.Module):
+    """u(x, alpha) = (1 - alpha) * c * x_z^2 e_z: a smooth field whose size shrinks with alpha."""
+
+    def __init__(self, c: float = 0.15) -> None:
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.tensor(c))
+
+    def forward(self, x, alpha):
+        a = torch.as_tensor(alpha, dtype=x.dtype).reshape(-1, 1)
+        return (1 - a) * self.c * torch.stack([0 * x[:, 0], 0 * x[:, 1], x[:, 2] ** 2], dim=1)
+
+    def forward_with_derivatives(self, x, alpha, order=1):
+        a = torch.as_tensor(alpha, dtype=x.dtype).reshape(-1, 1, 1)
+        jac = torch.zeros(x.shape[0], 3, 3, dtype=x.dtype)
+        jac[:, 2, 2] = 2 * self.c * x[:, 2]
+        return self.forward(x, alpha), (1 - a) * jac, None
+
+
+@pytest.fixture(scope="module")
+def phantom_item(tmp_path_factory):
+    from monai_cidir.data import RegistrationPairDataset, make_breathing_phantom
+
+    datalist = make_breathing_phantom(tmp_path_factory.mktemp("phantom_sel"), seed=1, shape=(64, 60, 44), spacing=(4.2, 4.4, 5.8))
+    return RegistrationPairDataset(datalist)[0]
+
+
+def test_coarse_dice_within_0_005_of_full_resolution(phantom_item):
+    torch.manual_seed(0)
+    model = RegistrationModel(ConditionedINR(hidden_features=32), CoordinateMapping.from_image(phantom_item["fixed_image"]))
+    affine = torch.eye(4, dtype=torch.float64)
+    affine[2, 2] = 0.97  # a global 3% SI compression on top of the random INR: Dice varies with the map
+    model.set_affine(affine)
+    alphas = [0.0, 0.5, 1.0]
+    coarse = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=alphas)
+    full = AlphaSelectionEvaluator(
+        model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=alphas, coarse_factor=1, bounding_box=False
+    )
+    c, f = coarse.run(), full.run()
+    assert int(torch.tensor(coarse.shape).prod()) * 4 < int(torch.tensor(full.shape).prod())
+    for rc, rf in zip(c.rows, f.rows):
+        assert abs(rc["dice"] - rf["dice"]) <= 0.005, (rc, rf)
+    # MeanDice handler attached to the evaluator: the sweep's mean Dice
+    mean = sum(r["dice"] for r in c.rows) / len(c.rows)
+    assert coarse.state.metrics["mean_dice"] == pytest.approx(mean, abs=1e-5)
+
+
+def test_selection_prefers_best_dice_and_larger_alpha_on_ties(phantom_item):
+    model = RegistrationModel(_AlphaScaledField(), CoordinateMapping.from_image(phantom_item["fixed_image"]))
+    ev = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], num_alphas=5)
+    rows = [
+        {"alpha": 0.0, "dice": 0.90, "folding": 0.0},
+        {"alpha": 0.25, "dice": 0.95, "folding": 0.01},
+        {"alpha": 0.5, "dice": 0.95, "folding": 0.0},
+        {"alpha": 0.75, "dice": 0.93, "folding": 0.0},
+    ]
+    assert ev._best(rows)["alpha"] == 0.5  # tie -> larger alpha
+    rows[2]["dice"] = 0.94
+    assert ev._best(rows)["alpha"] == 0.25
+    ev.no_folding = True
+    assert ev._best(rows)["alpha"] == 0.5  # 0.25 folds
+
+
+def test_folding_fraction_from_exact_jacobians(phantom_item):
+    mapping = CoordinateMapping.from_image(phantom_item["fixed_image"])
+    mirror = torch.eye(4, dtype=torch.float64)
+    mirror[0, 0] = -1.0  # det(I + J) = -1 everywhere
+    model = RegistrationModel(_AlphaScaledField(c=0.0), mapping, mirror)
+    rows = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=[0.5]).run().rows
+    assert rows[0]["folding"] == 1.0
+    model.set_affine(None)
+    rows = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=[0.5]).run().rows
+    assert rows[0]["folding"] == 0.0 and rows[0]["dice"] < 1.0
+
+
+def test_grid_and_golden_section_refinement(phantom_item):
+    assert alpha_grid() == pytest.approx([i / 20 for i in range(21)])
+    assert alpha_grid(0.0, 1.0, 4, "log-uniform") == pytest.approx([1e-3, 1e-2, 1e-1, 1.0])
+    # the fixed image's own mask as 'moving' mask: Dice is highest where the field is smallest (alpha -> 1)
+    model = RegistrationModel(_AlphaScaledField(c=0.3), CoordinateMapping.from_image(phantom_item["fixed_image"]))
+    ev = AlphaSelectionEvaluator(
+        model, phantom_item["fixed_mask"], phantom_item["fixed_mask"], num_alphas=5, golden_section_steps=4, tie_tolerance=0.0
+    )
+    curve = ev.run()
+    assert len(curve.rows) == 5 + 4
+    refined = [r["alpha"] for r in curve.rows if r["alpha"] not in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert len(refined) == 4 and all(0.75 <= a <= 1.0 for a in refined)
+    assert curve.best["dice"] == max(r["dice"] for r in curve.rows)
+    assert curve.alpha == 1.0
