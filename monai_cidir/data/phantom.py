@@ -904,5 +904,214 @@ def make_breathing_phantom(
     return write_registration_pair(item, output_dir, overwrite=overwrite)
 
 
-def make_breathing_pair(*args, **kwargs):  # replaced below once the lung-mask transform lands
-    raise NotImplementedError("make_breathing_pair is not implemented yet")
+# ----------------------------------------------------------------------------------------------
+# a synthetic breathing pair from a real CT
+# ----------------------------------------------------------------------------------------------
+def _load_volume(value, what: str, binary: bool = False) -> MetaTensor:
+    if isinstance(value, (str, os.PathLike)):
+        from monai.transforms import LoadImage
+
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"make_breathing_pair: {what} not found: {path}")
+        try:
+            value = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True, dtype=np.float32)(str(path))
+        except Exception as e:  # readers raise many types
+            raise RuntimeError(f"make_breathing_pair: could not read the {what} {path}: {e}") from e
+    if not isinstance(value, MetaTensor):
+        raise TypeError(f"make_breathing_pair: expected the {what} as a path or a MetaTensor with an affine, found {type(value).__name__}")
+    if value.ndim != 4 or value.shape[0] != 1:
+        raise ValueError(f"make_breathing_pair: expected the {what} as (1, X, Y, Z), found shape {tuple(value.shape)}")
+    value = value.float()
+    return (value > 0.5).float() if binary else value
+
+
+def _pull_back(images, mapping: CoordinateMapping, motion: BreathingMotion, chunk: int = 1 << 21):
+    """Each ``(1, X, Y, Z)`` image evaluated at ``motion.inverse(q)`` for every voxel ``q`` of its grid.
+
+    Trilinear, border values outside the field of view; computed in slabs of about ``chunk`` voxels.
+    """
+    shape = mapping.spatial_shape
+    volumes = [img[0].as_tensor().float() if hasattr(img, "as_tensor") else torch.as_tensor(img[0]).float() for img in images]
+    outs = [torch.empty(shape, dtype=torch.float32) for _ in volumes]
+    slab = max(1, chunk // (shape[0] * shape[1]))
+    for k0 in range(0, shape[2], slab):
+        k1 = min(shape[2], k0 + slab)
+        idx = torch.stack(
+            torch.meshgrid(
+                torch.arange(shape[0], dtype=torch.float64),
+                torch.arange(shape[1], dtype=torch.float64),
+                torch.arange(k0, k1, dtype=torch.float64),
+                indexing="ij",
+            ),
+            -1,
+        ).reshape(-1, 3)
+        p = torch.from_numpy(motion.inverse(mapping.index_to_world(idx).numpy(), tol=1e-5)).float()
+        for volume, out in zip(volumes, outs):
+            out[:, :, k0:k1] = mapping.sample(volume, p, padding_mode="border").reshape(shape[0], shape[1], k1 - k0)
+    return outs
+
+
+def _vessel_landmarks(
+    image: np.ndarray,
+    lung: np.ndarray,
+    mapping: CoordinateMapping,
+    motion: BreathingMotion,
+    num: int,
+    margin_mm: float = 5.0,
+) -> np.ndarray:
+    """``num`` world points (RAS mm) at bright, high-contrast spots (vessels) inside the lungs, spread out.
+
+    Candidates are local maxima (3x3x3 voxels) of the image smoothed by 1 mm, inside the lung
+    mask eroded by ``margin_mm``, whose moving position ``motion(p)`` stays inside the grid;
+    they are ranked by contrast (1 mm minus 4 mm Gaussian) and taken greedily at least
+    ``d_min`` apart (``d_min`` halves until enough are found; voxel centres with the best
+    contrast complete the set when there are too few maxima).
+    """
+    from scipy import ndimage
+
+    spacing = mapping.spacing.numpy()
+    fine = ndimage.gaussian_filter(image.astype(np.float32), 1.0 / spacing)
+    coarse = ndimage.gaussian_filter(image.astype(np.float32), 4.0 / spacing)
+    contrast = fine - coarse
+    inner = ndimage.distance_transform_edt(lung, sampling=spacing) > margin_mm
+    maxima = (fine == ndimage.maximum_filter(fine, size=3)) & inner & (contrast > 0)
+    spread = ndimage.maximum_filter(maxima, size=3)  # a fallback pool: voxels next to no maximum
+    chosen = np.empty((0, 3))
+    for pool in (maxima, inner & ~spread):
+        idx = np.argwhere(pool)
+        if len(idx) == 0:
+            continue
+        idx = idx[np.argsort(-contrast[tuple(idx.T)], kind="stable")]
+        world = mapping.index_to_world(torch.from_numpy(idx.astype(np.float64))).numpy()
+        moved = mapping.world_to_index(torch.from_numpy(motion(world))).numpy()
+        world = world[np.all((moved >= 1.0) & (moved <= np.asarray(mapping.spatial_shape) - 2.0), axis=1)]
+        if len(world) == 0:
+            continue
+        extent = world.max(0) - world.min(0)
+        d_min = float(np.cbrt(np.prod(np.maximum(extent, 1.0)) / num))
+        need = num - len(chosen)
+        while d_min > 1e-3:
+            picked = _greedy_spread(world, need, d_min, chosen)
+            if len(picked) >= need:
+                break
+            d_min *= 0.5
+        chosen = np.concatenate([chosen, picked[:need]])
+        if len(chosen) >= num:
+            return chosen
+    raise ValueError(
+        f"make_breathing_pair: only {len(chosen)} lung voxels {margin_mm} mm inside the mask qualify as landmarks for "
+        f"num_landmarks={num} (mask too small, or the motion moves them out of the field of view)"
+    )
+
+
+def _greedy_spread(points: np.ndarray, num: int, d_min: float, taken: np.ndarray) -> np.ndarray:
+    """The first points (in order) at least ``d_min`` from each other and from ``taken``, up to ``num``."""
+    from scipy.spatial import cKDTree
+
+    picked = np.empty((num, 3))
+    count = 0
+    tree = cKDTree(taken) if len(taken) else None
+    for p in points:
+        if tree is not None and tree.query(p, distance_upper_bound=d_min)[0] < d_min:
+            continue
+        if count and np.min(np.einsum("ij,ij->i", picked[:count] - p, picked[:count] - p)) < d_min**2:
+            continue
+        picked[count] = p
+        count += 1
+        if count == num:
+            break
+    return picked[:count]
+
+
+def make_breathing_pair(
+    ct,
+    mask=None,
+    seed: int = 0,
+    amplitude_mm: float = 10.0,
+    num_landmarks: int = 300,
+    output_dir: str | os.PathLike | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+    **motion_kwargs,
+) -> dict:
+    """A synthetic inhale/exhale pair from one real CT, with exact dense ground truth.
+
+    The CT is the fixed (inhale) image. A :class:`BreathingMotion` is fitted to the bounding box
+    of its lung mask; the moving (exhale) image and mask are the CT and mask pulled back through
+    the exact inverse motion on the CT's own grid (trilinear, border values outside the field of
+    view; the moving image is rounded to whole HU, as its int16 file). Landmarks: ``num_landmarks``
+    voxel centres at bright, high-contrast spots (vessels) at least 5 mm inside the lungs, spread
+    out; ``moving_landmarks = motion(fixed_landmarks)`` exactly.
+
+    Args:
+        ct: the CT in HU, a ``(1, X, Y, Z)`` MetaTensor or a path (e.g. ``../shared/data/chest_ct.nii.gz``).
+        mask: its lung mask (MetaTensor on the same grid or a path); ``None``: computed with
+            :class:`~monai_cidir.transforms.LungMask` ``(backend="threshold")``.
+        seed: seed of the motion's perturbation.
+        amplitude_mm: peak superior-inferior motion (mm).
+        num_landmarks: number of landmark pairs.
+        output_dir: when given, the pair is written there as by :func:`make_breathing_phantom`
+            (NIfTI, CSV in world LPS mm, ``<name>_motion.json``, ``datalist.json``).
+        name: the pair's name (default: the CT file's stem, or ``"breathing_pair"``, plus ``_seed{seed}``).
+        overwrite: replace files that differ instead of raising.
+        motion_kwargs: other arguments of :class:`BreathingMotion` (``ap_fraction``, ...).
+
+    Returns:
+        the loaded-pair item (``name``, ``fixed_image``, ``moving_image``, ``fixed_mask``,
+        ``moving_mask``, ``fixed_landmarks``, ``moving_landmarks``) plus ``motion``, and
+        ``datalist`` (the path of ``datalist.json``) when ``output_dir`` is given.
+
+    Raises:
+        FileNotFoundError: when a path does not exist.
+        ValueError: for a CT/mask that is not ``(1, X, Y, Z)`` or not on the same grid, or too few landmarks.
+        FileExistsError: when writing would replace a different file (unless ``overwrite``).
+
+    Example::
+
+        >>> pair = make_breathing_pair("../shared/data/chest_ct.nii.gz", seed=0)  # doctest: +SKIP
+        >>> err = pair["motion"](pair["fixed_landmarks"]) - pair["moving_landmarks"]  # exactly 0
+    """
+    if name is None:
+        stem = "breathing_pair"
+        if isinstance(ct, (str, os.PathLike)):
+            stem = Path(ct).name
+            for ext in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd"):
+                if stem.lower().endswith(ext):
+                    stem = stem[: -len(ext)]
+        name = f"{stem}_seed{seed}"
+    image = _load_volume(ct, "CT")
+    if mask is None:
+        from monai_cidir.transforms.lungmask import LungMask
+
+        mask = LungMask(backend="threshold")(image)
+    mask = _load_volume(mask, "lung mask", binary=True)
+    mapping = CoordinateMapping.from_image(image)
+    if tuple(mask.shape) != tuple(image.shape) or not torch.allclose(
+        torch.as_tensor(mask.affine, dtype=torch.float64), mapping.affine, atol=1e-4
+    ):
+        raise ValueError(
+            f"make_breathing_pair: the lung mask {tuple(mask.shape)} must be on the CT's grid {tuple(image.shape)} "
+            "(same shape and affine)"
+        )
+    if float(mask.sum()) == 0:
+        raise ValueError("make_breathing_pair: the lung mask is empty")
+    motion = BreathingMotion.from_lung_mask(mask, amplitude_mm=amplitude_mm, seed=int(seed), **motion_kwargs)
+    moving, moving_mask = _pull_back([image, mask], mapping, motion)
+    moving, moving_mask = torch.round(moving), (moving_mask > 0.5).float()
+    fixed_lm = _vessel_landmarks(image[0].numpy(), mask[0].numpy() > 0.5, mapping, motion, int(num_landmarks))
+    affine = mapping.affine.clone()
+    meta = {k: v for k, v in image.meta.items() if k != "affine"}
+    item = {
+        "name": name,
+        "fixed_image": MetaTensor(image.as_tensor().float().clone(), affine=affine.clone(), meta=meta),
+        "moving_image": MetaTensor(moving[None], affine=affine.clone(), meta={"space": "RAS", "filename_or_obj": f"{name}_exhale"}),
+        "fixed_mask": MetaTensor(mask.as_tensor().clone(), affine=affine.clone(), meta={"space": "RAS"}),
+        "moving_mask": MetaTensor(moving_mask[None], affine=affine.clone(), meta={"space": "RAS"}),
+        "fixed_landmarks": torch.from_numpy(fixed_lm),
+        "moving_landmarks": torch.from_numpy(motion(fixed_lm)),
+        "motion": motion,
+    }
+    if output_dir is not None:
+        item["datalist"] = write_registration_pair(item, output_dir, overwrite=overwrite)
+    return item

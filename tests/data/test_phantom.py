@@ -184,3 +184,93 @@ def test_written_datalist_loads_as_the_contract_says(tmp_path, tiny):
     for key in ("fixed_landmarks", "moving_landmarks"):
         assert item[key].dtype == torch.float64
         assert float((item[key] - tiny[key]).abs().max()) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# make_breathing_pair: the same motion on a given CT
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair_from_phantom(tmp_path_factory, tiny):
+    """make_breathing_pair on the tiny phantom's inhale CT (a stand-in for a real CT), written to disk."""
+    from monai_cidir.data.phantom import make_breathing_pair
+
+    out = tmp_path_factory.mktemp("pair")
+    return make_breathing_pair(tiny["fixed_image"], seed=5, amplitude_mm=8.0, num_landmarks=100, output_dir=out, name="ct")
+
+
+def test_pair_ground_truth_and_masks(pair_from_phantom, tiny):
+    pair = pair_from_phantom
+    assert torch.equal(pair["fixed_image"].as_tensor(), tiny["fixed_image"].as_tensor())
+    # the threshold lung mask stands in for the missing mask
+    assert _dice(pair["fixed_mask"][0], tiny["fixed_mask"][0]) > 0.95
+    fixed, moving = pair["fixed_landmarks"], pair["moving_landmarks"]
+    assert fixed.shape == (100, 3) and fixed.dtype == torch.float64
+    assert torch.allclose(moving, pair["motion"](fixed), atol=1e-9, rtol=0)
+    idx = CoordinateMapping.from_image(pair["fixed_mask"]).world_to_index(fixed)
+    assert torch.allclose(idx, idx.round(), atol=1e-6)  # voxel centres
+    idx = idx.round().long()
+    assert float(pair["fixed_mask"][0][idx[:, 0], idx[:, 1], idx[:, 2]].mean()) == 1.0
+    # landmarks are spread: no two closer than one voxel
+    assert float(torch.pdist(fixed).min()) >= 2.8 - 1e-6
+    # the moving image is the fixed one pulled back through the motion
+    mapping = CoordinateMapping.from_image(pair["fixed_image"])
+    q = mapping.world_grid(dtype=torch.float64).reshape(-1, 3)[::97]
+    p = torch.as_tensor(pair["motion"].inverse(q.numpy()))
+    expected = mapping.sample(pair["fixed_image"][0], p.float(), padding_mode="border")
+    got = pair["moving_image"][0].reshape(-1)[::97]
+    assert float((got - expected).abs().max()) <= 0.5 + 1e-3  # rounding to whole HU only
+    assert 0.7 < float(pair["moving_mask"].sum() / pair["fixed_mask"].sum()) < 0.99
+
+
+def test_pair_files_load_as_the_contract_says(pair_from_phantom):
+    from monai_cidir.data import load_pair_datalist
+    from monai_cidir.transforms import LoadRegistrationPaird
+
+    pair = pair_from_phantom
+    content = json.loads(pair["datalist"].read_text())
+    assert [r["name"] for r in content["training"]] == ["ct"]
+    (record,) = load_pair_datalist(pair["datalist"])
+    item = LoadRegistrationPaird()(record)
+    for key in ("fixed_image", "moving_image", "fixed_mask", "moving_mask"):
+        assert torch.equal(item[key].as_tensor(), pair[key].as_tensor())
+    for key in ("fixed_landmarks", "moving_landmarks"):
+        assert float((item[key] - pair[key]).abs().max()) < 1e-5
+    motion = BreathingMotion.load(pair["datalist"].parent / content["motion"]["ct"])
+    assert np.abs(motion(item["fixed_landmarks"].numpy()) - item["moving_landmarks"].numpy()).max() < 1e-5
+
+
+def test_pair_input_errors(tiny):
+    from monai_cidir.data.phantom import make_breathing_pair
+
+    with pytest.raises(FileNotFoundError, match="no_such_ct.nii.gz"):
+        make_breathing_pair("no_such_ct.nii.gz")
+    with pytest.raises(ValueError, match="on the CT's grid"):
+        make_breathing_pair(tiny["fixed_image"], mask=tiny["fixed_mask"][..., :16])
+    with pytest.raises(ValueError, match="only .* qualify as landmarks"):
+        make_breathing_pair(tiny["fixed_image"], mask=tiny["fixed_mask"], num_landmarks=100000)
+
+
+def test_pair_on_the_real_ct(shared_dir):
+    """The benchmark use: a real chest CT with a known dense breathing motion."""
+    from monai_cidir.data.phantom import make_breathing_pair
+
+    pair = make_breathing_pair(shared_dir / "data" / "chest_ct.nii.gz", seed=0, amplitude_mm=10.0)
+    assert pair["name"] == "chest_ct_seed0"
+    fixed, moving = pair["fixed_landmarks"], pair["moving_landmarks"]
+    assert fixed.shape == (300, 3)
+    assert torch.allclose(moving, pair["motion"](fixed), atol=1e-9, rtol=0)
+    mapping = CoordinateMapping.from_image(pair["fixed_image"])
+    idx = mapping.world_to_index(fixed).round().long()
+    assert float(pair["fixed_mask"][0][idx[:, 0], idx[:, 1], idx[:, 2]].mean()) == 1.0
+    # peak displacement inside the lungs 5-15 mm, largest at the base
+    world = mapping.world_grid(dtype=torch.float64)[pair["fixed_mask"][0] > 0].numpy()
+    u = np.linalg.norm(pair["motion"].displacement(world), axis=1)
+    assert 5.0 <= u.max() <= 15.0  # measured 9.2 mm
+    z = world[:, 2]
+    assert u[z <= np.quantile(z, 0.2)].mean() > 2.0 * u[z >= np.quantile(z, 0.8)].mean()
+    # landmarks are at bright structures: the image smoothed by a voxel agrees far better with the motion than without
+    fixed_s = torch.from_numpy(ndimage.gaussian_filter(pair["fixed_image"][0].numpy(), 1.0))
+    moving_s = torch.from_numpy(ndimage.gaussian_filter(pair["moving_image"][0].numpy(), 1.0))
+    a, b = mapping.sample(fixed_s, fixed).numpy(), mapping.sample(moving_s, moving).numpy()
+    c = mapping.sample(moving_s, fixed).numpy()
+    assert np.corrcoef(a, b)[0, 1] > 0.97 and np.corrcoef(a, c)[0, 1] < np.corrcoef(a, b)[0, 1] - 0.05  # 0.99 vs 0.86
