@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from monai_cidir.engines.alpha_selection import AlphaCurve, AlphaSelectionEvaluator, alpha_grid, mask_region
+from monai_cidir.engines.alpha_selection import AlphaCurve, AlphaSelectionEvaluator, alpha_grid, coarse_steps, mask_region
 from monai_cidir.engines.export import (
     plot_alpha_curve,
     write_alpha_curve,
@@ -47,6 +47,7 @@ __all__ = [
     "alpha_grid",
     "build_lr_scheduler",
     "build_regularizers",
+    "coarse_steps",
     "collect_cohort_metrics",
     "export_registration",
     "fit_affine",

@@ -13,8 +13,11 @@ With ``no_folding=True`` only alphas without folding compete (if none, the least
 segmented by the same backend.
 
 Real time: by default the grid is the fixed lung mask's bounding box (plus ``margin_mm``)
-sampled every ``coarse_factor`` voxels along each axis; ``coarse_factor=1`` and
-``bounding_box=False`` give the full-resolution Dice.
+sampled about every ``coarse_spacing_mm`` (4 mm) along each axis (:func:`coarse_steps`);
+``coarse_spacing_mm=None`` (or ``coarse_factor=1``) and ``bounding_box=False`` give the
+full-resolution Dice. Measured (benchmarks/training.py): on the real chest CT pair
+(1.68 x 1.68 x 5 mm, strides (2, 2, 1)) the coarse Dice is within 0.0012 of full resolution at
+a fifth to a tenth of the time.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from monai.metrics import DiceMetric
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines.model import RegistrationModel, iter_grid_chunks, region_shape
 
-__all__ = ["AlphaSelectionEvaluator", "AlphaCurve", "alpha_grid", "mask_region"]
+__all__ = ["AlphaSelectionEvaluator", "AlphaCurve", "alpha_grid", "coarse_steps", "mask_region"]
 
 
 def alpha_grid(low: float = 0.0, high: float = 1.0, num: int = 21, distribution: str = "uniform") -> list[float]:
@@ -49,8 +52,24 @@ def alpha_grid(low: float = 0.0, high: float = 1.0, num: int = 21, distribution:
     return [float(v) for v in np.linspace(low, high, num)]
 
 
-def mask_region(mask: torch.Tensor, mapping: CoordinateMapping, margin_mm: float = 5.0, step: int = 1) -> tuple[slice, ...]:
-    """Index slices of a mask's bounding box grown by ``margin_mm``, every ``step`` voxels.
+def coarse_steps(mapping: CoordinateMapping, coarse_spacing_mm: float | None = 4.0, coarse_factor=None) -> tuple[int, ...]:
+    """Per-axis voxel strides of the selection grid.
+
+    ``coarse_factor`` (an int or one int per axis) wins; otherwise the stride along each axis is
+    the largest whole number of voxels not exceeding ``coarse_spacing_mm`` (at least 1), so the
+    grid is about ``coarse_spacing_mm`` apart whatever the voxel size (DIR-LAB 0.97 x 0.97 x 2.5 mm
+    -> strides (4, 4, 1); ``None`` -> full resolution).
+    """
+    if coarse_factor is not None:
+        f = [int(coarse_factor)] * 3 if np.ndim(coarse_factor) == 0 else [int(v) for v in coarse_factor]
+        return tuple(max(1, v) for v in f)
+    if coarse_spacing_mm is None:
+        return (1, 1, 1)
+    return tuple(max(1, int(math.floor(coarse_spacing_mm / float(s) + 1e-6))) for s in mapping.spacing)
+
+
+def mask_region(mask: torch.Tensor, mapping: CoordinateMapping, margin_mm: float = 5.0, step=1) -> tuple[slice, ...]:
+    """Index slices of a mask's bounding box grown by ``margin_mm``, every ``step`` voxels (int or per axis).
 
     Raises:
         ValueError: when the mask is empty.
@@ -66,7 +85,7 @@ def mask_region(mask: torch.Tensor, mapping: CoordinateMapping, margin_mm: float
         pad = int(math.ceil(margin_mm / float(mapping.spacing[a])))
         start = max(0, int(lo[a]) - pad)
         stop = min(mapping.spatial_shape[a], int(hi[a]) + pad + 1)
-        out.append(slice(start, stop, int(step)))
+        out.append(slice(start, stop, int(step if np.ndim(step) == 0 else step[a])))
     return tuple(out)
 
 
@@ -113,7 +132,9 @@ class AlphaSelectionEvaluator(Evaluator):
         fixed_image: fixed MetaTensor (``mode="segment"``).
         lung_mask_backend: backend of :class:`~monai_cidir.transforms.LungMask` for ``"segment"``.
         lung_mask_kwargs: extra arguments of ``LungMask``.
-        coarse_factor: evaluate every this-many voxels (1: full resolution).
+        coarse_spacing_mm: approximate spacing of the selection grid (see :func:`coarse_steps`;
+            ``None``: every voxel).
+        coarse_factor: explicit voxel stride (int or per axis), overrides ``coarse_spacing_mm``.
         bounding_box: restrict to the fixed mask's bounding box plus ``margin_mm``.
         margin_mm: bounding-box margin.
         chunk_size: points per network call (bounds memory).
@@ -142,7 +163,8 @@ class AlphaSelectionEvaluator(Evaluator):
         fixed_image: torch.Tensor | None = None,
         lung_mask_backend: str = "threshold",
         lung_mask_kwargs: dict | None = None,
-        coarse_factor: int = 2,
+        coarse_spacing_mm: float | None = 4.0,
+        coarse_factor: int | Sequence[int] | None = None,
         bounding_box: bool = True,
         margin_mm: float = 5.0,
         chunk_size: int = 65536,
@@ -174,11 +196,11 @@ class AlphaSelectionEvaluator(Evaluator):
         self.fixed_mapping = fmap
         if mode == "segment":
             bounding_box = False  # segmentation backends need the whole body in view
-        step = max(1, int(coarse_factor))
+        step = coarse_steps(fmap, coarse_spacing_mm, coarse_factor)
         self.region = (
             mask_region(fixed_mask, fmap, margin_mm, step)
             if bounding_box
-            else tuple(slice(0, n, step) for n in fmap.spatial_shape)
+            else tuple(slice(0, n, st) for n, st in zip(fmap.spatial_shape, step))
         )
         self.shape = region_shape(fmap, None, self.region)
         fm = torch.as_tensor(fixed_mask.as_tensor() if hasattr(fixed_mask, "as_tensor") else fixed_mask)

@@ -189,7 +189,8 @@ def select_and_export(
     selection_mode: str = "warp_mask",
     lung_mask_backend: str = "threshold",
     lung_mask_kwargs: dict | None = None,
-    coarse_factor: int = 2,
+    coarse_spacing_mm: float | None = 4.0,
+    coarse_factor: int | Sequence[int] | None = None,
     chunk_size: int = 65536,
     export_images: bool = True,
     previous: dict | None = None,
@@ -204,7 +205,7 @@ def select_and_export(
         alpha: export at this alpha; the sweep still runs (its curve is written) unless
             ``num_alphas=0``.
         alpha_range, num_alphas, golden_section_steps, no_folding, selection_mode,
-            lung_mask_backend, lung_mask_kwargs, coarse_factor, chunk_size: see
+            lung_mask_backend, lung_mask_kwargs, coarse_spacing_mm, coarse_factor, chunk_size: see
             :class:`~monai_cidir.engines.alpha_selection.AlphaSelectionEvaluator`.
         export_images: write ``displacement.nii.gz`` and ``warped_moving.nii.gz``.
         previous: entries to carry into ``metrics.json`` (e.g. training seconds).
@@ -233,6 +234,7 @@ def select_and_export(
             fixed_image=item.get("fixed_image"),
             lung_mask_backend=lung_mask_backend,
             lung_mask_kwargs=lung_mask_kwargs,
+            coarse_spacing_mm=coarse_spacing_mm,
             coarse_factor=coarse_factor,
             chunk_size=chunk_size,
             val_handlers=selection_handlers,
@@ -260,6 +262,7 @@ def select_and_export(
                 fixed_image=item.get("fixed_image"),
                 lung_mask_backend=lung_mask_backend,
                 lung_mask_kwargs=lung_mask_kwargs,
+                coarse_spacing_mm=coarse_spacing_mm,
                 coarse_factor=coarse_factor,
                 chunk_size=chunk_size,
             )
@@ -325,7 +328,8 @@ def register_patient(
     selection_mode: str = "warp_mask",
     lung_mask_backend: str = "threshold",
     lung_mask_kwargs: dict | None = None,
-    coarse_factor: int = 2,
+    coarse_spacing_mm: float | None = 4.0,
+    coarse_factor: int | Sequence[int] | None = None,
     alpha: float | None = None,
     export_images: bool = True,
     device: str | torch.device = "cpu",
@@ -360,7 +364,7 @@ def register_patient(
         affine_prealign: ``"auto"`` (fit, keep if it improves NCC), ``True`` (always keep), ``False``.
         affine_kwargs: extra arguments of :func:`~monai_cidir.engines.prealign.fit_affine`.
         num_alphas, golden_section_steps, no_folding, selection_mode, lung_mask_backend,
-            lung_mask_kwargs, coarse_factor: alpha selection, see :func:`select_and_export`.
+            lung_mask_kwargs, coarse_spacing_mm, coarse_factor: alpha selection, see :func:`select_and_export`.
         alpha: export at this fixed alpha instead of the selected one.
         export_images: write the displacement field and warped image.
         device: torch device.
@@ -502,6 +506,7 @@ def register_patient(
         selection_mode=selection_mode,
         lung_mask_backend=lung_mask_backend,
         lung_mask_kwargs=lung_mask_kwargs,
+        coarse_spacing_mm=coarse_spacing_mm,
         coarse_factor=coarse_factor,
         chunk_size=chunk_size,
         export_images=export_images,

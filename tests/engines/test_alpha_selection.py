@@ -43,12 +43,16 @@ def test_coarse_dice_within_0_005_of_full_resolution(phantom_item):
     affine[2, 2] = 0.97  # a global 3% SI compression on top of the random INR: Dice varies with the map
     model.set_affine(affine)
     alphas = [0.0, 0.5, 1.0]
-    coarse = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=alphas)
+    # 9 mm on this coarse phantom gives strides (2, 2, 1), as the 4 mm default does on a 1.7 x 1.7 x 5 mm CT
+    coarse = AlphaSelectionEvaluator(
+        model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=alphas, coarse_spacing_mm=9.0
+    )
+    assert [r.step for r in coarse.region] == [2, 2, 1]
     full = AlphaSelectionEvaluator(
-        model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=alphas, coarse_factor=1, bounding_box=False
+        model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=alphas, coarse_spacing_mm=None, bounding_box=False
     )
     c, f = coarse.run(), full.run()
-    assert int(torch.tensor(coarse.shape).prod()) * 4 < int(torch.tensor(full.shape).prod())
+    assert int(torch.tensor(coarse.shape).prod()) * 6 < int(torch.tensor(full.shape).prod())
     for rc, rf in zip(c.rows, f.rows):
         assert abs(rc["dice"] - rf["dice"]) <= 0.005, (rc, rf)
     # MeanDice handler attached to the evaluator: the sweep's mean Dice
@@ -98,3 +102,27 @@ def test_grid_and_golden_section_refinement(phantom_item):
     assert len(refined) == 4 and all(0.75 <= a <= 1.0 for a in refined)
     assert curve.best["dice"] == max(r["dice"] for r in curve.rows)
     assert curve.alpha == 1.0
+
+
+def test_coarse_steps_follow_the_voxel_size():
+    from monai_cidir.coordinates import affine_from_spacing
+    from monai_cidir.engines import coarse_steps
+
+    dirlab = CoordinateMapping(affine_from_spacing((0.97, 0.97, 2.5)), (256, 256, 94))
+    assert coarse_steps(dirlab) == (4, 4, 1)
+    assert coarse_steps(dirlab, None) == (1, 1, 1)
+    assert coarse_steps(dirlab, coarse_factor=2) == (2, 2, 2)
+
+
+def test_segment_mode_agrees_with_warped_mask(phantom_item):
+    torch.manual_seed(0)
+    model = RegistrationModel(ConditionedINR(hidden_features=32), CoordinateMapping.from_image(phantom_item["fixed_image"]))
+    kw = dict(alphas=[0.5], moving_image=phantom_item["moving_image"], fixed_image=phantom_item["fixed_image"])
+    warp = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], **kw).run()
+    seg = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], None, mode="segment", lung_mask_backend="threshold", **kw)
+    # the threshold backend segments the fixed phantom close to its true mask...
+    truth = phantom_item["fixed_mask"][0][seg.region] > 0.5
+    overlap = 2 * (seg.fixed_mask_grid & truth).sum() / (seg.fixed_mask_grid.sum() + truth.sum())
+    assert float(overlap) > 0.95
+    # ...so Dice of the segmented moved image tracks Dice of the warped mask
+    assert seg.run().best["dice"] == pytest.approx(warp.best["dice"], abs=0.02)

@@ -60,7 +60,7 @@ def test_register_patient_improves_and_exports(trained, phantom_item):
     with open(pdir / "alpha_curve.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 11 and set(rows[0]) == {"alpha", "dice", "folding", "seconds"}
-    assert max(float(r["dice"]) for r in rows) == pytest.approx(m["dice"], abs=1e-6)
+    assert max(float(r["dice"]) for r in rows) == pytest.approx(m["dice"], abs=1e-4 + 1e-6)  # ties within 1e-4 -> larger alpha
 
 
 def test_exported_field_gives_metrics_tre_in_simpleitk(trained, phantom_item):
