@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from monai_cidir.coordinates import CoordinateMapping, affine_from_spacing, lps_to_ras, ras_to_lps
+from monai_cidir.coordinates import CoordinateMapping, affine_from_spacing, ras_to_lps
 
 __all__ = [
     "BreathingMotion",
@@ -887,7 +887,9 @@ def make_breathing_phantom(
     Example::
 
         >>> datalist = make_breathing_phantom("data/cidir_phantom", seed=0)  # doctest: +SKIP
-        >>> from monai_cidir.data import load_pair_datalist  # doctest: +SKIP
+        >>> from monai_cidir.data import load_pair_datalist
+        >>> from monai_cidir.transforms import LoadRegistrationPaird
+        >>> item = LoadRegistrationPaird()(load_pair_datalist(datalist)[0])  # doctest: +SKIP
     """
     item = generate_breathing_phantom(
         seed=seed,
