@@ -1,0 +1,372 @@
+"""Forward-mode propagation of value, Jacobian and Hessian through a sine MLP (functional core).
+
+A point's state after a layer is kept as one *stacked* tensor ``T`` of shape (S, N, F):
+
+* ``T[0]``: the activations ``h`` (N, F);
+* ``T[1 + j]``: ``dh/dx_j`` for the three input coordinates ``j = 0, 1, 2``;
+* ``T[4 + m]``: the six unique second derivatives ``d2h/dx_p dx_q`` in the order of
+  :data:`HESSIAN_PAIRS` ``((0,0), (1,1), (2,2), (0,1), (0,2), (1,2))`` (only when order 2).
+
+so ``S = 4`` for first derivatives and ``S = 10`` for second derivatives. A linear layer acts on
+every slot with one matmul ``T.view(S*N, F) @ W.T`` (the bias only enters slot 0). A sine layer
+``h' = a*sin(w*z + c) + d`` (``w = b*omega_0``) maps, with ``k1 = a*w*cos(s)`` and
+``k2 = -a*w**2*sin(s)``, ``s = w*z + c``:
+
+* value: ``a*sin(s) + d``;
+* Jacobian: ``k1 * Jz``;
+* Hessian: ``k1 * Hz + k2 * Jz_p * Jz_q`` (for the first layer ``Jz = W0`` and ``Hz = 0``).
+
+The element-wise block of a sine layer is a custom :class:`torch.autograd.Function` with a
+hand-written backward that works on chunks of points small enough to stay in cache and saves
+only the pre-activation. Its backward is first order (``once_differentiable``): training can
+backpropagate through the derivatives, but not differentiate that gradient again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "HESSIAN_PAIRS",
+    "num_slots",
+    "block_points",
+    "first_sine_layer",
+    "sine_layer",
+    "linear_layer",
+    "split_stacked",
+]
+
+HESSIAN_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+"""The (p, q) index pairs of the six unique Hessian slots, in stacked order."""
+
+# position of d2/dx_p dx_q among the six unique slots
+_HESSIAN_SLOT = ((0, 3, 4), (3, 1, 5), (4, 5, 2))
+
+# about 64K elements (256 KiB in float32) per temporary: stays in the L2 cache of one core.
+_CHUNK_ELEMENTS = 1 << 16
+
+
+def num_slots(order: int) -> int:
+    """Number of stacked slots for a derivative order: 4 (order 1) or 10 (order 2).
+
+    Raises:
+        ValueError: if ``order`` is not 1 or 2.
+    """
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 (Jacobian) or 2 (Jacobian and Hessian), found {order!r}")
+    return 4 if order == 1 else 10
+
+
+# points per block of the whole network: keeps each stacked tensor near 8 MiB, below glibc's
+# mmap threshold, so freed blocks are reused instead of page-faulted in again, and in the L3 cache.
+_BLOCK_BYTES = 8 << 20
+
+
+def block_points(n: int, features: int, order: int, device: torch.device) -> int:
+    """Points per block when a large batch is propagated through the network block by block.
+
+    On CPU, stacked tensors of about 8 MiB avoid the page faults of fresh large allocations
+    and stay in cache; on accelerators the whole batch is one block.
+    """
+    if device.type != "cpu":
+        return max(n, 1)
+    return max(1, _BLOCK_BYTES // (4 * num_slots(order) * max(features, 1)))
+
+
+def _chunk_points(n: int, features: int, device: torch.device) -> int:
+    if device.type != "cpu":  # accelerators prefer a few large kernels
+        return max(n, 1)
+    return max(1, _CHUNK_ELEMENTS // max(features, 1))
+
+
+def _rows(p, sl: slice):
+    """Slice per-point parameters (N, 1); leave floats and (1, 1) tensors as they are."""
+    if isinstance(p, torch.Tensor) and p.shape[0] != 1:
+        return p[sl]
+    return p
+
+
+def _sum_rows(total, sl: slice, values: torch.Tensor, like) -> None:
+    """Accumulate a per-point (Nc, 1) gradient into ``total`` (N, 1) or (1, 1)."""
+    if total is None:
+        return
+    if like.shape[0] != 1:
+        total[sl] += values
+    else:
+        total += values.sum(0, keepdim=True)
+
+
+class _Params:
+    """The activation parameters of one chunk: floats (fixed SIREN values) or tensors."""
+
+    def __init__(self, a, w, c, d, sl: slice):
+        self.a, self.w, self.c, self.d = (_rows(p, sl) for p in (a, w, c, d))
+        self.aw = self.a * self.w
+        self.aww = self.aw * self.w
+
+
+def _activate(z: torch.Tensor, p: _Params, out0: torch.Tensor):
+    """Write ``a*sin(w*z + c) + d`` into ``out0``; return (sin(s), cos(s)). ``z`` is overwritten."""
+    s = z.mul_(p.w)
+    if not (isinstance(p.c, float) and p.c == 0.0):
+        s.add_(p.c)
+    sn, cs = torch.sin(s), torch.cos(s)
+    torch.mul(sn, p.a, out=out0)
+    if not (isinstance(p.d, float) and p.d == 0.0):
+        out0.add_(p.d)
+    return sn, cs
+
+
+def _scalar_chain(z, sn, cs, g0, gk1, gk2, p: _Params, want_a: bool, want_w: bool):
+    """Backward of (value, k1, k2) with respect to s, a and w.
+
+    Returns (g_s, g_a, g_w): g_s (Nc, F) = dL/ds; g_a, g_w (Nc, 1) or None.
+    """
+    # dvalue/ds = a*cos, dk1/ds = -a*w*sin, dk2/ds = -a*w^2*cos
+    big_a = g0 if gk2 is None else g0 - gk2 * (p.w * p.w)
+    gs = cs * big_a
+    gs.sub_(sn * gk1 * p.w)
+    g_a = (sn * big_a + cs * gk1 * p.w).sum(1, keepdim=True) if want_a else None
+    g_w = None
+    if want_w:
+        # ds/dw = z, dk1/dw = a*cos, dk2/dw = -2*a*w*sin
+        gw = z * gs * p.a
+        gw.add_(cs * gk1 * p.a)
+        if gk2 is not None:
+            gw.sub_(sn * gk2 * (2.0 * p.aw))
+        g_w = gw.sum(1, keepdim=True)
+    gs.mul_(p.a)
+    return gs, g_a, g_w
+
+
+def _param_buffers(ctx, like_tensors, offset: int):
+    """Zero gradient buffers for the tensor-valued a, w, c, d (None for floats / not needed)."""
+    out = []
+    for i, p in enumerate(like_tensors):
+        if isinstance(p, torch.Tensor) and ctx.needs_input_grad[offset + i]:
+            out.append(torch.zeros_like(p))
+        else:
+            out.append(None)
+    return out
+
+
+def _pack(ctx, a, w, c, d):
+    ctx.param_is_tensor = [isinstance(p, torch.Tensor) for p in (a, w, c, d)]
+    ctx.param_floats = [None if t else float(p) for t, p in zip(ctx.param_is_tensor, (a, w, c, d))]
+    return [p for p in (a, w, c, d) if isinstance(p, torch.Tensor)]
+
+
+def _unpack(ctx, saved):
+    saved = list(saved)
+    return [saved.pop(0) if t else f for t, f in zip(ctx.param_is_tensor, ctx.param_floats)]
+
+
+class _SineLayer(torch.autograd.Function):
+    """Element-wise block of a hidden sine layer on stacked pre-activations (S, N, F)."""
+
+    @staticmethod
+    def forward(ctx, z_stack, bias, a, w, c, d):
+        s_slots, n, f = z_stack.shape
+        out = torch.empty_like(z_stack)
+        step = _chunk_points(n, f, z_stack.device)
+        for n0 in range(0, n, step):
+            sl = slice(n0, n0 + step)
+            p = _Params(a, w, c, d, sl)
+            zc, oc = z_stack[:, sl], out[:, sl]
+            sn, cs = _activate(zc[0] + bias, p, oc[0])
+            k1 = cs.mul_(p.aw)
+            torch.mul(zc[1:], k1, out=oc[1:])
+            if s_slots == 10:
+                jz = zc[1:4]
+                k2 = sn.mul_(p.aww).neg_()
+                t = jz * k2
+                oc[4:7].addcmul_(t, jz)
+                oc[7].addcmul_(t[0], jz[1])
+                oc[8].addcmul_(t[0], jz[2])
+                oc[9].addcmul_(t[1], jz[2])
+        ctx.save_for_backward(z_stack, bias, *_pack(ctx, a, w, c, d))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        z_stack, bias, *saved = ctx.saved_tensors
+        a, w, c, d = _unpack(ctx, saved)
+        s_slots, n, f = z_stack.shape
+        grad = grad.contiguous()
+        gz = torch.empty_like(z_stack)
+        gbias = torch.zeros_like(bias) if ctx.needs_input_grad[1] else None
+        ga, gw, gc, gd = _param_buffers(ctx, (a, w, c, d), 2)
+        step = _chunk_points(n, f, z_stack.device)
+        for n0 in range(0, n, step):
+            sl = slice(n0, n0 + step)
+            p = _Params(a, w, c, d, sl)
+            zc, gc_in, gzc = z_stack[:, sl], grad[:, sl], gz[:, sl]
+            z = zc[0] + bias
+            s = z * p.w
+            if not (isinstance(p.c, float) and p.c == 0.0):
+                s.add_(p.c)
+            sn, cs = torch.sin(s), torch.cos(s)
+            k1 = cs * p.aw
+            # dL/dk1 = sum over derivative slots of G * Z
+            gk1 = (gc_in[1:] * zc[1:]).sum(0)
+            torch.mul(gc_in[1:], k1, out=gzc[1:])
+            gk2 = None
+            if s_slots == 10:
+                jz, gh = zc[1:4], gc_in[4:10]
+                k2 = sn * (-p.aww)
+                q = gh[0:3] * jz  # G_pp * J_p
+                gk2 = (q * jz).sum(0)
+                gk2.addcmul_(gh[3], jz[0] * jz[1]).addcmul_(gh[4], jz[0] * jz[2]).addcmul_(gh[5], jz[1] * jz[2])
+                r = q.mul_(2.0)
+                r[0].addcmul_(gh[3], jz[1]).addcmul_(gh[4], jz[2])
+                r[1].addcmul_(gh[3], jz[0]).addcmul_(gh[5], jz[2])
+                r[2].addcmul_(gh[4], jz[0]).addcmul_(gh[5], jz[1])
+                gzc[1:4].addcmul_(r, k2)
+            g0 = gc_in[0]
+            gs, g_a, g_w = _scalar_chain(z, sn, cs, g0, gk1, gk2, p, ga is not None, gw is not None)
+            _sum_rows(gc, sl, gs.sum(1, keepdim=True) if gc is not None else None, c)
+            _sum_rows(gd, sl, g0.sum(1, keepdim=True) if gd is not None else None, d)
+            _sum_rows(ga, sl, g_a, a)
+            _sum_rows(gw, sl, g_w, w)
+            torch.mul(gs, p.w, out=gzc[0])
+            if gbias is not None:
+                gbias += gzc[0].sum(0)
+        return gz, gbias, ga, gw, gc, gd
+
+
+class _FirstSineLayer(torch.autograd.Function):
+    """Element-wise block of the first sine layer: ``Jz`` is the weight, ``Hz`` is zero."""
+
+    @staticmethod
+    def forward(ctx, z0, jw, hw, a, w, c, d):
+        n, f = z0.shape
+        s_slots = 4 if hw is None else 10
+        out = z0.new_empty((s_slots, n, f))
+        step = _chunk_points(n, f, z0.device)
+        jw3 = jw[:, None, :]
+        hw3 = None if hw is None else hw[:, None, :]
+        for n0 in range(0, n, step):
+            sl = slice(n0, n0 + step)
+            p = _Params(a, w, c, d, sl)
+            oc = out[:, sl]
+            sn, cs = _activate(z0[sl].clone(), p, oc[0])
+            torch.mul(jw3, cs.mul_(p.aw), out=oc[1:4])
+            if hw3 is not None:
+                torch.mul(hw3, sn.mul_(p.aww).neg_(), out=oc[4:10])
+        ctx.save_for_backward(z0, jw, hw, *_pack(ctx, a, w, c, d))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        z0, jw, hw, *saved = ctx.saved_tensors
+        a, w, c, d = _unpack(ctx, saved)
+        n, f = z0.shape
+        grad = grad.contiguous()
+        gz0 = torch.empty_like(z0)
+        gjw = torch.zeros_like(jw) if ctx.needs_input_grad[1] else None
+        ghw = torch.zeros_like(hw) if hw is not None and ctx.needs_input_grad[2] else None
+        ga, gw, gc, gd = _param_buffers(ctx, (a, w, c, d), 3)
+        step = _chunk_points(n, f, z0.device)
+        jw3 = jw[:, None, :]
+        hw3 = None if hw is None else hw[:, None, :]
+        for n0 in range(0, n, step):
+            sl = slice(n0, n0 + step)
+            p = _Params(a, w, c, d, sl)
+            gc_in = grad[:, sl]
+            z = z0[sl]
+            s = z * p.w
+            if not (isinstance(p.c, float) and p.c == 0.0):
+                s.add_(p.c)
+            sn, cs = torch.sin(s), torch.cos(s)
+            gj = gc_in[1:4]
+            gk1 = (gj * jw3).sum(0)
+            if gjw is not None:
+                gjw += (gj * (cs * p.aw)).sum(1)
+            gk2 = None
+            if hw3 is not None:
+                gh = gc_in[4:10]
+                gk2 = (gh * hw3).sum(0)
+                if ghw is not None:
+                    ghw -= (gh * (sn * p.aww)).sum(1)
+            g0 = gc_in[0]
+            gs, g_a, g_w = _scalar_chain(z, sn, cs, g0, gk1, gk2, p, ga is not None, gw is not None)
+            _sum_rows(gc, sl, gs.sum(1, keepdim=True) if gc is not None else None, c)
+            _sum_rows(gd, sl, g0.sum(1, keepdim=True) if gd is not None else None, d)
+            _sum_rows(ga, sl, g_a, a)
+            _sum_rows(gw, sl, g_w, w)
+            torch.mul(gs, p.w, out=gz0[sl])
+        return gz0, gjw, ghw, ga, gw, gc, gd
+
+
+def first_sine_layer(coords, weight, bias, a, w, c, d, order: int = 2) -> torch.Tensor:
+    """First layer ``h = a*sin(w*(W x + bias) + c) + d`` with its derivatives w.r.t. ``x``.
+
+    Args:
+        coords: input points (N, in_features); the derivatives are taken w.r.t. them (in_features must be 3).
+        weight, bias: the layer's parameters (F, in_features), (F,).
+        a, w, c, d: activation parameters, each a float or a tensor of shape (1, 1) or (N, 1);
+            ``w`` is the frequency factor including omega_0 (``b * omega_0``).
+        order: 1 (value and Jacobian) or 2 (also the Hessian).
+
+    Returns:
+        the stacked tensor (S, N, F), S = 4 or 10 (see the module docstring).
+    """
+    s_slots = num_slots(order)
+    z0 = torch.addmm(bias, coords, weight.t())
+    jw = weight.t()
+    hw = None
+    if s_slots == 10:
+        hw = torch.stack([jw[p] * jw[q] for p, q in HESSIAN_PAIRS])
+    return _FirstSineLayer.apply(z0, jw.contiguous(), hw, a, w, c, d)
+
+
+def linear_layer(stacked: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Apply the weight of a linear layer to every slot of a stacked tensor (bias not added).
+
+    Args:
+        stacked: (S, N, F_in).
+        weight: (F_out, F_in).
+
+    Returns:
+        (S, N, F_out) ``= stacked @ weight.T``, one matmul.
+    """
+    s_slots, n, f = stacked.shape
+    return torch.mm(stacked.reshape(s_slots * n, f), weight.t()).view(s_slots, n, weight.shape[0])
+
+
+def sine_layer(stacked: torch.Tensor, weight, bias, a, w, c, d) -> torch.Tensor:
+    """Hidden layer ``h' = a*sin(w*(W h + bias) + c) + d`` on a stacked tensor, derivatives included.
+
+    Args:
+        stacked: (S, N, F_in) value and derivatives of the layer's input.
+        weight, bias: the layer's parameters (F_out, F_in), (F_out,).
+        a, w, c, d: activation parameters (see :func:`first_sine_layer`).
+
+    Returns:
+        the stacked tensor (S, N, F_out) of the output.
+    """
+    return _SineLayer.apply(linear_layer(stacked, weight), bias, a, w, c, d)
+
+
+def split_stacked(stacked: torch.Tensor, bias: torch.Tensor | None = None):
+    """Turn the stacked output of the last (linear) layer into ``(u, jacobian, hessian)``.
+
+    Args:
+        stacked: (S, N, D) as produced by :func:`linear_layer`.
+        bias: optional bias (D,) added to the value.
+
+    Returns:
+        u (N, D), jacobian (N, D, 3) with ``[n, i, j] = du_i/dx_j`` and hessian (N, D, 3, 3) with
+        ``[n, i, j, k] = d2u_i/dx_j dx_k`` (None when S = 4).
+    """
+    u = stacked[0] if bias is None else stacked[0] + bias
+    jacobian = stacked[1:4].permute(1, 2, 0).contiguous()
+    hessian = None
+    if stacked.shape[0] == 10:
+        idx = torch.tensor(_HESSIAN_SLOT, device=stacked.device).view(-1)
+        full = stacked[4:10].index_select(0, idx)  # (9, N, D) in (j, k) order
+        hessian = full.permute(1, 2, 0).reshape(stacked.shape[1], stacked.shape[2], 3, 3)
+    return u, jacobian, hessian

@@ -1,0 +1,281 @@
+"""Implicit neural representations of a displacement field: the SIREN of IDIR and cIDIR's conditioned INR.
+
+Both networks map normalised coordinates (N, 3) (see :class:`monai_cidir.coordinates.CoordinateMapping`)
+to a displacement (N, 3) in normalised units. Every hidden layer applies
+``sigma(z) = a * sin(b * omega_0 * z + c) + d`` to its pre-activation ``z = W h + bias``; for
+:class:`SirenINR` ``(a, b, c, d) = (1, 1, 0, 0)``, for :class:`ConditionedINR` they come from a
+:class:`~monai_cidir.networks.harmonizer.Harmonizer` fed with alpha (four numbers shared by all layers,
+as in the paper). ``forward_with_derivatives`` returns the exact Jacobian and Hessian w.r.t. the
+normalised input by forward-mode propagation (:mod:`monai_cidir.networks.forward_mode`); convert them
+to millimetres with ``CoordinateMapping.jacobian_to_world`` / ``hessian_to_world``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from monai_cidir.networks import forward_mode as fm
+from monai_cidir.networks.harmonizer import Harmonizer
+
+__all__ = ["SirenINR", "ConditionedINR"]
+
+
+class _SineINR(nn.Module):
+    """Shared body: layers ``layers[0..L-1]`` are sine layers, ``layers[L]`` is the linear output."""
+
+    def __init__(
+        self, in_features: int, out_features: int, hidden_features: int, num_hidden_layers: int, omega_0: float
+    ) -> None:
+        super().__init__()
+        if min(in_features, out_features, hidden_features, num_hidden_layers) < 1:
+            raise ValueError(
+                "in_features, out_features, hidden_features and num_hidden_layers must be positive, found "
+                f"{(in_features, out_features, hidden_features, num_hidden_layers)}"
+            )
+        if not omega_0 > 0:
+            raise ValueError(f"omega_0 must be positive, found {omega_0}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.omega_0 = float(omega_0)
+        widths = [self.in_features] + [int(hidden_features)] * int(num_hidden_layers) + [self.out_features]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths[:-1], widths[1:]))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """SIREN initialisation (Sitzmann et al. 2020), as in IDIR.
+
+        First layer weights ``U(-1/fan_in, 1/fan_in)``, all later weights
+        ``U(-sqrt(6/fan_in)/omega_0, +sqrt(6/fan_in)/omega_0)``; hidden biases keep PyTorch's default
+        ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``; the output bias is zero so the initial displacement is
+        small and centred on zero.
+        """
+        for i, layer in enumerate(self.layers):
+            fan_in = layer.in_features
+            bound = 1.0 / fan_in if i == 0 else math.sqrt(6.0 / fan_in) / self.omega_0
+            layer.weight.uniform_(-bound, bound)
+            bias_bound = 1.0 / math.sqrt(fan_in)
+            layer.bias.uniform_(-bias_bound, bias_bound)
+        nn.init.zeros_(self.layers[-1].bias)
+
+    # --- subclasses provide the activation parameters -------------------------------------------
+    def activation_parameters(self, coords: torch.Tensor, alpha=None):
+        """Return ``(a, b, c, d)``: floats, or tensors of shape (1, 1) (one alpha) or (N, 1) (per point)."""
+        raise NotImplementedError
+
+    def _check_coords(self, coords) -> torch.Tensor:
+        if not isinstance(coords, torch.Tensor):
+            raise TypeError(f"coords must be a torch.Tensor of shape (N, {self.in_features}), found {type(coords)}")
+        if coords.ndim != 2 or coords.shape[1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects coords of shape (N, {self.in_features}), found {tuple(coords.shape)}"
+            )
+        weight = self.layers[0].weight
+        if coords.dtype != weight.dtype or coords.device != weight.device:
+            raise ValueError(
+                f"coords must have the network's dtype and device ({weight.dtype}, {weight.device}), "
+                f"found ({coords.dtype}, {coords.device}); use coords.to(...) or network.to(...)"
+            )
+        return coords
+
+    def forward(self, coords: torch.Tensor, alpha=None) -> torch.Tensor:
+        """Displacement (N, out_features) at ``coords`` (N, in_features), normalised units."""
+        coords = self._check_coords(coords)
+        a, b, c, d = self.activation_parameters(coords, alpha)
+        w = b * self.omega_0
+        h = coords
+        for layer in self.layers[:-1]:
+            s = layer(h) * w
+            if not (isinstance(c, float) and c == 0.0):
+                s = s + c
+            h = torch.sin(s)
+            if not (isinstance(a, float) and a == 1.0):
+                h = h * a
+            if not (isinstance(d, float) and d == 0.0):
+                h = h + d
+        return self.layers[-1](h)
+
+    def forward_with_derivatives(self, coords: torch.Tensor, alpha=None, order: int = 2):
+        """Displacement and its exact derivatives w.r.t. the normalised coordinates, by forward mode.
+
+        Value, Jacobian and the six unique Hessian entries are propagated together through the layers
+        (one matmul per layer on a (10*N, F) stack); no nested autograd. The result is differentiable
+        w.r.t. the parameters (first order), so a loss on it can be backpropagated.
+
+        Args:
+            coords: (N, 3) normalised coordinates (same dtype/device as the network).
+            alpha: as in :meth:`forward`.
+            order: 1 (Jacobian only) or 2 (Jacobian and Hessian).
+
+        Returns:
+            ``(u, jacobian, hessian)``: u (N, out_features); jacobian (N, out_features, 3) with
+            ``[n, i, j] = du_i/dx_j``; hessian (N, out_features, 3, 3) with
+            ``[n, i, j, k] = d2u_i/dx_j dx_k``, or None when ``order == 1``.
+
+        Raises:
+            ValueError: for coords or alpha of the wrong shape, or ``order`` not in (1, 2).
+        """
+        fm.num_slots(order)
+        coords = self._check_coords(coords)
+        if self.in_features != 3:
+            raise ValueError(f"derivatives are implemented for 3-D coordinates, this network has {self.in_features}")
+        a, b, c, d = self.activation_parameters(coords, alpha)
+        w = b * self.omega_0
+        n = coords.shape[0]
+        step = fm.block_points(n, self.layers[0].out_features, order, coords.device)
+        if step >= n:
+            return self._forward_mode_block(coords, a, w, c, d, order)
+        outputs = []
+        for n0 in range(0, n, step):
+            sl = slice(n0, n0 + step)
+            pa, pw, pc, pd = (p[sl] if isinstance(p, torch.Tensor) and p.shape[0] != 1 else p for p in (a, w, c, d))
+            outputs.append(self._forward_mode_block(coords[sl], pa, pw, pc, pd, order))
+        return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs))
+
+    def _forward_mode_block(self, coords, a, w, c, d, order):
+        first = self.layers[0]
+        t = fm.first_sine_layer(coords, first.weight, first.bias, a, w, c, d, order=order)
+        for layer in self.layers[1:-1]:
+            t = fm.sine_layer(t, layer.weight, layer.bias, a, w, c, d)
+        last = self.layers[-1]
+        return fm.split_stacked(fm.linear_layer(t, last.weight), last.bias)
+
+
+class SirenINR(_SineINR):
+    """The unconditioned IDIR network: a SIREN ``3 -> 256 x 3 -> 3`` with ``sin(omega_0 * z)`` activations.
+
+    ``alpha`` is accepted and ignored in :meth:`forward` and :meth:`forward_with_derivatives`, so one
+    training engine can drive this network and :class:`ConditionedINR` the same way.
+
+    Args:
+        in_features: input dimension (3 for spatial coordinates).
+        out_features: output dimension (3 for a displacement).
+        hidden_features: width of every hidden layer.
+        num_hidden_layers: number of hidden (sine) layers.
+        omega_0: frequency factor multiplying every hidden pre-activation (IDIR uses 32).
+
+    Raises:
+        ValueError: for non-positive sizes or ``omega_0``.
+
+    Example::
+
+        >>> net = SirenINR()
+        >>> u, jac, hess = net.forward_with_derivatives(torch.rand(10, 3) * 2 - 1)
+        >>> u.shape, jac.shape, hess.shape
+        (torch.Size([10, 3]), torch.Size([10, 3, 3]), torch.Size([10, 3, 3, 3]))
+    """
+
+    def __init__(
+        self,
+        in_features: int = 3,
+        out_features: int = 3,
+        hidden_features: int = 256,
+        num_hidden_layers: int = 3,
+        omega_0: float = 32.0,
+    ) -> None:
+        super().__init__(in_features, out_features, hidden_features, num_hidden_layers, omega_0)
+
+    def activation_parameters(self, coords: torch.Tensor, alpha=None):
+        """The fixed SIREN activation: ``(a, b, c, d) = (1.0, 1.0, 0.0, 0.0)``; alpha is ignored."""
+        return 1.0, 1.0, 0.0, 0.0
+
+
+class ConditionedINR(_SineINR):
+    """cIDIR's main network: a sine MLP whose activation ``a*sin(b*omega_0*z + c) + d`` depends on alpha.
+
+    ``(a, b, c, d)`` are predicted by the harmonizer from alpha, shared by all hidden layers. At
+    initialisation the default harmonizer gives ``a = b = 1, c = d = 0`` for every alpha, so the
+    network equals a SIREN with the same weights (SIREN initialisation, zero output bias).
+
+    Args:
+        in_features: input dimension (3 for spatial coordinates).
+        out_features: output dimension (3 for a displacement).
+        hidden_features: width of every hidden layer (the paper: 256).
+        num_hidden_layers: number of hidden (sine) layers (the paper: 3).
+        omega_0: frequency factor multiplying every hidden pre-activation.
+        cond_features: number of conditioning values (1: the regularisation weight alpha).
+        harmonizer: module mapping alpha (B, cond_features) to (B, 4) columns (a, b, c, d); default
+            ``Harmonizer(cond_features, (128, 64, 32), 4)``.
+
+    Raises:
+        ValueError: for non-positive sizes or ``omega_0``.
+
+    Example::
+
+        >>> net = ConditionedINR()
+        >>> x = torch.rand(1000, 3) * 2 - 1
+        >>> u = net(x, 0.5)                                   # one alpha for the batch
+        >>> u, jac, hess = net.forward_with_derivatives(x, torch.rand(1000, 1))  # one alpha per point
+    """
+
+    def __init__(
+        self,
+        in_features: int = 3,
+        out_features: int = 3,
+        hidden_features: int = 256,
+        num_hidden_layers: int = 3,
+        omega_0: float = 32.0,
+        cond_features: int = 1,
+        harmonizer: nn.Module | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, hidden_features, num_hidden_layers, omega_0)
+        if cond_features < 1:
+            raise ValueError(f"cond_features must be positive, found {cond_features}")
+        self.cond_features = int(cond_features)
+        self.harmonizer = Harmonizer(self.cond_features) if harmonizer is None else harmonizer
+
+    def _alpha_rows(self, alpha, n: int, like: torch.Tensor) -> torch.Tensor:
+        """Validate alpha and return it as (1, cond_features) or (n, cond_features)."""
+        k = self.cond_features
+        expected = f"a float (cond_features=1), or a tensor of shape (), (1,), ({k},), (1, {k}) or (N={n}, {k})"
+        if alpha is None:
+            raise ValueError(f"ConditionedINR needs alpha: {expected}; found None")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, torch.Tensor)):
+            raise ValueError(f"alpha must be {expected}; found {type(alpha).__name__}")
+        alpha = torch.as_tensor(alpha, dtype=like.dtype, device=like.device)
+        shape = tuple(alpha.shape)
+        if alpha.ndim == 0 and k == 1:
+            return alpha.reshape(1, 1)
+        if alpha.ndim == 1 and shape[0] == k:
+            return alpha.reshape(1, k)
+        if alpha.ndim == 2 and shape[1] == k and shape[0] in (1, n):
+            return alpha
+        raise ValueError(f"alpha must be {expected}; found shape {shape}")
+
+    def activation_parameters(self, coords: torch.Tensor, alpha=None):
+        """The harmonizer's ``(a, b, c, d)`` for alpha, each (1, 1) (one alpha) or (N, 1) (per point).
+
+        Args:
+            coords: the points (N, 3) (only their number, dtype and device are used).
+            alpha: see :meth:`forward`.
+
+        Returns:
+            tuple of four tensors a, b, c, d.
+
+        Raises:
+            ValueError: if alpha is missing or has an unsupported shape.
+        """
+        rows = self._alpha_rows(alpha, coords.shape[0], self.layers[0].weight)
+        params = self.harmonizer(rows)
+        if params.ndim != 2 or params.shape[1] != 4:
+            raise ValueError(f"the harmonizer must return (B, 4) columns a, b, c, d; found {tuple(params.shape)}")
+        return tuple(params[:, i : i + 1] for i in range(4))
+
+    def forward(self, coords: torch.Tensor, alpha=None) -> torch.Tensor:
+        """Displacement (N, out_features) at ``coords``, conditioned on ``alpha``.
+
+        Args:
+            coords: (N, 3) normalised coordinates (same dtype and device as the network).
+            alpha: a float, or a tensor of shape (), (1,), (cond_features,), (1, cond_features)
+                (one alpha for the whole batch) or (N, cond_features) (one alpha per point).
+
+        Returns:
+            the displacement (N, out_features) in normalised units.
+
+        Raises:
+            ValueError: for coords or alpha of the wrong shape, dtype or device.
+        """
+        return super().forward(coords, alpha)

@@ -1,0 +1,154 @@
+"""forward_with_derivatives (forward mode) against nested autograd, values and parameter gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import monai_cidir.networks.forward_mode as fm
+from monai_cidir.networks import ConditionedINR, SirenINR, autograd_derivatives
+
+
+def _rel(got, want):
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def _network(kind, dtype, hidden=48, layers=3):
+    torch.manual_seed(11)
+    if kind == "siren":
+        net = SirenINR(hidden_features=hidden, num_hidden_layers=layers)
+    else:
+        net = ConditionedINR(hidden_features=hidden, num_hidden_layers=layers)
+        with torch.no_grad():  # away from the (1, 1, 0, 0) start so that a, b, c, d all matter
+            net.harmonizer.head.weight.normal_(std=0.2)
+            net.harmonizer.head.bias.normal_(std=0.2)
+    return net.to(dtype)
+
+
+def _inputs(n, dtype, per_point):
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand(n, 3, generator=g, dtype=dtype) * 2 - 1
+    alpha = torch.rand(n, 1, generator=g, dtype=dtype) if per_point else 0.35
+    return x, alpha
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Force several point blocks and several chunks per block, so the loops are exercised."""
+    monkeypatch.setattr(fm, "_BLOCK_BYTES", 4 * 10 * 48 * 16)  # 16 points per block at order 2
+    monkeypatch.setattr(fm, "_CHUNK_ELEMENTS", 48 * 5)  # 5 points per chunk
+
+
+@pytest.mark.parametrize("kind", ["siren", "conditioned"])
+@pytest.mark.parametrize("per_point", [False, True], ids=["batch-alpha", "per-point-alpha"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)], ids=["f64", "f32"])
+def test_values_match_nested_autograd(kind, per_point, dtype, tol, small_blocks):
+    net = _network(kind, dtype)
+    x, alpha = _inputs(50, dtype, per_point)
+    want = autograd_derivatives(net, x, alpha, order=2)
+    got = net.forward_with_derivatives(x, alpha, order=2)
+    assert [tuple(t.shape) for t in got] == [(50, 3), (50, 3, 3), (50, 3, 3, 3)]
+    for g, w in zip(got, want):
+        assert _rel(g, w) <= tol
+    # the Hessian is symmetric in (j, k) and order 1 gives the same Jacobian
+    torch.testing.assert_close(got[2], got[2].transpose(2, 3), rtol=0, atol=0)
+    u1, j1, h1 = net.forward_with_derivatives(x, alpha, order=1)
+    assert h1 is None
+    assert _rel(j1, want[1]) <= tol and _rel(u1, want[0]) <= tol
+
+
+@pytest.mark.parametrize("kind", ["siren", "conditioned"])
+@pytest.mark.parametrize("per_point", [False, True], ids=["batch-alpha", "per-point-alpha"])
+def test_parameter_gradients_match_nested_autograd(kind, per_point, small_blocks):
+    net = _network(kind, torch.float64)
+    x, alpha = _inputs(40, torch.float64, per_point)
+    params = [p for p in net.parameters()]
+
+    def loss(u, jac, hess):  # touches every output: value, Jacobian and Hessian terms
+        return (u**2).sum() + ((jac - 0.1) ** 2).sum() + 1e-3 * (hess**2).sum((1, 2, 3)).mean()
+
+    want = torch.autograd.grad(loss(*autograd_derivatives(net, x, alpha)), params, allow_unused=True)
+    got = torch.autograd.grad(loss(*net.forward_with_derivatives(x, alpha)), params, allow_unused=True)
+    for p, g, w in zip(params, got, want):
+        if w is None:
+            assert g is None or g.abs().max() == 0
+            continue
+        assert _rel(g, w) <= 1e-8, p.shape
+    if kind == "conditioned":  # the harmonizer is trained through the derivatives too
+        head = [i for i, (name, _) in enumerate(net.named_parameters()) if name == "harmonizer.head.weight"][0]
+        assert got[head].abs().max() > 0
+
+
+def test_bending_energy_gradient_float32_paper_size():
+    """One training step's loss (bending energy) on the paper-size network, float32."""
+    net = _network("conditioned", torch.float32, hidden=256, layers=3)
+    x, alpha = _inputs(64, torch.float32, per_point=True)
+    params = [p for name, p in net.named_parameters() if name != "layers.3.bias"]  # not in the Hessian
+    e_ref = (autograd_derivatives(net, x, alpha)[2] ** 2).sum((1, 2, 3)).mean()
+    e_fwd = (net.forward_with_derivatives(x, alpha)[2] ** 2).sum((1, 2, 3)).mean()
+    assert _rel(e_fwd, e_ref) <= 1e-4
+    for g, w in zip(torch.autograd.grad(e_fwd, params), torch.autograd.grad(e_ref, params)):
+        assert _rel(g, w) <= 1e-4
+
+
+def test_forward_mode_needs_no_autograd_graph():
+    net = _network("conditioned", torch.float64, hidden=16)
+    x, alpha = _inputs(20, torch.float64, per_point=True)
+    want = autograd_derivatives(net, x, alpha)
+    with torch.no_grad():
+        got = net.forward_with_derivatives(x, alpha)
+    assert not got[2].requires_grad
+    for g, w in zip(got, want):
+        assert _rel(g, w) <= 1e-10
+
+
+def test_autograd_reference_options():
+    net = _network("siren", torch.float64, hidden=16)
+    x, _ = _inputs(10, torch.float64, per_point=False)
+    u, jac, hess = autograd_derivatives(net, x, order=1)
+    assert hess is None and jac.shape == (10, 3, 3)
+    _, _, hess = autograd_derivatives(net, x, create_graph=False)
+    assert not hess.requires_grad
+    x.requires_grad_(True)  # a caller's leaf is used as is, so derivatives w.r.t. coords are possible
+    u = autograd_derivatives(net, x, order=1)[0]
+    assert torch.autograd.grad(u.sum(), x)[0].shape == (10, 3)
+    with pytest.raises(ValueError, match="order must be 1"):
+        autograd_derivatives(net, x, order=0)
+    with pytest.raises(ValueError, match=r"\(N, 3\)"):
+        autograd_derivatives(net, x[:, :2])
+
+
+@pytest.mark.parametrize("param_kind", ["float", "batch", "per-point"])
+@pytest.mark.parametrize("order", [1, 2])
+def test_layer_functions_pass_gradcheck(param_kind, order, monkeypatch):
+    """Hand-written backwards of the element-wise blocks against finite differences."""
+    monkeypatch.setattr(fm, "_CHUNK_ELEMENTS", 6 * 2)  # several chunks of 2 points
+    g = torch.Generator().manual_seed(13)
+    n, f_in, f = 5, 4, 6
+
+    def rand(*shape, scale=1.0, offset=0.0):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * scale + offset).requires_grad_(True)
+
+    if param_kind == "float":
+        a, w, c, d = 1.3, 2.0, 0.2, -0.1
+    else:
+        rows = 1 if param_kind == "batch" else n
+        a, w, c, d = rand(rows, 1, offset=0.5), rand(rows, 1, scale=3.0), rand(rows, 1), rand(rows, 1)
+    x = rand(n, 3)
+    w0, b0 = rand(f, 3, offset=-0.5), rand(f)
+    t_in = rand(fm.num_slots(order), n, f_in, offset=-0.5)
+    w1, b1 = rand(f, f_in, offset=-0.5), rand(f)
+    params = [p for p in (a, w, c, d) if isinstance(p, torch.Tensor)]
+
+    def first(x, w0, b0, *p):
+        it = iter(p)
+        pa, pw, pc, pd = (next(it) if isinstance(q, torch.Tensor) else q for q in (a, w, c, d))
+        return fm.first_sine_layer(x, w0, b0, pa, pw, pc, pd, order=order)
+
+    def hidden(t, w1, b1, *p):
+        it = iter(p)
+        pa, pw, pc, pd = (next(it) if isinstance(q, torch.Tensor) else q for q in (a, w, c, d))
+        return fm.sine_layer(t, w1, b1, pa, pw, pc, pd)
+
+    assert torch.autograd.gradcheck(first, (x, w0, b0, *params))
+    assert torch.autograd.gradcheck(hidden, (t_in, w1, b1, *params))
