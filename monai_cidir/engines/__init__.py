@@ -33,7 +33,7 @@ from monai_cidir.engines.registration import (
     select_and_export,
     write_cohort_table,
 )
-from monai_cidir.engines.trainer import REGULARIZER_SCALES, AlphaPrior, CIDIRTrainer, build_lr_scheduler, build_regularizers
+from monai_cidir.engines.trainer import REGULARIZER_SCALES, AlphaPrior, CIDIRTrainer, build_lr_scheduler, build_regularizers, scale_initial_output
 
 __all__ = [
     "AffinePrealignment",
@@ -61,6 +61,7 @@ __all__ = [
     "register_patient",
     "run_cohort",
     "save_registration_model",
+    "scale_initial_output",
     "select_and_export",
     "write_alpha_curve",
     "write_cohort_table",

@@ -34,7 +34,7 @@ from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator
 from monai_cidir.engines.export import plot_alpha_curve, write_alpha_curve, write_displacement_field, write_json, write_warped_image
 from monai_cidir.engines.model import RegistrationModel, load_registration_model, save_registration_model
 from monai_cidir.engines.prealign import fit_affine
-from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer
+from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer, scale_initial_output
 
 __all__ = [
     "register_patient",
@@ -309,6 +309,7 @@ def register_patient(
     network: Callable[[], torch.nn.Module] | None = None,
     optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     learning_rate: float = 1e-4,
+    init_output_scale: float | None = 0.01,
     max_iterations: int = 1000,
     num_points: int = 10000,
     regularizer: str | Sequence[str] | Mapping[str, float] = "bending",
@@ -350,6 +351,9 @@ def register_patient(
         network: a factory returning a fresh INR (default ``ConditionedINR()``).
         optimizer: a factory ``f(params) -> optimizer`` (default ``Adam(params, lr=learning_rate)``).
         learning_rate: Adam's initial learning rate (used by the default optimizer).
+        init_output_scale: shrink the fresh network's output layer by this factor so training
+            starts from ~zero displacement (:func:`~monai_cidir.engines.trainer.scale_initial_output`;
+            ``None``: keep the network's own initialisation).
         max_iterations: training steps (paper: 50,000).
         num_points: points per step (paper: 10,000).
         regularizer: ``"bending"``, ``"jacobian"``, ``"hyperelastic"``, a list or a weight mapping.
@@ -416,7 +420,7 @@ def register_patient(
     set_determinism(seed=seed)
     from monai_cidir.networks import ConditionedINR
 
-    net = _build(network, default=ConditionedINR)
+    net = scale_initial_output(_build(network, default=ConditionedINR), init_output_scale)
     opt = optimizer(net.parameters()) if optimizer is not None else torch.optim.Adam(net.parameters(), lr=learning_rate)
     sampler = make_point_sampler(item["fixed_mask"], seed=seed)
     prior = AlphaPrior(alpha_range[0], alpha_range[1], alpha_distribution, per_point=alpha_per_point)
