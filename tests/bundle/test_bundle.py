@@ -1,0 +1,247 @@
+"""The cidir_lung_ct bundle: metadata, config wiring, and train -> inference -> evaluate runs.
+
+The runs use a tiny phantom (48 x 48 x 32 voxels, one patient) and a few dozen iterations: they
+check the wiring and the outputs, and that TRE drops, not the method's accuracy (tests/engines).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, run, verify_metadata
+
+import monai_cidir
+from monai_cidir.engines.bundle import as_flag, make_dataset, make_phantom_cohort
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "cidir_lung_ct"
+CONFIGS = BUNDLE / "configs"
+SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
+
+# tiny, fast settings shared by the runs (overrides, as on the command line)
+TINY_DATA = {"phantom#shape": [48, 48, 32], "phantom#num_landmarks": 50, "phantom#num_patients": 1}
+TINY_TRAIN = {
+    **TINY_DATA,
+    "device": "cpu",
+    "max_iterations": 40,
+    "num_points": 800,
+    "learning_rate": 3e-4,
+    "num_alphas": 5,
+    "affine_prealign": "false",  # a string, as `--affine_prealign false` arrives from the command line
+    "log_every": 20,
+}
+
+
+def _config(*names: str) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / n) for n in names])
+    return parser
+
+
+# ---------------------------------------------------------------------------- static checks
+def test_layout_follows_model_zoo():
+    for rel in (
+        "LICENSE",
+        "configs/metadata.json",
+        "configs/train.json",
+        "configs/inference.json",
+        "configs/evaluate.json",
+        "configs/multi_gpu_train.json",
+        "configs/paper_dirlab.json",
+        "configs/logging.conf",
+        "docs/README.md",
+        "docs/data_license.txt",
+    ):
+        assert (BUNDLE / rel).is_file(), rel
+    assert "Apache License" in (BUNDLE / "LICENSE").read_text()
+    readme = (BUNDLE / "docs" / "README.md").read_text()
+    for section in ("Model Description", "Data", "Preprocessing", "Performance", "Additional Usage Steps", "References"):
+        assert re.search(rf"^## {section}\s*$", readme, re.M), section
+
+
+def test_metadata_passes_verify_metadata(shared_dir, tmp_path):
+    schema = shared_dir / "reference" / "meta_schema_20240725.json"
+    if not schema.is_file():
+        pytest.skip(f"schema copy not found at {schema}")
+    pytest.importorskip("jsonschema")
+    local = tmp_path / "meta_schema_20240725.json"
+    shutil.copy(schema, local)  # present at filepath -> verify_metadata does not download
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(local), hash_val=SCHEMA_MD5)
+
+
+def test_metadata_lists_the_package():
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["schema"].endswith("meta_schema_20240725.json")
+    assert "optional_packages_version" not in meta  # deprecated in this schema
+    assert meta["required_packages_version"]["monai_cidir"] == monai_cidir.__version__
+    for pkg in ("pytorch-ignite", "nibabel", "itk", "lungmask", "scipy"):
+        assert pkg in meta["required_packages_version"], pkg
+
+
+@pytest.mark.parametrize(
+    "names, run_id",
+    [
+        (("train.json",), "training"),
+        (("inference.json",), "inference"),
+        (("evaluate.json",), "evaluation"),
+        (("train.json", "multi_gpu_train.json"), "training"),
+        (("train.json", "paper_dirlab.json"), "training"),
+    ],
+)
+def test_configs_expose_the_documented_keys(names, run_id):
+    parser = _config(*names)
+    cfg = parser.get()
+    assert run_id in cfg and "run" in cfg
+    keys = {"dataset_dir", "datalist", "dataset_format", "output_dir", "device"}
+    if run_id == "training":
+        keys |= {"max_iterations", "num_points", "learning_rate", "regularizer", "alpha_range", "affine_prealign", "seed", "overwrite"}
+    if run_id == "inference":
+        keys |= {"alpha", "alpha_range", "num_alphas"}
+    assert keys <= set(cfg), keys - set(cfg)
+    # `#` inside a `$` expression is rewritten by MONAI's parser: never ship one
+    def walk(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                yield from walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                yield from walk(x)
+        elif isinstance(v, str) and v.startswith("$"):
+            yield v
+
+    for expr in walk(cfg):
+        assert "#" not in expr, expr
+        assert "\n" not in expr, expr  # longer logic belongs in monai_cidir.engines.bundle
+
+
+def test_paper_settings_layer_on_train():
+    parser = _config("train.json", "paper_dirlab.json")
+    assert parser.get_parsed_content("max_iterations") == 50000
+    assert parser.get_parsed_content("num_points") == 10000
+    assert parser.get_parsed_content("regularizer") == "bending"
+    assert parser.get_parsed_content("alpha_range") == [0.0, 1.0]
+    assert parser["dataset_format"] == "dirlab"
+    assert parser["dataset"]["cases"] == "@cases"
+    assert parser.get_parsed_content("cases") == list(range(1, 11))
+
+
+def test_as_flag_reads_command_line_strings():
+    assert as_flag("true") is True and as_flag("False") is False and as_flag(True) is True
+    assert as_flag("auto", allow=("auto",)) == "auto"
+    with pytest.raises(ValueError, match="--overwrite expects"):
+        as_flag("maybe", "overwrite")
+
+
+# ---------------------------------------------------------------------------- data switch
+def test_phantom_is_never_written_into_user_data(tmp_path):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "scan.nii.gz").write_bytes(b"user data")
+    with pytest.raises(FileNotFoundError, match="only generated into a missing or empty folder"):
+        make_dataset(user, phantom={"num_patients": 1})
+    assert sorted(p.name for p in user.iterdir()) == ["scan.nii.gz"]
+    assert (user / "scan.nii.gz").read_bytes() == b"user data"
+    with pytest.raises(FileNotFoundError, match="no datalist at"):
+        make_dataset(tmp_path / "elsewhere", datalist=tmp_path / "missing.json", phantom=True)
+    with pytest.raises(ValueError, match="dataset_format"):
+        make_dataset(tmp_path, dataset_format="nifti")
+
+
+def test_phantom_cohort_datalist(tmp_path):
+    path = make_phantom_cohort(tmp_path / "ph", num_patients=2, seed=3, shape=(48, 48, 32), num_landmarks=50)
+    records = json.loads(path.read_text())["training"]
+    assert [r["name"] for r in records] == ["phantom_seed3", "phantom_seed4"]
+    assert not list((tmp_path / "ph").glob(".datalist*"))  # the temporary file was renamed
+    # a second call with the same arguments changes nothing
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "ph").rglob("*.nii.gz")}
+    make_phantom_cohort(tmp_path / "ph", num_patients=2, seed=3, shape=(48, 48, 32), num_landmarks=50)
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "ph").rglob("*.nii.gz")}
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One in-process run of train.json from an empty working directory."""
+    work = tmp_path_factory.mktemp("bundle_run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        run("training", config_file=str(CONFIGS / "train.json"), **TINY_TRAIN)
+    return work
+
+
+def _metrics(work: Path, name: str = "phantom_seed0") -> dict:
+    return json.loads((work / "outputs" / name / "metrics.json").read_text())
+
+
+def _cohort(work: Path) -> list[dict]:
+    with open(work / "outputs" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_writes_everything_inside_the_working_directory(trained):
+    assert (trained / "data" / "cidir_phantom" / "datalist.json").is_file()
+    pdir = trained / "outputs" / "phantom_seed0"
+    for f in ("model.pt", "alpha_curve.csv", "alpha_curve.png", "displacement.nii.gz", "warped_moving.nii.gz", "metrics.json"):
+        assert (pdir / f).is_file(), f
+    assert sorted(p.name for p in trained.iterdir()) == ["data", "outputs"]
+    m = _metrics(trained)
+    assert m["iterations"] == TINY_TRAIN["max_iterations"]
+    assert m["affine_prealign"] is False  # the string "false" was read as a flag
+    assert m["tre_after_mean"] < 0.5 * m["tre_before_mean"], m
+    assert m["dice"] > m["dice_before"]
+    assert 0.0 <= m["alpha"] <= 1.0 and m["folding"] < 1e-3
+    rows = _cohort(trained)
+    assert [r["name"] for r in rows] == ["phantom_seed0"]
+    assert float(rows[0]["tre_after_mean"]) == pytest.approx(m["tre_after_mean"])
+
+
+def test_evaluation_recomputes_the_tables(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    run("evaluation", config_file=str(CONFIGS / "evaluate.json"), device="cpu")
+    m = _metrics(trained)
+    eval_dir = trained / "outputs" / "eval"
+    for f in ("metrics.csv", "tre_after_raw.csv", "tre_after_summary.csv", "dice_raw.csv", "folding_raw.csv"):
+        assert (eval_dir / f).is_file(), f
+    with open(eval_dir / "tre_after_raw.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["filename"] == "phantom_seed0"
+    assert float(rows[0]["mean"]) == pytest.approx(m["tre_after_mean"], abs=1e-3)
+    overall = dict(line.strip().split(",") for line in open(eval_dir / "metrics.csv") if line.strip())
+    assert float(overall["tre_before"]) == pytest.approx(m["tre_before_mean"], abs=1e-6)
+    # the exported displacement.nii.gz, applied by SimpleITK, agrees with the model to 0.05 mm
+    assert float(overall["tre_exported_field"]) == pytest.approx(m["tre_after_mean"], abs=0.05)
+    assert float(overall["tre_after"]) < 0.5 * float(overall["tre_before"])
+
+
+def test_inference_reexports_at_a_fixed_alpha_without_retraining(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    pdir = trained / "outputs" / "phantom_seed0"
+    trained_metrics = _metrics(trained)
+    weights = torch.load(pdir / "model.pt", weights_only=False)["network_state_dict"]
+    run("inference", config_file=str(CONFIGS / "inference.json"), device="cpu", alpha=0.3, num_alphas=5)
+    m = _metrics(trained)
+    assert m["alpha"] == pytest.approx(0.3)
+    assert m["iterations"] == trained_metrics["iterations"]  # carried over, not retrained
+    assert m["seconds_training"] == trained_metrics["seconds_training"]
+    assert m["tre_after_mean"] < 0.5 * m["tre_before_mean"]
+    assert float(_cohort(trained)[0]["alpha"]) == pytest.approx(0.3)
+    reloaded = torch.load(pdir / "model.pt", weights_only=False)["network_state_dict"]
+    assert all(torch.equal(v, reloaded[k]) for k, v in weights.items())
+
+
+def test_rerun_skips_complete_patients_unless_overwrite(trained, monkeypatch, capsys):
+    # runs last: --overwrite retrains the patient with 3 iterations
+    monkeypatch.chdir(trained)
+    model = trained / "outputs" / "phantom_seed0" / "model.pt"
+    stamp = model.stat().st_mtime_ns
+    run("training", config_file=str(CONFIGS / "train.json"), **TINY_TRAIN)
+    assert model.stat().st_mtime_ns == stamp
+    assert "phantom_seed0" in capsys.readouterr().out  # the summary table is printed again
+    run("training", config_file=str(CONFIGS / "train.json"), **{**TINY_TRAIN, "max_iterations": 3, "overwrite": "true"})
+    assert _metrics(trained)["iterations"] == 3
+    assert model.stat().st_mtime_ns != stamp
