@@ -150,6 +150,9 @@ def test_phantom_is_never_written_into_user_data(tmp_path):
         make_dataset(tmp_path / "elsewhere", datalist=tmp_path / "missing.json", phantom=True)
     with pytest.raises(ValueError, match="dataset_format"):
         make_dataset(tmp_path, dataset_format="nifti")
+    # the DIR-LAB switch reaches DIRLabDataset (which names the folder it looked for)
+    with pytest.raises(FileNotFoundError, match="no_dirlab_here"):
+        make_dataset(tmp_path / "no_dirlab_here", dataset_format="dirlab", cases=[1])
 
 
 def test_phantom_cohort_datalist(tmp_path):
