@@ -1,0 +1,58 @@
+"""benchmarks/compare.py end to end on a tiny phantom with tiny budgets (one process per run)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.peers.elastix import elastix_available  # noqa: E402
+
+
+def test_compare_tiny_phantom(tmp_path):
+    methods = ["cidir"] + (["elastix_default"] if elastix_available() else [])
+    args = [
+        "--cases", "phantom_s0", "--phantom-shape", "40", "40", "28", "--methods", ",".join(methods),
+        "--iterations", "12", "--num-points", "300", "--time-limit", "30", "--eval-every", "0.2", "--num-alphas", "3",
+        "--engine-option", "affine_prealign=false", "--elastix-max-iterations", "5", "--output", str(tmp_path / "out"),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "compare.py"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = tmp_path / "out"
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "compare.csv"))}
+    assert sorted(rows) == sorted(methods)
+    assert all(not r["error"] for r in rows.values())
+    before = {float(r["tre_before_mean"]) for r in rows.values()}
+    assert len(before) == 1 and before.pop() > 2.0  # the same data for every method
+    for r in rows.values():
+        assert float(r["tre_mean"]) < 0.8 * float(r["tre_before_mean"])  # every method registers
+        assert float(r["dice"]) > float(r["dice_before"])
+        assert float(r["peak_rss_mb"]) >= float(r["import_rss_mb"]) > 50
+        assert float(r["folding"]) < 0.01
+        assert float(r["tre_p95"]) >= float(r["tre_mean"])
+    c = rows["cidir"]
+    assert int(c["iterations"]) == 12 and float(c["seconds_per_step"]) > 0
+    assert float(c["alpha_oracle"]) in (0.0, 0.5, 1.0) and float(c["alpha"]) in (0.0, 0.5, 1.0)
+    assert float(c["tre_loss_dice_choice"]) >= 0.0
+    assert float(c["tre_oracle_mean"]) <= float(c["tre_mean"]) + 1e-9
+    md = (out / "compare.md").read_text()
+    assert "python benchmarks/compare.py --cases phantom_s0" in md and "## Targets" in md
+    assert "21-value alpha sweep, phantom_s0" in md
+    assert (out / "curves_phantom_s0.png").stat().st_size > 1000
+    import json
+
+    curve = json.loads((out / "runs" / "phantom_s0__cidir" / "run.json").read_text())["curve"]
+    assert curve[0][1] == 0 and curve[-1][1] == 12
+    assert curve[0][2] == pytest.approx(float(c["tre_before_mean"]), abs=0.3)  # starts near the identity
+    assert curve[-1][2] < curve[0][2]
