@@ -17,9 +17,11 @@ every slot with one matmul ``T.view(S*N, F) @ W.T`` (the bias only enters slot 0
 * Hessian: ``k1 * Hz + k2 * Jz_p * Jz_q`` (for the first layer ``Jz = W0`` and ``Hz = 0``).
 
 The element-wise block of a sine layer is a custom :class:`torch.autograd.Function` with a
-hand-written backward that works on chunks of points small enough to stay in cache and saves
-only the pre-activation. Its backward is first order (``once_differentiable``): training can
-backpropagate through the derivatives, but not differentiate that gradient again.
+hand-written backward; both work on chunks of points small enough to stay in cache, and only the
+pre-activation stack and sin/cos of the value slot are saved. Its backward is first order
+(``once_differentiable``): training can backpropagate through the derivatives, but not
+differentiate that gradient again. On CPU the networks push large batches through in blocks of
+points (:func:`block_points`) so every stacked tensor stays near 8 MiB.
 """
 
 from __future__ import annotations
@@ -106,16 +108,16 @@ class _Params:
         self.aww = self.aw * self.w
 
 
-def _activate(z: torch.Tensor, p: _Params, out0: torch.Tensor):
-    """Write ``a*sin(w*z + c) + d`` into ``out0``; return (sin(s), cos(s)). ``z`` is overwritten."""
+def _activate(z: torch.Tensor, p: _Params, out0: torch.Tensor, sn: torch.Tensor, cs: torch.Tensor) -> None:
+    """Write ``a*sin(w*z + c) + d`` into ``out0`` and sin(s), cos(s) into ``sn``, ``cs``. ``z`` is overwritten."""
     s = z.mul_(p.w)
     if not (isinstance(p.c, float) and p.c == 0.0):
         s.add_(p.c)
-    sn, cs = torch.sin(s), torch.cos(s)
+    torch.sin(s, out=sn)
+    torch.cos(s, out=cs)
     torch.mul(sn, p.a, out=out0)
     if not (isinstance(p.d, float) and p.d == 0.0):
         out0.add_(p.d)
-    return sn, cs
 
 
 def _scalar_chain(z, sn, cs, g0, gk1, gk2, p: _Params, want_a: bool, want_w: bool):
@@ -169,29 +171,30 @@ class _SineLayer(torch.autograd.Function):
     def forward(ctx, z_stack, bias, a, w, c, d):
         s_slots, n, f = z_stack.shape
         out = torch.empty_like(z_stack)
+        sin_all, cos_all = torch.empty_like(z_stack[0]), torch.empty_like(z_stack[0])
         step = _chunk_points(n, f, z_stack.device)
         for n0 in range(0, n, step):
             sl = slice(n0, n0 + step)
             p = _Params(a, w, c, d, sl)
-            zc, oc = z_stack[:, sl], out[:, sl]
-            sn, cs = _activate(zc[0] + bias, p, oc[0])
-            k1 = cs.mul_(p.aw)
+            zc, oc, sn, cs = z_stack[:, sl], out[:, sl], sin_all[sl], cos_all[sl]
+            _activate(zc[0] + bias, p, oc[0], sn, cs)
+            k1 = cs * p.aw
             torch.mul(zc[1:], k1, out=oc[1:])
             if s_slots == 10:
                 jz = zc[1:4]
-                k2 = sn.mul_(p.aww).neg_()
+                k2 = sn * (-p.aww)
                 t = jz * k2
                 oc[4:7].addcmul_(t, jz)
                 oc[7].addcmul_(t[0], jz[1])
                 oc[8].addcmul_(t[0], jz[2])
                 oc[9].addcmul_(t[1], jz[2])
-        ctx.save_for_backward(z_stack, bias, *_pack(ctx, a, w, c, d))
+        ctx.save_for_backward(z_stack, bias, sin_all, cos_all, *_pack(ctx, a, w, c, d))
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        z_stack, bias, *saved = ctx.saved_tensors
+        z_stack, bias, sin_all, cos_all, *saved = ctx.saved_tensors
         a, w, c, d = _unpack(ctx, saved)
         s_slots, n, f = z_stack.shape
         grad = grad.contiguous()
@@ -203,11 +206,8 @@ class _SineLayer(torch.autograd.Function):
             sl = slice(n0, n0 + step)
             p = _Params(a, w, c, d, sl)
             zc, gc_in, gzc = z_stack[:, sl], grad[:, sl], gz[:, sl]
-            z = zc[0] + bias
-            s = z * p.w
-            if not (isinstance(p.c, float) and p.c == 0.0):
-                s.add_(p.c)
-            sn, cs = torch.sin(s), torch.cos(s)
+            sn, cs = sin_all[sl], cos_all[sl]
+            z = zc[0] + bias if gw is not None else None
             k1 = cs * p.aw
             # dL/dk1 = sum over derivative slots of G * Z
             gk1 = (gc_in[1:] * zc[1:]).sum(0)
@@ -244,24 +244,25 @@ class _FirstSineLayer(torch.autograd.Function):
         n, f = z0.shape
         s_slots = 4 if hw is None else 10
         out = z0.new_empty((s_slots, n, f))
+        sin_all, cos_all = torch.empty_like(z0), torch.empty_like(z0)
         step = _chunk_points(n, f, z0.device)
         jw3 = jw[:, None, :]
         hw3 = None if hw is None else hw[:, None, :]
         for n0 in range(0, n, step):
             sl = slice(n0, n0 + step)
             p = _Params(a, w, c, d, sl)
-            oc = out[:, sl]
-            sn, cs = _activate(z0[sl].clone(), p, oc[0])
-            torch.mul(jw3, cs.mul_(p.aw), out=oc[1:4])
+            oc, sn, cs = out[:, sl], sin_all[sl], cos_all[sl]
+            _activate(z0[sl].clone(), p, oc[0], sn, cs)
+            torch.mul(jw3, cs * p.aw, out=oc[1:4])
             if hw3 is not None:
-                torch.mul(hw3, sn.mul_(p.aww).neg_(), out=oc[4:10])
-        ctx.save_for_backward(z0, jw, hw, *_pack(ctx, a, w, c, d))
+                torch.mul(hw3, sn * (-p.aww), out=oc[4:10])
+        ctx.save_for_backward(z0, jw, hw, sin_all, cos_all, *_pack(ctx, a, w, c, d))
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        z0, jw, hw, *saved = ctx.saved_tensors
+        z0, jw, hw, sin_all, cos_all, *saved = ctx.saved_tensors
         a, w, c, d = _unpack(ctx, saved)
         n, f = z0.shape
         grad = grad.contiguous()
@@ -277,10 +278,7 @@ class _FirstSineLayer(torch.autograd.Function):
             p = _Params(a, w, c, d, sl)
             gc_in = grad[:, sl]
             z = z0[sl]
-            s = z * p.w
-            if not (isinstance(p.c, float) and p.c == 0.0):
-                s.add_(p.c)
-            sn, cs = torch.sin(s), torch.cos(s)
+            sn, cs = sin_all[sl], cos_all[sl]
             gj = gc_in[1:4]
             gk1 = (gj * jw3).sum(0)
             if gjw is not None:
