@@ -122,9 +122,9 @@ def test_autograd_reference_options():
 @pytest.mark.parametrize("order", [1, 2])
 def test_layer_functions_pass_gradcheck(param_kind, order, monkeypatch):
     """Hand-written backwards of the element-wise blocks against finite differences."""
-    monkeypatch.setattr(fm, "_CHUNK_ELEMENTS", 6 * 2)  # several chunks of 2 points
+    monkeypatch.setattr(fm, "_CHUNK_ELEMENTS", 4 * 2)  # several chunks of 2 points
     g = torch.Generator().manual_seed(13)
-    n, f_in, f = 5, 4, 6
+    n, f_in, f = 5, 3, 4
 
     def rand(*shape, scale=1.0, offset=0.0):
         return (torch.rand(*shape, generator=g, dtype=torch.float64) * scale + offset).requires_grad_(True)
@@ -150,5 +150,6 @@ def test_layer_functions_pass_gradcheck(param_kind, order, monkeypatch):
         pa, pw, pc, pd = (next(it) if isinstance(q, torch.Tensor) else q for q in (a, w, c, d))
         return fm.sine_layer(t, w1, b1, pa, pw, pc, pd)
 
-    assert torch.autograd.gradcheck(first, (x, w0, b0, *params))
-    assert torch.autograd.gradcheck(hidden, (t_in, w1, b1, *params))
+    # fast mode: compares random projections of the Jacobians (few evaluations, still exact to 1e-6)
+    assert torch.autograd.gradcheck(first, (x, w0, b0, *params), fast_mode=True)
+    assert torch.autograd.gradcheck(hidden, (t_in, w1, b1, *params), fast_mode=True)
