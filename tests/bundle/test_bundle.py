@@ -174,7 +174,11 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         run("training", config_file=str(CONFIGS / "train.json"), **TINY_TRAIN)
+    FIRST_RUN.update(_metrics(work))
     return work
+
+
+FIRST_RUN: dict = {}  # metrics.json of the fixture's training (later tests rewrite the file)
 
 
 def _metrics(work: Path, name: str = "phantom_seed0") -> dict:
@@ -245,6 +249,16 @@ def test_rerun_skips_complete_patients_unless_overwrite(trained, monkeypatch, ca
     run("training", config_file=str(CONFIGS / "train.json"), **TINY_TRAIN)
     assert model.stat().st_mtime_ns == stamp
     assert "phantom_seed0" in capsys.readouterr().out  # the summary table is printed again
+    # a patient whose run stopped after training (no metrics.json) resumes from checkpoint.pt
+    done = FIRST_RUN
+    (trained / "outputs" / "phantom_seed0" / "metrics.json").unlink()
+    model.unlink()
+    run("training", config_file=str(CONFIGS / "train.json"), **TINY_TRAIN)
+    resumed = _metrics(trained)
+    assert resumed["iterations"] == done["iterations"]
+    assert resumed["tre_after_mean"] == pytest.approx(done["tre_after_mean"], abs=1e-6)
+    assert resumed["seconds_training"] < done["seconds_training"]  # nothing was retrained
+    stamp = model.stat().st_mtime_ns
     run("training", config_file=str(CONFIGS / "train.json"), **{**TINY_TRAIN, "max_iterations": 3, "overwrite": "true"})
     assert _metrics(trained)["iterations"] == 3
     assert model.stat().st_mtime_ns != stamp
