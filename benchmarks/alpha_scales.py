@@ -28,6 +28,7 @@ def main(argv=None) -> None:
     p.add_argument("--regularizer", default="bending")
     p.add_argument("--scales", type=float, nargs="+", default=[1e2, 1e3, 1e4, 1e5])
     p.add_argument("--budget", type=float, default=60.0)
+    p.add_argument("--harmonizer-lr-factors", type=float, nargs="+", default=[30.0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "monai_cidir_benchmark"))
@@ -46,15 +47,18 @@ def main(argv=None) -> None:
         affine = pre.matrix if pre.kept else None
         print(f"\n## {item['name']}, regularizer {args.regularizer}, {args.budget:.0f} s training per scale, "
               f"TRE before {landmark_tre(None, None, item)['mean']:.2f} mm\n")
-        print("| scale | TRE (mm) at alpha " + " / ".join(f"{a:g}" for a in alphas) + " | Dice | folding % | selected alpha |")
-        print("|---|---|---|---|---|")
-        for scale in args.scales:
-            options = dict(training.VARIANTS["fast"][0], regularizer=args.regularizer, regularizer_scales={args.regularizer: scale})
+        print("| scale | harmonizer lr x | TRE (mm) at alpha " + " / ".join(f"{a:g}" for a in alphas) + " | Dice | folding % | selected alpha |")
+        print("|---|---|---|---|---|---|")
+        for scale, factor in [(s, f) for s in args.scales for f in args.harmonizer_lr_factors]:
+            options = dict(
+                training.VARIANTS["fast"][0], regularizer=args.regularizer, regularizer_scales={args.regularizer: scale},
+                harmonizer_lr_factor=factor,
+            )
             trainer, _ = training.train_variant(item, affine, options, args.budget, 1e9, args.seed, 100000)
             ev = AlphaSelectionEvaluator(trainer.model, item["fixed_mask"], item["moving_mask"], alphas=alphas)
             curve = ev.run()
             tre = [landmark_tre(trainer.model, a, item)["mean"] for a in alphas]
-            print(f"| {scale:g} | " + " / ".join(f"{t:.2f}" for t in tre)
+            print(f"| {scale:g} | {factor:g} | " + " / ".join(f"{t:.2f}" for t in tre)
                   + " | " + " / ".join(f"{r['dice']:.4f}" for r in curve.rows)
                   + " | " + " / ".join(f"{100 * r['folding']:.3f}" for r in curve.rows)
                   + f" | {curve.alpha:g} |", flush=True)

@@ -33,7 +33,7 @@ from monai_cidir.engines.registration import (
     select_and_export,
     write_cohort_table,
 )
-from monai_cidir.engines.trainer import REGULARIZER_SCALES, AlphaPrior, CIDIRTrainer, build_lr_scheduler, build_regularizers, scale_initial_output
+from monai_cidir.engines.trainer import REGULARIZER_SCALES, AlphaPrior, CIDIRTrainer, build_lr_scheduler, build_optimizer, build_regularizers, scale_initial_output
 
 __all__ = [
     "AffinePrealignment",
@@ -46,6 +46,7 @@ __all__ = [
     "RegistrationModel",
     "alpha_grid",
     "build_lr_scheduler",
+    "build_optimizer",
     "build_regularizers",
     "coarse_steps",
     "collect_cohort_metrics",
