@@ -142,7 +142,7 @@ def summarize(item, trainer, history) -> dict:
     from monai_cidir.engines.registration import landmark_tre
 
     t = time.perf_counter()
-    ev = AlphaSelectionEvaluator(trainer.model, item["fixed_mask"], item["moving_mask"])
+    ev = AlphaSelectionEvaluator(trainer.model, item["fixed_mask"], item["moving_mask"], num_alphas=11)
     curve = ev.run()
     sel_s = time.perf_counter() - t
     row = {

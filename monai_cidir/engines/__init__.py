@@ -23,6 +23,7 @@ from monai_cidir.engines.model import RegistrationModel, iter_grid_chunks, load_
 from monai_cidir.engines.prealign import AffinePrealignment, fit_affine
 from monai_cidir.engines.registration import (
     COHORT_COLUMNS,
+    TrainingProgressBar,
     collect_cohort_metrics,
     export_registration,
     format_summary_table,
@@ -44,6 +45,7 @@ __all__ = [
     "COHORT_COLUMNS",
     "REGULARIZER_SCALES",
     "RegistrationModel",
+    "TrainingProgressBar",
     "alpha_grid",
     "build_lr_scheduler",
     "build_optimizer",

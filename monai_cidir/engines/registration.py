@@ -47,6 +47,7 @@ __all__ = [
     "format_summary_table",
     "write_cohort_table",
     "COHORT_COLUMNS",
+    "TrainingProgressBar",
 ]
 
 logger = logging.getLogger("monai_cidir.engines")
@@ -119,7 +120,7 @@ class _MaskPointSampler:
 
 def _ensure_masks(item: dict, backend: str, lung_mask_kwargs: dict | None, need_moving: bool) -> dict:
     """Compute missing lung masks with :class:`~monai_cidir.transforms.LungMaskd` (given masks win)."""
-    keys = [k for k, img in (("fixed", "fixed_image"), ("moving", "moving_image")) if (k == "fixed" or need_moving)]
+    keys = ["fixed", "moving"] if need_moving else ["fixed"]
     missing = [k for k in keys if item.get(f"{k}_mask") is None]
     if not missing:
         return item
@@ -652,6 +653,24 @@ def format_summary_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+class TrainingProgressBar:
+    """Ignite ``ProgressBar`` (tqdm) showing the training loss; attaches like a MONAI handler.
+
+    Example::
+
+        >>> register_patient(item, "outputs", handlers=[TrainingProgressBar()])
+    """
+
+    def __init__(self, persist: bool = False) -> None:
+        self.persist = persist
+
+    def attach(self, engine) -> None:
+        """Attach a fresh ``ProgressBar`` to ``engine``."""
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=self.persist).attach(engine, output_transform=lambda x: {"loss": x["loss"]})
+
+
 def run_cohort(
     dataset: Iterable[dict],
     output_dir: str | os.PathLike,
@@ -681,9 +700,7 @@ def run_cohort(
     output_dir = Path(output_dir)
     rows: list[dict] = []
     if progress and kwargs.get("handlers") is None:
-        from ignite.contrib.handlers import ProgressBar
-
-        kwargs["handlers"] = lambda: [ProgressBar(persist=False, output_transform=lambda x: {"loss": x["loss"]})]
+        kwargs["handlers"] = lambda: [TrainingProgressBar()]
     n = len(dataset) if hasattr(dataset, "__len__") else None
     for i, item in enumerate(dataset):
         name = item.get("name", f"pair{i}")
