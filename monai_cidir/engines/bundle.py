@@ -13,8 +13,9 @@ lives here:
   that has a ``model.pt`` (alpha selection / export again, without retraining).
 * :func:`evaluate_cohort`: TRE, Dice and folding recomputed from existing outputs, written as
   MONAI ``MetricsSaver`` reports (``write_metrics_reports``).
-* :func:`init_distributed` / :func:`destroy_distributed`: process-group set-up for
-  ``multi_gpu_train.json`` (NCCL on GPU, Gloo on CPU).
+* :func:`init_distributed` / :func:`destroy_distributed`: the per-rank device and the
+  tear-down of ``multi_gpu_train.json`` (the NCCL/Gloo group itself is joined by
+  :func:`train_cohort` after training; see the note in the distributed section).
 * :func:`handler_factory`: turns ``_mode_: callable`` handler partials into the
   one-fresh-set-per-patient factory the trainer takes.
 """
@@ -38,7 +39,6 @@ __all__ = [
     "DEFAULT_PHANTOM_DIR",
     "make_phantom_cohort",
     "make_dataset",
-    "dataset_names",
     "init_distributed",
     "destroy_distributed",
     "rank_and_world_size",
@@ -256,14 +256,6 @@ def make_dataset(
     return RegistrationPairDataset(str(path), transform=transform)
 
 
-def dataset_names(dataset) -> list[str]:
-    """The pair names of a dataset, without loading images when the records carry them."""
-    data = getattr(dataset, "data", None)
-    if data is not None and all(isinstance(r, Mapping) and r.get("name") for r in data):
-        return [str(r["name"]) for r in data]
-    return [str(item.get("name") or f"pair{i}") for i, item in enumerate(dataset)]
-
-
 # ---------------------------------------------------------------------------- options
 _FLAG_OPTIONS = ("overwrite", "resume", "no_folding", "export_images", "alpha_per_point", "affine_prealign", "progress")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -447,7 +439,7 @@ def infer_cohort(
 
         >>> infer_cohort(make_dataset(), "outputs", alpha=0.3)  # doctest: +SKIP
     """
-    from monai_cidir.engines.registration import export_registration, format_summary_table, write_cohort_table
+    from monai_cidir.engines.registration import collect_cohort_metrics, export_registration, format_summary_table
 
     output_dir = Path(output_dir)
     kwargs = _normalise_options({"alpha": alpha, **kwargs})
@@ -465,11 +457,8 @@ def infer_cohort(
             f"no model.pt for any patient of the dataset under {output_dir}/<name>/: run the training "
             "config first (or point --output_dir at its outputs)"
         )
-    # keep the rows of trained patients not in this dataset in the cohort table
-    done = {r["name"] for r in rows}
-    others = [json.loads(p.read_text()) for p in sorted(output_dir.glob("*/metrics.json")) if p.parent.name not in done]
-    table = sorted(rows + others, key=lambda r: str(r.get("name")))
-    write_cohort_table(table, output_dir / "metrics.csv")
+    # the cohort table keeps trained patients that are not in this dataset
+    table = collect_cohort_metrics(output_dir)
     if print_summary:
         print(format_summary_table(table), flush=True)
     return rows

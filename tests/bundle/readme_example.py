@@ -35,7 +35,7 @@ net = ConditionedINR()  # u(x, alpha), alpha-conditioned SIREN
 optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
 similarity, regularizer = GlobalNCCLoss(), BendingEnergyRegularizer()
 
-for step in range(100):
+for step in range(60):
     points = draw_points(item)["points"]  # (N, 3) world mm inside the fixed lung mask
     alpha = torch.rand(1)  # the regularisation weight, drawn from the prior U[0, 1]
     u, jac, hess = net.forward_with_derivatives(fixed_grid.world_to_normalized(points), alpha)
