@@ -20,8 +20,8 @@ Cases (``--cases``, groups or names, comma separated):
 Methods (``--methods``): ``cidir``, ``idir``, ``idir_autograd``, ``elastix_default``,
 ``elastix_lung`` (see :mod:`benchmarks.methods`; elastix is skipped when itk-elastix is absent).
 ``idir_autograd`` is IDIR's nested-autograd training for the same iterations: the same accuracy
-is expected and only its time differs, so by default it runs on the first case of each group only
-(``--autograd-cases all`` runs it everywhere).
+is expected and only its time differs (about 6x per step), so by default it runs on the run's first
+case only (``--autograd-cases groups``: the first case of each group; ``all``: every case).
 
 Each (case, method) runs in its own Python process (``python benchmarks/compare.py --worker``)
 with ``--threads`` threads for torch, OpenMP, MKL and ITK, so its peak resident memory
@@ -105,8 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=JSON",
         help="extra register_patient option for the INR methods, e.g. affine_prealign=false or regularization_points=1000 (repeatable)",
     )
-    p.add_argument("--autograd-cases", default="first", choices=("first", "all"), help="where idir_autograd runs")
-    p.add_argument("--threads", type=int, default=2, help="threads for every method")
+    p.add_argument(
+        "--autograd-cases",
+        default="first",
+        choices=("first", "groups", "all"),
+        help="where idir_autograd runs: the run's first case, the first case of each group, or every case",
+    )
+    p.add_argument("--threads", type=int, default=2, help="threads for every method (torch, OpenMP, MKL)")
+    p.add_argument(
+        "--elastix-threads", type=int, default=None, help="elastix/ITK threads (default: --threads; 0 lets elastix use every core)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--phantom-shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), help="phantom size (default: its own)")
     p.add_argument("--chest-ct", type=Path, default=DEFAULT_SHARED / "data" / "chest_ct.nii.gz")
@@ -230,10 +238,13 @@ def _plan(cases: list[dict], methods: list[str], autograd_cases: str) -> list[tu
     for c in cases:
         first.setdefault(c["group"], c["name"])
     plan = []
-    for c in cases:
+    for i, c in enumerate(cases):
         for m in methods:
-            if m == "idir_autograd" and autograd_cases == "first" and first[c["group"]] != c["name"]:
-                continue
+            if m == "idir_autograd":
+                if autograd_cases == "first" and i > 0:
+                    continue
+                if autograd_cases == "groups" and first[c["group"]] != c["name"]:
+                    continue
             plan.append((c, m))
     return plan
 
@@ -256,10 +267,14 @@ def _estimate(plan, args) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------- one run
-def _child_env(threads: int) -> dict:
+def _child_env(threads: int, itk_threads: int | None) -> dict:
     env = dict(os.environ)
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[k] = str(threads)
+    if itk_threads:
+        env["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(itk_threads)
+    else:
+        env.pop("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", None)
     # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads
     # made torch steps up to 10x slower (measured); on an idle machine it changes nothing.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -283,7 +298,7 @@ def run_case_method(case: dict, method: str, budget: dict, run_dir: Path, timeou
     log = open(run_dir / "log.txt", "w")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(budget["threads"]), cwd=str(REPO))
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(budget["threads"], budget.get("elastix_threads")), cwd=str(REPO))
     deadline = start + timeout
     status = rusage = None
     while True:
@@ -332,6 +347,9 @@ def _peak_rss_mb() -> float | None:
 
 def worker(spec_path: Path) -> int:
     """The child process: load the case, run the method, write ``result.json`` beside the spec."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout, force=True)
     spec = json.loads(Path(spec_path).read_text())
     budget = spec["budget"]
     import torch
@@ -408,8 +426,10 @@ def _targets(rows: list[dict]) -> list[str]:
         c = by.get((case, "cidir"))
         if c and c.get("seconds_per_alpha") is not None:
             sweep = c["seconds_per_alpha"] * 21
+            n = len(c.get("alpha_grid") or [])
+            how = "" if n == 21 else f", from the {n}-value sweep of this run"
             lines.append(
-                f"- 21-value alpha sweep, {case}: {sweep:.1f} s ({c['seconds_per_alpha'] * 1e3:.0f} ms per alpha): "
+                f"- 21-value alpha sweep, {case}: {sweep:.1f} s ({c['seconds_per_alpha'] * 1e3:.0f} ms per alpha{how}): "
                 f"**{'met' if sweep < 10 else 'MISSED'}** (target < 10 s)"
             )
     return lines
@@ -508,6 +528,21 @@ def write_reports(rows: list[dict], args, command: str, skipped: list[str], seco
                 f"| {r['case']} | {r['seconds_per_alpha']:.3f} | {r['alpha']:.2f} | {_f(r.get('alpha_oracle'))} | "
                 f"{r['tre_mean']:.2f} | {_f(r.get('tre_oracle_mean'))} |"
             )
+    inr = [r for r in rows if r["method"] in INR_METHODS and not r.get("error")]
+    if inr:
+        md += [
+            "",
+            "## Where the INR time goes",
+            "",
+            "| case | method | affine pre-alignment (s) | training (s) | iterations | s/step | alpha selection (s) | stopped by time limit |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in inr:
+            md.append(
+                f"| {r['case']} | {r['method']} | {_f(r.get('seconds_affine'), 1)} | {_f(r.get('seconds_training'), 1)} | "
+                f"{_f(r.get('iterations'))} | {_f(r.get('seconds_per_step'), 3)} | {_f(r.get('seconds_selection'), 1)} | "
+                f"{_f(bool(r.get('stopped_by_time_limit')))} |"
+            )
     if skipped:
         md += ["", "## Skipped", ""] + [f"- {s}" for s in skipped]
     if pngs:
@@ -544,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_alphas": args.num_alphas,
         "seed": args.seed,
         "threads": args.threads,
+        "elastix_threads": args.threads if args.elastix_threads is None else (args.elastix_threads or None),
         "elastix_max_iterations": args.elastix_max_iterations,
         "engine_options": _engine_options(args.engine_option),
     }

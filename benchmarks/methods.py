@@ -33,6 +33,7 @@ Methods (``METHODS``):
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -56,6 +57,8 @@ __all__ = [
     "run_method",
     "warped_mask_dice",
 ]
+
+logger = logging.getLogger(__name__)
 
 INR_METHODS = ("cidir", "idir", "idir_autograd")
 ELASTIX_METHODS = ("elastix_default", "elastix_lung")
@@ -270,6 +273,7 @@ class TRECurveHandler:
             pred = model.transform_points(self.fixed, a)
             tre.append(float((pred - self.moving).norm(dim=1).mean()))
         self.rows.append({"iteration": int(engine.state.iteration), "seconds": self.train_seconds, "tre": tre})
+        logger.info("iteration %d, %.1f s of training: mean TRE %.3f mm (best over alphas)", engine.state.iteration, self.train_seconds, min(tre))
 
     @property
     def iterations(self) -> int:
@@ -363,7 +367,7 @@ def _run_elastix(item: dict, method: str, budget: dict, workdir: Path) -> dict:
         item["moving_image"],
         item.get("fixed_mask"),
         preset=preset,
-        num_threads=budget.get("threads"),
+        num_threads=budget.get("elastix_threads", budget.get("threads")),
         max_iterations=budget.get("elastix_max_iterations"),
         log_file=str(workdir / f"elastix_{preset}.log"),
     )
