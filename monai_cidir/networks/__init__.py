@@ -3,8 +3,8 @@
 * :class:`ConditionedINR`: the main network, activation ``a*sin(b*omega_0*z + c) + d`` with
   ``(a, b, c, d)`` from a :class:`Harmonizer` fed with alpha.
 * :class:`SirenINR`: the unconditioned IDIR network.
-* ``forward_with_derivatives(coords, alpha, order)`` on both: exact Jacobian and Hessian by
-  forward-mode propagation (:mod:`monai_cidir.networks.forward_mode`).
+* ``forward_with_derivatives(coords, alpha, order)`` on both: exact Jacobian and Hessian in
+  closed form, no nested autograd (:mod:`monai_cidir.networks.forward_mode`).
 * :func:`autograd_derivatives`: the same triple by nested ``torch.autograd.grad`` (reference/baseline).
 """
 

@@ -6,8 +6,9 @@ to a displacement (N, 3) in normalised units. Every hidden layer applies
 :class:`SirenINR` ``(a, b, c, d) = (1, 1, 0, 0)``, for :class:`ConditionedINR` they come from a
 :class:`~monai_cidir.networks.harmonizer.Harmonizer` fed with alpha (four numbers shared by all layers,
 as in the paper). ``forward_with_derivatives`` returns the exact Jacobian and Hessian w.r.t. the
-normalised input by forward-mode propagation (:mod:`monai_cidir.networks.forward_mode`); convert them
-to millimetres with ``CoordinateMapping.jacobian_to_world`` / ``hessian_to_world``.
+normalised input in closed form (forward-mode Jacobian, adjoint or forward Hessian; see
+:mod:`monai_cidir.networks.forward_mode`), without nested autograd; convert them to millimetres with
+``CoordinateMapping.jacobian_to_world`` / ``hessian_to_world``.
 """
 
 from __future__ import annotations
@@ -98,17 +99,24 @@ class _SineINR(nn.Module):
                 h = h + d
         return self.layers[-1](h)
 
-    def forward_with_derivatives(self, coords: torch.Tensor, alpha=None, order: int = 2):
-        """Displacement and its exact derivatives w.r.t. the normalised coordinates, by forward mode.
+    def forward_with_derivatives(
+        self, coords: torch.Tensor, alpha=None, order: int = 2, hessian_mode: str | None = None
+    ):
+        """Displacement and its exact derivatives w.r.t. the normalised coordinates, in closed form.
 
-        Value, Jacobian and the six unique Hessian entries are propagated together through the layers
-        (one matmul per layer on a (10*N, F) stack); no nested autograd. The result is differentiable
-        w.r.t. the parameters (first order), so a loss on it can be backpropagated.
+        No nested autograd: value and Jacobian are propagated forward through the layers together
+        (one matmul per layer on a (4*N, F) stack); the Hessian follows from the same quantities by
+        an adjoint sweep with one row per output component, or by propagating its six unique entries
+        forward as well (see :func:`monai_cidir.networks.forward_mode.sine_mlp_derivatives`). On CPU,
+        large batches go through in blocks of points. The result is differentiable w.r.t. the
+        parameters (first order), so a loss on it can be backpropagated.
 
         Args:
             coords: (N, 3) normalised coordinates (same dtype/device as the network).
             alpha: as in :meth:`forward`.
             order: 1 (Jacobian only) or 2 (Jacobian and Hessian).
+            hessian_mode: ``"adjoint"``, ``"forward"``, or None to pick the cheaper one
+                (adjoint when the output has fewer than 6 components, as for a displacement).
 
         Returns:
             ``(u, jacobian, hessian)``: u (N, out_features); jacobian (N, out_features, 3) with
@@ -116,32 +124,29 @@ class _SineINR(nn.Module):
             ``[n, i, j, k] = d2u_i/dx_j dx_k``, or None when ``order == 1``.
 
         Raises:
-            ValueError: for coords or alpha of the wrong shape, or ``order`` not in (1, 2).
+            ValueError: for coords or alpha of the wrong shape, ``order`` not in (1, 2) or an unknown
+                ``hessian_mode``.
         """
         fm.num_slots(order)
         coords = self._check_coords(coords)
         if self.in_features != 3:
             raise ValueError(f"derivatives are implemented for 3-D coordinates, this network has {self.in_features}")
+        if hessian_mode is None:
+            hessian_mode = "adjoint" if self.out_features < 6 else "forward"
+        if hessian_mode not in ("adjoint", "forward"):
+            raise ValueError(f"hessian_mode must be 'adjoint', 'forward' or None, found {hessian_mode!r}")
         a, b, c, d = self.activation_parameters(coords, alpha)
         w = b * self.omega_0
         n = coords.shape[0]
         step = fm.block_points(n, self.layers[0].out_features, order, coords.device)
         if step >= n:
-            return self._forward_mode_block(coords, a, w, c, d, order)
+            return fm.sine_mlp_derivatives(coords, self.layers, a, w, c, d, order, hessian_mode)
         outputs = []
         for n0 in range(0, n, step):
             sl = slice(n0, n0 + step)
             pa, pw, pc, pd = (p[sl] if isinstance(p, torch.Tensor) and p.shape[0] != 1 else p for p in (a, w, c, d))
-            outputs.append(self._forward_mode_block(coords[sl], pa, pw, pc, pd, order))
+            outputs.append(fm.sine_mlp_derivatives(coords[sl], self.layers, pa, pw, pc, pd, order, hessian_mode))
         return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs))
-
-    def _forward_mode_block(self, coords, a, w, c, d, order):
-        first = self.layers[0]
-        t = fm.first_sine_layer(coords, first.weight, first.bias, a, w, c, d, order=order)
-        for layer in self.layers[1:-1]:
-            t = fm.sine_layer(t, layer.weight, layer.bias, a, w, c, d)
-        last = self.layers[-1]
-        return fm.split_stacked(fm.linear_layer(t, last.weight), last.bias)
 
 
 class SirenINR(_SineINR):

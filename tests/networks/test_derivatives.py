@@ -39,14 +39,18 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(fm, "_CHUNK_ELEMENTS", 48 * 5)  # 5 points per chunk
 
 
+MODES = ["adjoint", "forward"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["siren", "conditioned"])
 @pytest.mark.parametrize("per_point", [False, True], ids=["batch-alpha", "per-point-alpha"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)], ids=["f64", "f32"])
-def test_values_match_nested_autograd(kind, per_point, dtype, tol, small_blocks):
+def test_values_match_nested_autograd(kind, per_point, dtype, tol, mode, small_blocks):
     net = _network(kind, dtype)
     x, alpha = _inputs(50, dtype, per_point)
     want = autograd_derivatives(net, x, alpha, order=2)
-    got = net.forward_with_derivatives(x, alpha, order=2)
+    got = net.forward_with_derivatives(x, alpha, order=2, hessian_mode=mode)
     assert [tuple(t.shape) for t in got] == [(50, 3), (50, 3, 3), (50, 3, 3, 3)]
     for g, w in zip(got, want):
         assert _rel(g, w) <= tol
@@ -57,9 +61,10 @@ def test_values_match_nested_autograd(kind, per_point, dtype, tol, small_blocks)
     assert _rel(j1, want[1]) <= tol and _rel(u1, want[0]) <= tol
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["siren", "conditioned"])
 @pytest.mark.parametrize("per_point", [False, True], ids=["batch-alpha", "per-point-alpha"])
-def test_parameter_gradients_match_nested_autograd(kind, per_point, small_blocks):
+def test_parameter_gradients_match_nested_autograd(kind, per_point, mode, small_blocks):
     net = _network(kind, torch.float64)
     x, alpha = _inputs(40, torch.float64, per_point)
     params = [p for p in net.parameters()]
@@ -68,7 +73,9 @@ def test_parameter_gradients_match_nested_autograd(kind, per_point, small_blocks
         return (u**2).sum() + ((jac - 0.1) ** 2).sum() + 1e-3 * (hess**2).sum((1, 2, 3)).mean()
 
     want = torch.autograd.grad(loss(*autograd_derivatives(net, x, alpha)), params, allow_unused=True)
-    got = torch.autograd.grad(loss(*net.forward_with_derivatives(x, alpha)), params, allow_unused=True)
+    got = torch.autograd.grad(
+        loss(*net.forward_with_derivatives(x, alpha, hessian_mode=mode)), params, allow_unused=True
+    )
     for p, g, w in zip(params, got, want):
         if w is None:
             assert g is None or g.abs().max() == 0
@@ -79,16 +86,53 @@ def test_parameter_gradients_match_nested_autograd(kind, per_point, small_blocks
         assert got[head].abs().max() > 0
 
 
-def test_bending_energy_gradient_float32_paper_size():
+@pytest.mark.parametrize("mode", MODES)
+def test_bending_energy_gradient_float32_paper_size(mode):
     """One training step's loss (bending energy) on the paper-size network, float32."""
     net = _network("conditioned", torch.float32, hidden=256, layers=3)
     x, alpha = _inputs(64, torch.float32, per_point=True)
     params = [p for name, p in net.named_parameters() if name != "layers.3.bias"]  # not in the Hessian
     e_ref = (autograd_derivatives(net, x, alpha)[2] ** 2).sum((1, 2, 3)).mean()
-    e_fwd = (net.forward_with_derivatives(x, alpha)[2] ** 2).sum((1, 2, 3)).mean()
+    e_fwd = (net.forward_with_derivatives(x, alpha, hessian_mode=mode)[2] ** 2).sum((1, 2, 3)).mean()
     assert _rel(e_fwd, e_ref) <= 1e-4
     for g, w in zip(torch.autograd.grad(e_fwd, params), torch.autograd.grad(e_ref, params)):
         assert _rel(g, w) <= 1e-4
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_one_or_two_points(n):
+    net = _network("conditioned", torch.float64, hidden=8)
+    x, alpha = _inputs(n, torch.float64, per_point=True)
+    params = list(net.parameters())[:-1]
+    want = autograd_derivatives(net, x, alpha)
+    for mode in MODES:
+        got = net.forward_with_derivatives(x, alpha, hessian_mode=mode)
+        for g, w in zip(got, want):
+            assert _rel(g, w) <= 1e-10
+        g_got = torch.autograd.grad(got[2].pow(2).sum(), params, allow_unused=True)
+        g_want = torch.autograd.grad(want[2].pow(2).sum(), params, retain_graph=True, allow_unused=True)
+        for g, w in zip(g_got, g_want):
+            assert (g is None and w is None) or _rel(g, w) <= 1e-10
+
+
+def test_more_outputs_pick_the_forward_hessian(monkeypatch):
+    """With 7 outputs the 6 forward Hessian slots are cheaper than 7 adjoint rows: chosen by default."""
+    torch.manual_seed(3)
+    net = SirenINR(out_features=7, hidden_features=16).double()
+    x, _ = _inputs(10, torch.float64, per_point=False)
+    calls = []
+    original = fm.sine_mlp_derivatives
+    monkeypatch.setattr(fm, "sine_mlp_derivatives", lambda *a, **k: calls.append(a[-1]) or original(*a, **k))
+    got = net.forward_with_derivatives(x)
+    assert calls == ["forward"]
+    want = autograd_derivatives(net, x)
+    assert got[2].shape == (10, 7, 3, 3)
+    for g, w in zip(got, want):
+        assert _rel(g, w) <= 1e-10
+    for g, w in zip(net.forward_with_derivatives(x, hessian_mode="adjoint"), want):
+        assert _rel(g, w) <= 1e-10
+    with pytest.raises(ValueError, match="hessian_mode"):
+        net.forward_with_derivatives(x, hessian_mode="reverse")
 
 
 def test_forward_mode_needs_no_autograd_graph():
@@ -153,3 +197,48 @@ def test_layer_functions_pass_gradcheck(param_kind, order, monkeypatch):
     # fast mode: compares random projections of the Jacobians (few evaluations, still exact to 1e-6)
     assert torch.autograd.gradcheck(first, (x, w0, b0, *params), fast_mode=True)
     assert torch.autograd.gradcheck(hidden, (t_in, w1, b1, *params), fast_mode=True)
+
+    # the variants that also return sigma' and sigma'' for the adjoint sweep
+    if order == 1:
+
+        def first_k(x, w0, b0, *p):
+            it = iter(p)
+            pa, pw, pc, pd = (next(it) if isinstance(q, torch.Tensor) else q for q in (a, w, c, d))
+            z0 = torch.addmm(b0, x, w0.t())
+            return fm._FirstSineLayer.apply(z0, w0.t().contiguous(), None, pa, pw, pc, pd, True)
+
+        def hidden_k(t, w1, b1, *p):
+            it = iter(p)
+            pa, pw, pc, pd = (next(it) if isinstance(q, torch.Tensor) else q for q in (a, w, c, d))
+            return fm._SineLayer.apply(fm.linear_layer(t, w1), b1, pa, pw, pc, pd, True)
+
+        assert torch.autograd.gradcheck(first_k, (x, w0, b0, *params), fast_mode=True)
+        assert torch.autograd.gradcheck(hidden_k, (t_in, w1, b1, *params), fast_mode=True)
+
+
+@pytest.mark.parametrize("shared_delta", [False, True], ids=["delta-per-point", "delta-shared"])
+@pytest.mark.parametrize("shared_j", [False, True], ids=["jz-per-point", "jz-shared"])
+@pytest.mark.parametrize("with_next", [False, True], ids=["last", "with-next"])
+def test_adjoint_step_passes_gradcheck(shared_delta, shared_j, with_next, monkeypatch):
+    monkeypatch.setattr(fm, "_CHUNK_ELEMENTS", 4 * 2)  # several chunks of 2 points
+    g = torch.Generator().manual_seed(14)
+    n, f, dims = 5, 4, 2
+
+    def rand(*shape):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) - 0.5).requires_grad_(True)
+
+    delta = rand(dims, 1 if shared_delta else n, f)
+    z_or_jz = rand(3, 1, f) if shared_j else rand(4, n, f)
+    k1, k2 = rand(n, f), rand(n, f)
+    weight = rand(f, 3) if with_next else None
+
+    def step(delta, z_or_jz, k1, k2, *w):
+        contribution, nxt = fm.hessian_adjoint_step(delta, z_or_jz, k1, k2, w[0] if w else None)
+        return contribution if nxt is None else (contribution, nxt)
+
+    inputs = (delta, z_or_jz, k1, k2) + ((weight,) if with_next else ())
+    assert torch.autograd.gradcheck(step, inputs, fast_mode=True)
+    # and the value: sum_f delta * k2 * jz_p * jz_q
+    jz = z_or_jz if shared_j else z_or_jz[1:4]
+    want = torch.stack([(delta * k2 * jz[p] * jz[q]).sum(-1) for p, q in fm.HESSIAN_PAIRS], -1).transpose(0, 1)
+    torch.testing.assert_close(step(*inputs)[0] if with_next else step(*inputs), want)
