@@ -60,10 +60,10 @@ PHANTOM_SEEDS = (0, 1)
 
 #: the full run's budgets (2 CPU cores; see ``--estimate``).
 DEFAULTS = {
-    "iterations": 1000,
+    "iterations": 200,
     "num_points": 4000,
-    "time_limit": 240.0,
-    "eval_every": 10.0,
+    "time_limit": 180.0,
+    "eval_every": 5.0,
     "idir_alpha": 0.5,
     "num_alphas": 21,
 }
@@ -249,20 +249,32 @@ def _plan(cases: list[dict], methods: list[str], autograd_cases: str) -> list[tu
     return plan
 
 
+#: rough seconds on 2 idle cores, for the plan's estimate: INR step at 4,000 points, alpha
+#: selection per alpha, elastix registration (small phantom / 256x256x64 CT), per-process overhead.
+_COST = {
+    "step": 0.2,
+    "autograd_factor": 5.0,
+    "per_alpha": {"phantom": 0.5, "other": 2.0},
+    "elastix_default": {"phantom": 20.0, "other": 70.0},
+    "elastix_lung": {"phantom": 40.0, "other": 150.0},
+    "overhead": 20.0,
+}
+
+
 def _estimate(plan, args) -> tuple[float, float]:
-    """(expected, upper bound) seconds of the plan on 2 cores (per-run overheads measured here)."""
+    """(expected, upper bound) seconds of the plan on 2 idle cores (see ``_COST``)."""
     expected = bound = 0.0
     for case, method in plan:
-        large = case["group"] != "phantom"
+        size = "phantom" if case["group"] == "phantom" else "other"
         if method in INR_METHODS:
-            step = 0.06 * args.num_points / 4000 * (1.6 if large else 1.0) * (6.0 if method == "idir_autograd" else 1.0)
-            train = min(args.iterations * step, args.time_limit)
-            expected += train + 25 + (10 if large else 5)
-            bound += args.time_limit + 60
+            step = _COST["step"] * args.num_points / 4000 * (_COST["autograd_factor"] if method == "idir_autograd" else 1.0)
+            select = args.num_alphas * _COST["per_alpha"][size] if method == "cidir" else 0.0
+            expected += min(args.iterations * step, args.time_limit) + select + _COST["overhead"]
+            bound += args.time_limit + 2 * select + 2 * _COST["overhead"]
         else:
-            base = {"elastix_default": 60.0, "elastix_lung": 150.0}[method] * (1.0 if large else 0.4)
-            expected += base + 20
-            bound += 3 * base + 60
+            base = _COST[method][size] if args.elastix_max_iterations is None else 10.0
+            expected += base + _COST["overhead"] + 10
+            bound += 3 * base + 2 * _COST["overhead"]
     return expected, bound
 
 
@@ -559,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker(args.worker)
     command = "python benchmarks/compare.py" + ("" if not argv and len(sys.argv) <= 1 else " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
     methods, skipped_methods = _methods(args)
+    engine_options = _engine_options(args.engine_option)
     cases, skipped = prepare_cases(args)
     skipped += [f"{m}: itk-elastix is not installed (pip install 'monai_cidir[bench]')" for m in skipped_methods]
     plan = _plan(cases, methods, args.autograd_cases)
@@ -581,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "elastix_threads": args.threads if args.elastix_threads is None else (args.elastix_threads or None),
         "elastix_max_iterations": args.elastix_max_iterations,
-        "engine_options": _engine_options(args.engine_option),
+        "engine_options": engine_options,
     }
     timeout = args.run_timeout or 3 * args.time_limit + 300
     rows = []
