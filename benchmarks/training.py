@@ -15,7 +15,10 @@ for ``--budget`` seconds of training wall-clock (evaluation time excluded). Ever
 the regularizer scale spans under- to over-regularisation). Prints markdown tables.
 
 The variants (see ``VARIANTS``) differ only in the options of the trainer; the same affine
-pre-alignment result is reused by all of them.
+pre-alignment result is reused by all of them. The cosine schedule's horizon is
+``--max-iterations`` (default 100000, so within a short budget it stays near its initial rate:
+pass the number of iterations a budget reaches to compare a full decay). Timings on a shared
+machine vary with its load: compare variants of one run only.
 """
 
 from __future__ import annotations
