@@ -57,8 +57,10 @@ HESSIAN_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 # position of d2/dx_p dx_q among the six unique slots
 _HESSIAN_SLOT = ((0, 3, 4), (3, 1, 5), (4, 5, 2))
 
-# about 64K elements (256 KiB in float32) per temporary: stays in the L2 cache of one core.
-_CHUNK_ELEMENTS = 1 << 16
+# element-wise work is done on chunks of about 256K elements (1 MiB in float32) per temporary, so
+# they stay in cache; about one block (see below) of the paper-size network. Smaller chunks measured
+# no faster on one thread and slower on two (more, shorter parallel regions).
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def num_slots(order: int) -> int:
@@ -73,7 +75,8 @@ def num_slots(order: int) -> int:
 
 
 # points per block of the whole network: keeps each stacked tensor near 8 MiB, below glibc's
-# mmap threshold, so freed blocks are reused instead of page-faulted in again, and in the L3 cache.
+# mmap threshold, so freed blocks are reused instead of page-faulted in again, and in the L3 cache
+# (measured: about 15% faster than one block for a 10,000-point training step on CPU).
 _BLOCK_BYTES = 8 << 20
 
 
@@ -472,7 +475,7 @@ class _AdjointHessian(torch.autograd.Function):
                 gd = gn * k1[sl]
                 g_k1[sl] = (gn * dc).sum(0)
             if g_contribution is not None:
-                gc_in = g_contribution[sl]  # (nc, D, 6)
+                gc_in = g_contribution[sl].contiguous()  # (nc, D, 6)
                 nc = gc_in.shape[0]
                 if shared_j:
                     g_e = torch.matmul(gc_in, pairs_shared).transpose(0, 1)  # (D, nc, F)
@@ -480,7 +483,7 @@ class _AdjointHessian(torch.autograd.Function):
                     pairs = _pairs(jz[:, sl], k1.new_empty((nc, 6, f)))
                     g_e = torch.bmm(gc_in, pairs).transpose(0, 1)
                 e = dc * k2[sl]
-                g_pairs = torch.bmm(gc_in.transpose(1, 2), e.transpose(0, 1).contiguous())  # (nc, 6, F)
+                g_pairs = torch.bmm(gc_in.transpose(1, 2).contiguous(), e.transpose(0, 1).contiguous())  # (nc, 6, F)
                 g_k2[sl] = (g_e * dc).sum(0)
                 gd = g_e * k2[sl] if gd is None else gd.addcmul_(g_e, k2[sl])
                 if shared_j:
