@@ -242,3 +242,18 @@ def test_adjoint_step_passes_gradcheck(shared_delta, shared_j, with_next, monkey
     jz = z_or_jz if shared_j else z_or_jz[1:4]
     want = torch.stack([(delta * k2 * jz[p] * jz[q]).sum(-1) for p, q in fm.HESSIAN_PAIRS], -1).transpose(0, 1)
     torch.testing.assert_close(step(*inputs)[0] if with_next else step(*inputs), want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_with_respect_to_coordinates(mode):
+    """Losses on u, J and H also differentiate correctly w.r.t. the input points (third order)."""
+    net = _network("conditioned", torch.float64, hidden=16)
+    x, alpha = _inputs(7, torch.float64, per_point=True)
+    x.requires_grad_(True)
+
+    def loss(u, jac, hess):
+        return u.sum() + (jac**2).sum() + (hess**2).sum()
+
+    got = torch.autograd.grad(loss(*net.forward_with_derivatives(x, alpha, hessian_mode=mode)), x)[0]
+    want = torch.autograd.grad(loss(*autograd_derivatives(net, x, alpha)), x)[0]
+    assert _rel(got, want) <= 1e-10
