@@ -32,7 +32,7 @@ def test_torchrun_partitions_patients_across_ranks(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
         "-m", "monai.bundle", "run", "training", "--config_file", str(configs),
-        "--phantom#shape", "[48,48,32]", "--phantom#num_landmarks", "50", "--phantom#num_patients", "2",
+        "--phantom#shape", "[48,48,32]", "--phantom#spacing", "[5.6,5.6,8.0]", "--phantom#num_landmarks", "50", "--phantom#num_patients", "2",
         "--max_iterations", "15", "--num_points", "400", "--num_alphas", "3", "--affine_prealign", "false",
         "--log_every", "100",
     ]  # fmt: skip
