@@ -251,12 +251,14 @@ def _plan(cases: list[dict], methods: list[str], autograd_cases: str) -> list[tu
 
 #: rough seconds on 2 idle cores, for the plan's estimate: INR step at 4,000 points, alpha
 #: selection per alpha, elastix registration (small phantom / 256x256x64 CT), per-process overhead.
+#: Measured on the chest CT case under a 7x oversubscribed 2-core machine and scaled down: cIDIR
+#: 0.59 s/step, 9.6 s/alpha; elastix default 104 s, lung-tuned 359 s.
 _COST = {
     "step": 0.2,
     "autograd_factor": 5.0,
     "per_alpha": {"phantom": 0.5, "other": 2.0},
-    "elastix_default": {"phantom": 20.0, "other": 70.0},
-    "elastix_lung": {"phantom": 40.0, "other": 150.0},
+    "elastix_default": {"phantom": 25.0, "other": 80.0},
+    "elastix_lung": {"phantom": 70.0, "other": 220.0},
     "overhead": 20.0,
 }
 
