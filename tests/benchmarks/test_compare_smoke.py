@@ -17,6 +17,7 @@ if str(REPO) not in sys.path:
 from benchmarks.peers.elastix import elastix_available  # noqa: E402
 
 
+@pytest.mark.slow
 def test_compare_tiny_phantom(tmp_path):
     methods = ["cidir"] + (["elastix_default"] if elastix_available() else [])
     args = [
