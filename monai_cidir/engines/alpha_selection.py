@@ -169,6 +169,8 @@ class AlphaSelectionEvaluator(Evaluator):
         margin_mm: float = 5.0,
         chunk_size: int = 65536,
         val_handlers: Sequence | None = None,
+        band_mm: float | None = 1.0,
+        folding_stride: int = 2,
     ) -> None:
         if mode not in ("warp_mask", "segment"):
             raise ValueError(f"mode must be 'warp_mask' or 'segment', found {mode!r}")
@@ -176,6 +178,10 @@ class AlphaSelectionEvaluator(Evaluator):
             raise ValueError("mode='warp_mask' needs the moving lung mask (moving_mask=None was given)")
         if mode == "segment" and (moving_image is None or fixed_image is None):
             raise ValueError("mode='segment' needs fixed_image and moving_image")
+        if band_mm is not None and not band_mm > 0:
+            raise ValueError(f"band_mm must be positive or None, found {band_mm}")
+        if int(folding_stride) < 1:
+            raise ValueError(f"folding_stride must be >= 1, found {folding_stride}")
         alphas = list(alphas) if alphas is not None else alpha_grid(alpha_range[0], alpha_range[1], num_alphas)
         super().__init__(
             device=next(model.network.parameters()).device,
@@ -191,6 +197,9 @@ class AlphaSelectionEvaluator(Evaluator):
         self.no_folding = bool(no_folding)
         self.tie_tolerance = float(tie_tolerance)
         self.chunk_size = int(chunk_size)
+        self.band_mm = None if band_mm is None else float(band_mm)
+        self.max_band_mm = 20.0
+        self.folding_stride = int(folding_stride)
         self.dice_metric = DiceMetric(include_background=True, reduction="mean")
         fmap = model.mapping
         self.fixed_mapping = fmap
@@ -218,6 +227,12 @@ class AlphaSelectionEvaluator(Evaluator):
             fimg = fimg.reshape(fimg.shape[-3:])[self.region].float()
             self.fixed_mask_grid = self._segment(fimg) > 0.5
         self.curve = AlphaCurve()
+        self.reference_alpha = float(np.median(alphas)) if alphas else 0.5
+        source = self.moving_mask if mode == "warp_mask" else self.moving_image
+        self._source = torch.as_tensor(source.as_tensor() if hasattr(source, "as_tensor") else source).float()
+        self._inside = torch.nonzero(self.fixed_mask_grid.reshape(-1)).reshape(-1)
+        self._world_cache: torch.Tensor | None = None
+        self._band: dict | None = None
 
     # ------------------------------------------------------------------ scoring one alpha
     def _region_affine(self) -> torch.Tensor:
@@ -248,49 +263,173 @@ class AlphaSelectionEvaluator(Evaluator):
         self.dice_metric.reset()
         return float(self.dice_metric(pred[None, None].float(), self.fixed_mask_grid[None, None].float()).mean())
 
-    @torch.no_grad()
-    def score(self, alpha: float) -> dict:
-        """Dice, folding and seconds of one alpha (also returns the warped mask as ``pred``)."""
+    # ------------------------------------------------------------------ grid helpers
+    def _world_at(self, flat: torch.Tensor) -> torch.Tensor:
+        """World points (float32) of flat indices of the selection grid."""
+        if self._world_cache is not None:
+            return self._world_cache[flat]
+        idx = np.stack(np.unravel_index(flat.numpy(), self.shape), axis=-1).astype(np.float64)
+        start = np.array([r.start for r in self.region], dtype=np.float64)
+        step = np.array([r.step or 1 for r in self.region], dtype=np.float64)
+        return self.fixed_mapping.index_to_world(torch.from_numpy(start + idx * step)).float()
+
+    def _grid_world(self) -> torch.Tensor | None:
+        """The whole grid's world points, cached when it has at most 4M points (else None)."""
+        n = int(np.prod(self.shape))
+        if self._world_cache is None and n <= 4_000_000:
+            parts = [w.float() for _, w in iter_grid_chunks(self.fixed_mapping, None, 1 << 20, self.region)]
+            self._world_cache = torch.cat(parts)
+        return self._world_cache
+
+    def _moved(self, flat: torch.Tensor | None, alpha: float) -> torch.Tensor:
+        """``phi(p)`` (float32 mm) at flat grid indices (None: the whole grid), in chunks."""
+        n = int(np.prod(self.shape)) if flat is None else flat.numel()
+        out = torch.empty(n, 3, dtype=torch.float32)
+        for b in range(0, n, self.chunk_size):
+            sel = torch.arange(b, min(n, b + self.chunk_size)) if flat is None else flat[b : b + self.chunk_size]
+            out[b : b + len(sel)] = self.model(self._world_at(sel), alpha).float().cpu()
+        return out
+
+    def _sample(self, moved: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(moved.shape[0], dtype=torch.float32)
+        for b in range(0, moved.shape[0], 1 << 20):
+            out[b : b + (1 << 20)] = self.moving_mapping.sample(self._source, moved[b : b + (1 << 20)]).reshape(-1)
+        return out
+
+    def _band_supported(self) -> bool:
+        if self.mode != "warp_mask" or self.band_mm is None or self._grid_world() is None:
+            return False
+        m = self.moving_mapping.affine[:3, :3].to(torch.float64)
+        cols = m / torch.linalg.norm(m, dim=0)
+        off = cols.T @ cols - torch.eye(3, dtype=torch.float64)
+        return bool(off.abs().max() < 1e-3)  # EDT needs orthogonal voxel axes
+
+    def _safe_distance(self, moved: torch.Tensor) -> torch.Tensor:
+        """Per point, a radius (mm) around ``moved`` inside which the warped mask label cannot change.
+
+        A label is trilinear interpolation of the moving mask > 0.5, so it is ``L`` wherever the 8
+        voxels around the point all have label ``L``; it can only change inside the box
+        ``[c - spacing, c + spacing]`` of a voxel ``c`` of the other label. The radius is the
+        Euclidean distance (scipy's EDT, exact at voxel centres, as those boxes are unions of voxel
+        centres) from the point's nearest voxel ``v`` to the boxes of the label other than ``v``'s,
+        less ``|p - v|``. The mask's bounding box (plus the largest radius that matters) is enough;
+        points outside the image see its border voxels, as ``grid_sample``'s border padding does.
+        """
+        from scipy import ndimage
+
+        mask = self._source.reshape(self._source.shape[-3:]).numpy() > 0.5
+        spacing = self.moving_mapping.spacing.numpy().astype(np.float64)
+        idx = np.argwhere(mask)
+        vox = self.moving_mapping.world_to_index(moved.double()).numpy()
+        if idx.size == 0:
+            return torch.full((moved.shape[0],), float("inf"))
+        pad = np.ceil(self.max_band_mm / spacing).astype(int) + 2
+        lo, hi = idx.min(0) - pad, idx.max(0) + pad + 1
+        clo, chi = np.maximum(lo, 0), np.minimum(hi, mask.shape)
+        crop = np.pad(mask[tuple(slice(a, b) for a, b in zip(clo, chi))], list(zip(clo - lo, hi - chi)), mode="edge")
+        box = np.ones((3, 3, 3), dtype=bool)
+        d_in = ndimage.distance_transform_edt(~ndimage.binary_dilation(~crop, box), sampling=spacing)
+        d_out = ndimage.distance_transform_edt(~ndimage.binary_dilation(crop, box), sampling=spacing)
+        near = np.clip(np.rint(vox).astype(np.int64) - lo, 0, np.asarray(crop.shape) - 1)
+        i, j, k = near[:, 0], near[:, 1], near[:, 2]
+        dist = np.where(crop[i, j, k], d_in[i, j, k], d_out[i, j, k])
+        offset = np.linalg.norm((vox - lo - near) * spacing, axis=1)
+        return torch.from_numpy(dist - offset).float()
+
+    def _prepare_band(self) -> None:
+        """Evaluate the reference alpha on the whole grid; keep its labels and safe radii."""
+        moved = self._moved(None, self.reference_alpha)
+        labels = self._sample(moved) > 0.5
+        safe = self._safe_distance(moved)
+        n = moved.shape[0]
+        self._band = {"moved": moved, "labels": labels, "safe": safe, "radius": self.band_mm}
+        self._band["probe"] = torch.arange(0, n, 16)  # every 16th point: is the change small everywhere?
+        self._set_band_radius(self.band_mm)
+
+    def _set_band_radius(self, radius: float) -> None:
+        band = self._band
+        band["radius"] = float(radius)
+        inner = band["safe"] <= radius
+        band["points"] = torch.nonzero(inner).reshape(-1)
+        probe = band["probe"][~inner[band["probe"]]]
+        band["eval"] = torch.cat([band["points"], probe])
+
+    def _warp_labels_band(self, alpha: float) -> tuple[torch.Tensor, int]:
+        """Warped mask labels from the band around the reference's boundary; returns (labels, points)."""
+        if self._band is None:
+            self._prepare_band()
+        band = self._band
+        while not band.get("whole_grid"):
+            idx = band["eval"]
+            moved = self._moved(idx, alpha)
+            change = float((moved - band["moved"][idx]).norm(dim=1).max()) if idx.numel() else 0.0
+            if 2.0 * change < band["radius"]:  # every other point moved less than its safe radius
+                break
+            radius = 4.0 * change
+            band["whole_grid"] = radius > self.max_band_mm  # the field changes too much with alpha
+            self._set_band_radius(radius)
+        if band.get("whole_grid"):
+            return self._sample(self._moved(None, alpha)) > 0.5, int(np.prod(self.shape))
+        labels = band["labels"].clone()
+        k = band["points"].numel()
+        labels[band["points"]] = self._sample(moved[:k]) > 0.5
+        return labels, int(idx.numel())
+
+    def _folding_points(self, stride: int) -> torch.Tensor:
+        """Flat indices of fixed-mask points on every ``stride``-th grid point along each axis."""
+        if stride <= 1:
+            return self._inside
+        sub = np.stack(np.unravel_index(self._inside.numpy(), self.shape), axis=-1)
+        keep = np.all(sub % stride == 0, axis=1)
+        return self._inside[torch.from_numpy(keep)]
+
+    def folding(self, alpha: float, stride: int = 1) -> float:
+        """Folding fraction at ``alpha``: exact Jacobians at the fixed-mask points of the grid (every ``stride``-th)."""
         from monai_cidir.metrics import JacobianDeterminantMetric
 
+        pts = self._folding_points(stride)
+        if pts.numel() == 0:
+            return 0.0
+        jac = torch.cat(
+            [
+                self.model.displacement_jacobian(self._world_at(pts[b : b + self.chunk_size]), alpha, self.chunk_size).float()
+                for b in range(0, pts.numel(), self.chunk_size)
+            ]
+        )
+        metric = JacobianDeterminantMetric()
+        metric(jac[None])
+        return _folding_fraction(metric)
+
+    @torch.no_grad()
+    def score(self, alpha: float, folding_stride: int | None = None) -> dict:
+        """Dice, folding and seconds of one alpha (also returns the warped mask as ``pred``).
+
+        Args:
+            alpha: the regularisation weight.
+            folding_stride: thin the folding points (default: the evaluator's ``folding_stride``).
+        """
         start = time.perf_counter()
-        model = self.model
-        model.network.eval()
-        n = int(np.prod(self.shape))
-        warped = torch.empty(n, dtype=torch.float32)
-        inside = self.fixed_mask_grid.reshape(-1)
-        source = self.moving_mask if self.mode == "warp_mask" else self.moving_image
-        source = torch.as_tensor(source.as_tensor() if hasattr(source, "as_tensor") else source).float()
-        jacobians: list[torch.Tensor] = []
-        for flat, world in iter_grid_chunks(self.fixed_mapping, None, self.chunk_size, self.region):
-            world = world.float()
-            sel = inside[flat]
-            moved = torch.empty_like(world)
-            if sel.any():
-                with torch.enable_grad() if model.derivatives == "autograd" else torch.no_grad():
-                    m_in, jac, _ = model.forward_with_derivatives(world[sel], alpha, order=1)
-                moved[sel] = m_in.detach().float().cpu()
-                jac = jac.detach() + model.affine_jacobian(jac.dtype, jac.device)
-                jacobians.append(jac.float().cpu())
-            if (~sel).any():
-                moved[~sel] = model(world[~sel], alpha).float().cpu()
-            warped[flat] = self.moving_mapping.sample(source, moved).reshape(-1)
-        warped = warped.reshape(self.shape)
-        pred = self._segment(warped) > 0.5 if self.mode == "segment" else warped > 0.5
+        self.model.network.eval()
+        self._grid_world()
+        if self._band_supported():
+            labels, evaluated = self._warp_labels_band(alpha)
+            pred = labels.reshape(self.shape)
+        else:
+            values = self._sample(self._moved(None, alpha)).reshape(self.shape)
+            evaluated = int(np.prod(self.shape))
+            pred = self._segment(values) > 0.5 if self.mode == "segment" else values > 0.5
         pred = pred[None, None].float()
         label = self.fixed_mask_grid[None, None].float()
         self.dice_metric.reset()
         dice = float(self.dice_metric(pred, label).mean())
-        folding = 0.0
-        if jacobians:
-            metric = JacobianDeterminantMetric()
-            metric(torch.cat(jacobians)[None])
-            folding = _folding_fraction(metric)
+        stride = self.folding_stride if folding_stride is None else int(folding_stride)
+        folding = self.folding(alpha, stride)
         return {
             "alpha": float(alpha),
             "dice": dice,
             "folding": folding,
             "seconds": time.perf_counter() - start,
+            "points": evaluated,
             "pred": pred,
             "label": label,
         }
@@ -356,7 +495,11 @@ class AlphaSelectionEvaluator(Evaluator):
         if self.golden_section_steps > 0 and len(self.curve.rows) > 1:
             self._refine()
         self.curve.rows.sort(key=lambda r: r["alpha"])
-        self.curve.best = self._best(self.curve.rows)
+        best = dict(self._best(self.curve.rows))
+        if self.folding_stride > 1:  # the sweep thinned the folding points; the choice gets all of them
+            with torch.no_grad():
+                best["folding"] = self.folding(best["alpha"], 1)
+        self.curve.best = best
         return self.curve
 
 

@@ -252,6 +252,9 @@ def select_and_export(
     else:
         alpha = float(alpha)
         chosen = next((r for r in rows if abs(r["alpha"] - alpha) < 1e-12), None)
+        if chosen is not None and evaluator.folding_stride > 1:  # the sweep's folding was thinned
+            with torch.no_grad():
+                chosen = dict(chosen, folding=evaluator.folding(alpha, 1))
         if chosen is None:
             ev = AlphaSelectionEvaluator(
                 model,

@@ -126,3 +126,61 @@ def test_segment_mode_agrees_with_warped_mask(phantom_item):
     assert float(overlap) > 0.95
     # ...so Dice of the segmented moved image tracks Dice of the warped mask
     assert seg.run().best["dice"] == pytest.approx(warp.best["dice"], abs=0.02)
+
+
+@pytest.mark.parametrize("c", [0.005, 0.3])
+def test_band_sweep_gives_the_full_grid_dice_exactly(phantom_item, c):
+    """The boundary-band sweep reproduces every alpha's Dice of the whole-grid evaluation.
+
+    c = 0.005 moves points by < 0.5 mm between alpha = 0.5 (the reference) and 0/1: the 1 mm band
+    holds. c = 0.3 moves them by up to ~5 mm: the band must widen (or fall back) and still agree.
+    """
+    mapping = CoordinateMapping.from_image(phantom_item["fixed_image"])
+    model = RegistrationModel(_AlphaScaledField(c=c), mapping)
+    alphas = [0.0, 0.2, 0.5, 0.9, 1.0]
+    band = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=alphas)
+    full = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=alphas, band_mm=None)
+    b, f = band.run(), full.run()
+    dices = [r["dice"] for r in f.rows]
+    if c > 0.1:
+        assert max(dices) - min(dices) > 0.02  # the field really changes Dice
+    for rb, rf in zip(b.rows, f.rows):
+        assert rb["dice"] == pytest.approx(rf["dice"], abs=1e-7), (rb, rf)
+    n = int(torch.tensor(band.shape).prod())
+    if c > 0.1:  # widened beyond the largest band: every point is evaluated
+        assert band._band["radius"] > 1.0 and band.score(0.0)["points"] == n
+    else:
+        assert band._band["radius"] == 1.0
+        assert band.score(0.2)["points"] < n / 3  # far fewer network evaluations than grid points
+
+
+def test_safe_radius_is_conservative(phantom_item):
+    """No point moved by less than its safe radius changes its warped-mask label."""
+    mapping = CoordinateMapping.from_image(phantom_item["fixed_image"])
+    model = RegistrationModel(_AlphaScaledField(c=0.0), mapping)
+    ev = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=[0.5])
+    g = torch.Generator().manual_seed(0)
+    lo, hi = ev._grid_world().min(0).values, ev._grid_world().max(0).values
+    pts = lo + (hi - lo) * torch.rand(20000, 3, generator=g)
+    safe = ev._safe_distance(pts)
+    label = ev._sample(pts) > 0.5
+    assert (safe > 2.0).float().mean() > 0.3  # most points are far from the boundary...
+    assert (safe < 1.0).any()  # ...some are close
+    for _ in range(5):
+        direction = torch.nn.functional.normalize(torch.randn(20000, 3, generator=g), dim=1)
+        step = safe.clamp(min=0)[:, None] * torch.rand(20000, 1, generator=g) * 0.999
+        moved = ev._sample(pts + direction * step) > 0.5
+        assert torch.equal(moved, label)
+
+
+def test_sweep_folding_is_thinned_and_the_choice_uses_every_point(phantom_item):
+    mapping = CoordinateMapping.from_image(phantom_item["fixed_image"])
+    model = RegistrationModel(_AlphaScaledField(c=0.0), mapping)
+    ev = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=[0.5])
+    inside = int(ev.fixed_mask_grid.sum())
+    thinned = ev._folding_points(2).numel()
+    assert inside / 12 < thinned < inside / 4
+    with pytest.raises(ValueError, match="folding_stride"):
+        AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], folding_stride=0)
+    with pytest.raises(ValueError, match="band_mm"):
+        AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], band_mm=-1.0)

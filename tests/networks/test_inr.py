@@ -192,3 +192,28 @@ def test_coordinate_and_order_errors():
         SirenINR(num_hidden_layers=0)
     with pytest.raises(ValueError, match="omega_0"):
         ConditionedINR(omega_0=0.0)
+
+
+@pytest.mark.parametrize("network_cls", [ConditionedINR, SirenINR])
+def test_inference_path_folds_alpha_into_the_weights(network_cls):
+    """Without gradients the network runs as a plain sine MLP with folded weights: same values."""
+    torch.manual_seed(3)
+    net = network_cls(hidden_features=48).double()
+    with torch.no_grad():
+        for p in net.parameters():  # move (a, b, c, d) away from (1, 1, 0, 0)
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.rand(5000, 3, dtype=torch.float64) * 2 - 1  # > inference_block: several blocks
+    reference = net(x, 0.37)  # the autograd-ready path
+    assert reference.requires_grad
+    with torch.no_grad():
+        folded = net(x, 0.37)
+        a, b, c, d = (float(v) for v in net.activation_parameters(x[:1], 0.37)) if network_cls is ConditionedINR else (1, 1, 0, 0)
+        if network_cls is ConditionedINR:
+            assert abs(a - 1) + abs(b - 1) + abs(c) + abs(d) > 0.01
+        layers = net.folded_layers(a, b, c, d)
+    assert len(layers) == len(net.layers) and layers[0][0].shape == (3, 48)
+    torch.testing.assert_close(folded, reference.detach(), rtol=1e-10, atol=1e-12)
+    # per-point alpha keeps the general path, without gradients too
+    with torch.no_grad():
+        per_point = net(x[:100], torch.full((100, 1), 0.37, dtype=torch.float64))
+    torch.testing.assert_close(per_point, reference[:100].detach(), rtol=1e-10, atol=1e-12)
