@@ -315,8 +315,8 @@ def _run_inr(item: dict, method: str, budget: dict, workdir: Path) -> dict:
     if conditioned:
         options.update(num_alphas=len(grid))
     else:
-        # IDIR: one fixed alpha. The prior needs low < high: a range 1e-9 wide is that alpha.
-        options.update(alpha_range=(idir_alpha, idir_alpha + 1e-9), alpha=idir_alpha, num_alphas=0)
+        # IDIR: one fixed alpha, the prior collapsed to it
+        options.update(alpha_range=(idir_alpha, idir_alpha), alpha=idir_alpha, num_alphas=0)
     start = time.perf_counter()
     metrics = register_patient(item, workdir, **options)
     wall = time.perf_counter() - start

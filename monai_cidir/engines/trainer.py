@@ -66,7 +66,8 @@ class AlphaPrior:
 
     Args:
         low: lower end of the range (paper: 0).
-        high: upper end of the range (paper: 1).
+        high: upper end of the range (paper: 1). ``high == low`` trains at that one alpha, as IDIR
+            does (IDIR's default: 0.5 for the SIREN baseline of the benchmark).
         distribution: ``"uniform"`` (paper) or ``"log-uniform"`` (uniform in log alpha on
             ``[max(low, log_floor), high]``).
         per_point: draw one alpha per point (one batch then covers the whole prior) instead
@@ -90,8 +91,8 @@ class AlphaPrior:
     ) -> None:
         if distribution not in ("uniform", "log-uniform"):
             raise ValueError(f"distribution must be 'uniform' or 'log-uniform', found {distribution!r}")
-        if not high > low or low < 0:
-            raise ValueError(f"expected 0 <= low < high, found low={low}, high={high}")
+        if not high >= low or low < 0:
+            raise ValueError(f"expected 0 <= low <= high, found low={low}, high={high}")
         self.low, self.high = float(low), float(high)
         self.distribution = distribution
         self.per_point = bool(per_point)

@@ -105,5 +105,9 @@ def test_alpha_prior():
     assert b.shape == (1,)
     logs = torch.log10(AlphaPrior(0.0, 1.0, "log-uniform", per_point=True, log_floor=1e-3).sample(20000, g))
     assert float(logs.mean()) == pytest.approx(-1.5, abs=0.03)  # uniform in log10 on [-3, 0]
-    with pytest.raises(ValueError, match="low < high"):
+    with pytest.raises(ValueError, match="low <= high"):
         AlphaPrior(1.0, 0.5)
+    # low == high: IDIR's single alpha
+    fixed = AlphaPrior(0.5, 0.5, per_point=True).sample(100, g)
+    assert torch.equal(fixed, torch.full((100, 1), 0.5))
+    assert torch.equal(AlphaPrior(0.5, 0.5, "log-uniform").sample(1, g), torch.tensor([0.5]))
