@@ -57,3 +57,11 @@ def test_compare_tiny_phantom(tmp_path):
     assert curve[0][1] == 0 and curve[-1][1] == 12
     assert curve[0][2] == pytest.approx(float(c["tre_before_mean"]), abs=0.3)  # starts near the identity
     assert curve[-1][2] < curve[0][2]
+    # benchmarks/alpha_sweep.py on the trained model: the band sweep equals the whole-grid sweep
+    from benchmarks.alpha_sweep import main as sweep_main, sweep_case
+
+    r = sweep_case(out / "runs" / "phantom_s0__cidir", num_alphas=5)
+    assert r["max_dice_difference"] <= 1e-7 and r["band_alpha"] == r["whole_alpha"]
+    assert r["band_points"] < r["grid_points"]
+    assert sweep_main(["--output", str(out), "--num-alphas", "3", "--markdown", str(out / "sweep.md")]) == 0
+    assert "| phantom_s0 |" in (out / "sweep.md").read_text()
