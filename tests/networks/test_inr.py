@@ -217,3 +217,25 @@ def test_inference_path_folds_alpha_into_the_weights(network_cls):
     with torch.no_grad():
         per_point = net(x[:100], torch.full((100, 1), 0.37, dtype=torch.float64))
     torch.testing.assert_close(per_point, reference[:100].detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("network_cls", [ConditionedINR, SirenINR])
+def test_inference_jacobian_matches_the_training_path(network_cls):
+    """order=1 without gradients runs forward mode through the folded layers: same u and Jacobian."""
+    torch.manual_seed(4)
+    net = network_cls(hidden_features=40).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.rand(2500, 3, dtype=torch.float64) * 2 - 1  # > inference_block / 4: several blocks
+    u, jac, _ = net.forward_with_derivatives(x, 0.6, order=1)  # the differentiable path
+    assert jac.requires_grad
+    with torch.no_grad():
+        u_f, jac_f, hess_f = net.forward_with_derivatives(x, 0.6, order=1)
+    assert hess_f is None and jac_f.shape == (2500, 3, 3)
+    # float64, relative to the largest entry (the folded weights round differently)
+    assert float((u_f - u.detach()).abs().max()) <= 1e-9 * float(u.abs().max())
+    assert float((jac_f - jac.detach()).abs().max()) <= 1e-9 * float(jac.abs().max())
+    # and against nested autograd on a few points
+    _, jac_ag, _ = autograd_derivatives(net, x[:50], torch.tensor([0.6], dtype=torch.float64), order=1)
+    assert float((jac_f[:50] - jac_ag.detach()).abs().max()) <= 1e-9 * float(jac_ag.abs().max())
