@@ -135,6 +135,12 @@ class _SineINR(nn.Module):
             out.append((weight.t().contiguous(), bias.contiguous()))
         return out
 
+    def _block(self, coords: torch.Tensor, divisor: int = 1) -> int:
+        """Points per block: cache-sized on a CPU, the whole batch on an accelerator."""
+        if coords.device.type != "cpu":
+            return max(1, coords.shape[0])
+        return max(1, self.inference_block // divisor)
+
     def _inference(self, coords: torch.Tensor, params) -> bool:
         """True when no gradient is needed and one alpha serves the whole batch (the folded path)."""
         if torch.is_grad_enabled() and (coords.requires_grad or any(p.requires_grad for p in self.parameters())):
@@ -147,7 +153,7 @@ class _SineINR(nn.Module):
         Per layer ``h' = sin(z)``, ``dh'/dx_j = cos(z) * (dh/dx_j @ W^T)``: one matmul on a (3N, F)
         stack besides the value's, and no element-wise work for (a, b, c, d).
         """
-        n, block = coords.shape[0], self.inference_block // 4
+        n, block = coords.shape[0], self._block(coords, 4)
         u = coords.new_empty(n, self.out_features)
         jac = coords.new_empty(n, 3, self.out_features)  # [n, j, i] while filling
         for n0 in range(0, n, block):
@@ -168,11 +174,12 @@ class _SineINR(nn.Module):
 
     def _forward_folded(self, coords: torch.Tensor, layers) -> torch.Tensor:
         out = coords.new_empty(coords.shape[0], self.out_features)
-        for n0 in range(0, coords.shape[0], self.inference_block):
-            h = coords[n0 : n0 + self.inference_block]
+        block = self._block(coords)
+        for n0 in range(0, coords.shape[0], block):
+            h = coords[n0 : n0 + block]
             for weight_t, bias in layers[:-1]:
                 h = torch.addmm(bias, h, weight_t).sin_()
-            torch.addmm(layers[-1][1], h, layers[-1][0], out=out[n0 : n0 + self.inference_block])
+            torch.addmm(layers[-1][1], h, layers[-1][0], out=out[n0 : n0 + block])
         return out
 
     def forward_with_derivatives(
