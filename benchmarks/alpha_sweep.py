@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -53,9 +54,7 @@ def sweep_case(run_dir: Path, num_alphas: int = 21) -> dict | None:
         out[f"{label}_rows"] = curve.rows
         out[f"{label}_alpha"] = curve.alpha
         if label == "band":
-            n = 1
-            for s in ev.shape:
-                n *= s
+            n = math.prod(ev.shape)
             out["grid_points"] = n
             out["band_points"] = int(ev._band["eval"].numel()) if ev._band is not None else n
             out["band_mm"] = float(ev._band["radius"]) if ev._band is not None else None

@@ -256,6 +256,7 @@ class AlphaSelectionEvaluator(Evaluator):
         self._inside = torch.nonzero(self.fixed_mask_grid.reshape(-1)).reshape(-1)
         self._world_cache: torch.Tensor | None = None
         self._band: dict | None = None
+        self._folding_cache: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ scoring one alpha
     def _region_affine(self) -> torch.Tensor:
@@ -402,9 +403,11 @@ class AlphaSelectionEvaluator(Evaluator):
         """Flat indices of fixed-mask points on every ``stride``-th grid point along each axis."""
         if stride <= 1:
             return self._inside
-        sub = np.stack(np.unravel_index(self._inside.numpy(), self.shape), axis=-1)
-        keep = np.all(sub % stride == 0, axis=1)
-        return self._inside[torch.from_numpy(keep)]
+        if stride not in self._folding_cache:  # the same points for every alpha of the sweep
+            sub = np.stack(np.unravel_index(self._inside.numpy(), self.shape), axis=-1)
+            keep = np.all(sub % stride == 0, axis=1)
+            self._folding_cache[stride] = self._inside[torch.from_numpy(keep)]
+        return self._folding_cache[stride]
 
     def folding(self, alpha: float, stride: int = 1) -> float:
         """Folding fraction at ``alpha``: exact Jacobians at the fixed-mask points of the grid (every ``stride``-th)."""
@@ -413,12 +416,7 @@ class AlphaSelectionEvaluator(Evaluator):
         pts = self._folding_points(stride)
         if pts.numel() == 0:
             return 0.0
-        jac = torch.cat(
-            [
-                self.model.displacement_jacobian(self._world_at(pts[b : b + self.chunk_size]), alpha, self.chunk_size).float()
-                for b in range(0, pts.numel(), self.chunk_size)
-            ]
-        )
+        jac = self.model.displacement_jacobian(self._world_at(pts), alpha, self.chunk_size).float()
         metric = JacobianDeterminantMetric()
         metric(jac[None])
         return _folding_fraction(metric)
