@@ -122,7 +122,7 @@ def test_lungmask_backend_runs_with_a_weights_file(r231_weights, phantom):
     """The real lungmask path (LMInferer, R231 architecture) on test-written random weights."""
     image = phantom["fixed_image"]
     crop = MetaTensor(image[..., 40:42].as_tensor(), affine=image.affine.clone())
-    mask = LungMask(backend="lungmask", model_path=r231_weights)(crop)
+    mask = LungMask(backend="lungmask", weights=r231_weights)(crop)
     assert isinstance(mask, MetaTensor) and mask.shape == crop.shape and mask.dtype == torch.float32
     assert torch.equal(mask.affine, crop.affine)
     assert set(torch.unique(mask).tolist()) <= {0.0, 1.0}
@@ -149,7 +149,7 @@ def test_lungmask_backend_orientation(r231_weights, layout):
     blob = ((world[..., 0] - centre[0] - 8.0) / 5.0) ** 2 + ((world[..., 1] - centre[1] - 6.0) / 3.5) ** 2 <= 1.0
     hu = np.where(blob, -900.0, 40.0).astype(np.float32)
     image = MetaTensor(torch.from_numpy(hu[None]), affine=torch.as_tensor(affine))
-    transform = LungMask(backend="lungmask", model_path=r231_weights)
+    transform = LungMask(backend="lungmask", weights=r231_weights)
     fake = _DarkIsLung()
     transform.inferer().model = fake
     mask = transform(image)
@@ -175,9 +175,12 @@ def test_lungmask_uses_the_torch_hub_cache(r231_weights, tmp_path, monkeypatch):
 def test_missing_weights_give_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     image = MetaTensor(torch.zeros(1, 8, 8, 2), affine=torch.eye(4, dtype=torch.float64))
-    # model_path that does not exist
-    with pytest.raises(FileNotFoundError, match=r"does not exist.*unet_r231-d5d2fc3d\.pth.*backend='threshold'"):
-        LungMask(backend="lungmask", model_path=tmp_path / "nope.pth")(image)
+    # a weights file that does not exist (and its former name, model_path)
+    for kwargs in ({"weights": tmp_path / "nope.pth"}, {"model_path": tmp_path / "nope.pth"}):
+        with pytest.raises(FileNotFoundError, match=r"nope\.pth does not exist.*unet_r231-d5d2fc3d\.pth.*backend='threshold'"):
+            LungMask(backend="lungmask", **kwargs)(image)
+    with pytest.raises(ValueError, match="give the lungmask weights once"):
+        LungMask(backend="lungmask", weights=tmp_path / "a.pth", model_path=tmp_path / "b.pth")
     # nothing cached, downloads disabled
     with pytest.raises(FileNotFoundError, match=r"hub/checkpoints/unet_r231-d5d2fc3d\.pth.*download=False"):
         LungMask(backend="lungmask", download=False)(image)
@@ -190,7 +193,7 @@ def test_missing_weights_give_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError) as info:
         LungMask(backend="lungmask")(image)
     message = str(info.value)
-    for part in ("download failed", WEIGHTS_NAME, str(tmp_path / "hub" / "checkpoints"), "model_path=", "backend='threshold'", "datalist"):
+    for part in ("download failed", WEIGHTS_NAME, str(tmp_path / "hub" / "checkpoints"), "weights=", "backend='threshold'", "datalist"):
         assert part in message
 
 
