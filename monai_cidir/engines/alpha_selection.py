@@ -277,11 +277,20 @@ class AlphaSelectionEvaluator(Evaluator):
     @torch.no_grad()
     def score_identity(self) -> float:
         """Dice of the unregistered pair on the same grid (the moving mask/segmentation read at ``p``)."""
-        source = self.moving_mask if self.mode == "warp_mask" else self.moving_image
-        source = torch.as_tensor(source.as_tensor() if hasattr(source, "as_tensor") else source).float()
+        return self.score_transform(None)
+
+    @torch.no_grad()
+    def score_transform(self, transform=None) -> float:
+        """Dice on the selection grid for any point map, e.g. the affine alone (``model.apply_affine``).
+
+        Args:
+            transform: ``fn(world (N, 3) float64) -> moved (N, 3)``; ``None`` is the identity.
+        """
+        source = self._source
         values = torch.empty(int(np.prod(self.shape)), dtype=torch.float32)
         for flat, world in iter_grid_chunks(self.fixed_mapping, None, self.chunk_size, self.region):
-            values[flat] = self.moving_mapping.sample(source, world.float()).reshape(-1)
+            moved = world if transform is None else transform(world)
+            values[flat] = self.moving_mapping.sample(source, moved.float()).reshape(-1)
         values = values.reshape(self.shape)
         pred = self._segment(values) > 0.5 if self.mode == "segment" else values > 0.5
         self.dice_metric.reset()

@@ -382,7 +382,7 @@ def train_cohort(
     kwargs = _normalise_options(kwargs)
     rank, world = rank_and_world_size()
     if world == 1:
-        return run_cohort(dataset, output_dir, print_summary=print_summary, **kwargs)
+        return _exit_on_failure(run_cohort(dataset, output_dir, print_summary=print_summary, raise_on_failure=False, **kwargs))
     if torch.distributed.is_initialized():
         raise RuntimeError(
             "a torch.distributed process group exists before the cohort is trained: MONAI's cumulative metrics "
@@ -392,7 +392,9 @@ def train_cohort(
     indices = partition_dataset(list(range(len(dataset))), num_partitions=world, shuffle=False, even_divisible=False)[rank]
     logger.info("rank %d of %d: patient indices %s", rank, world, indices)
     part_csv = output_dir / f"metrics_rank{rank}.csv"
-    rows = run_cohort(torch.utils.data.Subset(dataset, indices), output_dir, print_summary=False, metrics_csv=part_csv, **kwargs)
+    rows = run_cohort(
+        torch.utils.data.Subset(dataset, indices), output_dir, print_summary=False, metrics_csv=part_csv, raise_on_failure=False, **kwargs
+    )
     part_csv.unlink(missing_ok=True)
     _join_process_group(backend)
     gathered: list[list[dict] | None] = [None] * world
@@ -403,6 +405,18 @@ def train_cohort(
         if print_summary:
             print(format_summary_table(rows), flush=True)
     torch.distributed.barrier()
+    return _exit_on_failure(rows)
+
+
+def _exit_on_failure(rows: list[dict]) -> list[dict]:
+    """The command line's verdict: exit status 1 (after every patient ran) when one failed."""
+    failed = [r for r in rows if r.get("status") == "failed"]
+    if failed:
+        names = ", ".join(str(r.get("name")) for r in failed)
+        raise SystemExit(
+            f"cidir_lung_ct: {len(failed)} of {len(rows)} patient(s) failed ({names}); see the WARNING/ERROR lines "
+            "above and 'status', 'warnings', 'error' in metrics.csv. The other patients' outputs are complete."
+        )
     return rows
 
 
@@ -451,7 +465,7 @@ def infer_cohort(
             logger.warning("%s: no %s, skipped (train it first)", name, output_dir / name / "model.pt")
             continue
         rows.append(export_registration(item, output_dir, alpha=alpha, **kwargs))
-        logger.info("%s: exported at alpha %.3f (Dice %.4f)", name, rows[-1]["alpha"], rows[-1]["dice"])
+        logger.info("%s: exported at alpha %.3f (Dice %.4f, %s)", name, rows[-1]["alpha"], rows[-1]["dice"], rows[-1]["status"])
     if not rows:
         raise FileNotFoundError(
             f"no model.pt for any patient of the dataset under {output_dir}/<name>/: run the training "
@@ -461,7 +475,7 @@ def infer_cohort(
     table = collect_cohort_metrics(output_dir)
     if print_summary:
         print(format_summary_table(table), flush=True)
-    return rows
+    return _exit_on_failure(rows)
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -535,7 +549,8 @@ def evaluate_cohort(
 
     from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator
     from monai_cidir.engines.model import load_registration_model
-    from monai_cidir.engines.registration import _ensure_masks, format_summary_table, landmark_tre
+    from monai_cidir.engines.quality import prepare_lung_masks
+    from monai_cidir.engines.registration import format_summary_table, landmark_tre
 
     output_dir = Path(output_dir)
     save_dir = output_dir / "eval" if save_dir is None else Path(save_dir)
@@ -551,7 +566,7 @@ def evaluate_cohort(
         a = alpha if alpha is not None else stored.get("alpha", model.info.get("alpha"))
         if a is None:
             raise ValueError(f"{name}: no alpha given and none stored in {pdir / 'metrics.json'} or model.pt")
-        item = _ensure_masks(item, "threshold", None, need_moving=True)
+        item, _ = prepare_lung_masks(item, "threshold")
         best = AlphaSelectionEvaluator(
             model, item["fixed_mask"], item.get("moving_mask"), alphas=[float(a)], coarse_factor=coarse_factor
         ).run().best

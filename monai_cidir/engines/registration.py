@@ -34,6 +34,7 @@ from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator
 from monai_cidir.engines.export import plot_alpha_curve, write_alpha_curve, write_displacement_field, write_json, write_warped_image
 from monai_cidir.engines.model import RegistrationModel, load_registration_model, save_registration_model
 from monai_cidir.engines.prealign import fit_affine
+from monai_cidir.engines.quality import assess_registration, prepare_lung_masks, registration_quality
 from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer, build_optimizer, scale_initial_output
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "write_cohort_table",
     "COHORT_COLUMNS",
     "TrainingProgressBar",
+    "RegistrationFailed",
 ]
 
 logger = logging.getLogger("monai_cidir.engines")
@@ -71,6 +73,15 @@ COHORT_COLUMNS = (
     "seconds_training",
     "seconds_selection",
     "seconds_per_alpha",
+    "status",
+    "fixed_lung_ml",
+    "moving_lung_ml",
+    "ncc_before",
+    "ncc_affine",
+    "ncc_after",
+    "dice_affine",
+    "warnings",
+    "error",
 )
 
 
@@ -116,24 +127,6 @@ class _MaskPointSampler:
     def __call__(self, n: int) -> torch.Tensor:
         self.transform.num_points = int(n)
         return self.transform(self.mask).float()
-
-
-def _ensure_masks(item: dict, backend: str, lung_mask_kwargs: dict | None, need_moving: bool) -> dict:
-    """Compute missing lung masks with :class:`~monai_cidir.transforms.LungMaskd` (given masks win)."""
-    keys = ["fixed", "moving"] if need_moving else ["fixed"]
-    missing = [k for k in keys if item.get(f"{k}_mask") is None]
-    if not missing:
-        return item
-    from monai_cidir.transforms import LungMaskd
-
-    item = dict(item)
-    for k in missing:
-        logger.info("%s: computing the %s lung mask (backend %s)", item.get("name", "pair"), k, backend)
-        out = LungMaskd(keys=f"{k}_image", backend=backend, output_key=f"{k}_mask", **(lung_mask_kwargs or {}))(
-            {f"{k}_image": item[f"{k}_image"]}
-        )
-        item[f"{k}_mask"] = out[f"{k}_mask"]
-    return item
 
 
 def _build(factory, *args, default: Callable, **kwargs):
@@ -218,9 +211,19 @@ def select_and_export(
     patient_dir = Path(patient_dir)
     name = str(item.get("name", patient_dir.name))
     start = time.perf_counter()
+    options = dict(
+        mode=selection_mode,
+        moving_image=item.get("moving_image"),
+        fixed_image=item.get("fixed_image"),
+        lung_mask_backend=lung_mask_backend,
+        lung_mask_kwargs=lung_mask_kwargs,
+        coarse_spacing_mm=coarse_spacing_mm,
+        coarse_factor=coarse_factor,
+        chunk_size=chunk_size,
+    )
     rows: list[dict] = []
     best: dict | None = None
-    dice_before = None
+    evaluator = None
     if num_alphas and num_alphas > 0:
         evaluator = AlphaSelectionEvaluator(
             model,
@@ -230,25 +233,16 @@ def select_and_export(
             num_alphas=num_alphas,
             golden_section_steps=golden_section_steps,
             no_folding=no_folding,
-            mode=selection_mode,
-            moving_image=item.get("moving_image"),
-            fixed_image=item.get("fixed_image"),
-            lung_mask_backend=lung_mask_backend,
-            lung_mask_kwargs=lung_mask_kwargs,
-            coarse_spacing_mm=coarse_spacing_mm,
-            coarse_factor=coarse_factor,
-            chunk_size=chunk_size,
             val_handlers=selection_handlers,
+            **options,
         )
         curve = evaluator.run()
         rows, best = curve.rows, curve.best
-        dice_before = evaluator.score_identity()
     seconds_selection = time.perf_counter() - start
     if alpha is None:
         if best is None:
             raise ValueError("no alpha to export: give alpha=... or num_alphas > 0")
-        alpha = best["alpha"]
-        chosen = best
+        alpha, chosen = best["alpha"], best
     else:
         alpha = float(alpha)
         chosen = next((r for r in rows if abs(r["alpha"] - alpha) < 1e-12), None)
@@ -256,22 +250,8 @@ def select_and_export(
             with torch.no_grad():
                 chosen = dict(chosen, folding=evaluator.folding(alpha, 1))
         if chosen is None:
-            ev = AlphaSelectionEvaluator(
-                model,
-                item["fixed_mask"],
-                item.get("moving_mask"),
-                alphas=[alpha],
-                mode=selection_mode,
-                moving_image=item.get("moving_image"),
-                fixed_image=item.get("fixed_image"),
-                lung_mask_backend=lung_mask_backend,
-                lung_mask_kwargs=lung_mask_kwargs,
-                coarse_spacing_mm=coarse_spacing_mm,
-                coarse_factor=coarse_factor,
-                chunk_size=chunk_size,
-            )
-            chosen = ev.run().best
-            dice_before = ev.score_identity()
+            evaluator = AlphaSelectionEvaluator(model, item["fixed_mask"], item.get("moving_mask"), alphas=[alpha], **options)
+            chosen = evaluator.run().best
     if rows:
         write_alpha_curve(rows, patient_dir / "alpha_curve.csv")
         plot_alpha_curve(rows, alpha, patient_dir / "alpha_curve.png", title=name)
@@ -280,15 +260,13 @@ def select_and_export(
         write_displacement_field(model, alpha, patient_dir / "displacement.nii.gz", chunk_size=chunk_size)
         write_warped_image(model, alpha, item["moving_image"], patient_dir / "warped_moving.nii.gz", chunk_size=chunk_size)
     export_seconds = time.perf_counter() - export_seconds
-    before = landmark_tre(None, None, item)
-    after = landmark_tre(model, alpha, item)
     metrics: dict[str, Any] = dict(previous or {})
     metrics.update(
         {
             "name": name,
             "alpha": float(alpha),
             "dice": float(chosen["dice"]),
-            "dice_before": dice_before,
+            "dice_before": evaluator.score_identity(),
             "folding": float(chosen["folding"]),
             "alpha_selection": "fixed" if not rows or alpha != (best or {}).get("alpha") else "max_dice",
             "num_alphas_evaluated": len(rows),
@@ -297,13 +275,36 @@ def select_and_export(
     if rows:
         metrics["dice_at_alpha_min"] = float(rows[0]["dice"])
         metrics["seconds_per_alpha"] = float(sum(r["seconds"] for r in rows) / len(rows))
-    for key, stats in (("tre_before", before), ("tre_after", after)):
+    for key, stats in (("tre_before", landmark_tre(None, None, item)), ("tre_after", landmark_tre(model, alpha, item))):
         for stat, value in stats.items():
             metrics[f"{key}_{stat}"] = value
+    metrics.update(registration_quality(model, alpha, item, evaluator))
+    _assess(metrics)
     metrics["seconds_selection"] = seconds_selection
     metrics["seconds_export"] = export_seconds
     write_json(metrics, patient_dir / "metrics.json")
     return metrics
+
+
+def _mask_entries(reports: Mapping[str, dict]) -> dict:
+    """The lung-mask entries of ``metrics.json``: volumes and the plausibility reports."""
+    return {
+        "fixed_lung_ml": reports["fixed"]["volume_ml"],
+        "moving_lung_ml": reports["moving"]["volume_ml"],
+        "lung_masks": dict(reports),
+    }
+
+
+def _assess(metrics: dict) -> None:
+    """Set ``status`` and ``warnings`` (:func:`~monai_cidir.engines.quality.assess_registration`) and log them."""
+    status, failures, warnings = assess_registration(metrics)
+    metrics["status"] = status
+    metrics["warnings"] = failures + warnings
+    name = metrics.get("name")
+    for reason in failures:
+        logger.warning("%s: registration FAILED: %s", name, reason)
+    for reason in warnings:
+        logger.warning("%s: %s", name, reason)
 
 
 # ---------------------------------------------------------------------------- one patient
@@ -424,7 +425,7 @@ def register_patient(
             (pdir / f).unlink(missing_ok=True)
     pdir.mkdir(parents=True, exist_ok=True)
 
-    item = _ensure_masks(item, lung_mask_backend, lung_mask_kwargs, need_moving=selection_mode == "warp_mask" or affine_prealign is not False)
+    item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs)
     device = torch.device(device)
     set_determinism(seed=seed)
     from monai_cidir.networks import ConditionedINR
@@ -505,6 +506,7 @@ def register_patient(
         "regularizer": regularizer if isinstance(regularizer, str) else list(regularizer),
         "seed": seed,
         **prealign_info,
+        **_mask_entries(mask_reports),
         "seconds_training": seconds_training,
     }
     metrics = select_and_export(
@@ -542,8 +544,8 @@ def register_patient(
     return metrics
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+def _fmt(v, spec: str = ".2f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
 # ---------------------------------------------------------------------------- inference entry
@@ -585,8 +587,8 @@ def export_registration(
     if (pdir / "metrics.json").is_file():
         old = json.loads((pdir / "metrics.json").read_text())
         previous = {k: v for k, v in old.items() if k in ("iterations", "num_points", "regularizer", "seed", "seconds_training", "affine_prealign")}
-    mode = selection_kwargs.get("selection_mode", "warp_mask")
-    item = _ensure_masks(item, lung_mask_backend, lung_mask_kwargs, need_moving=mode == "warp_mask")
+    item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs)
+    previous.update(_mask_entries(mask_reports))
     if "alpha_range" not in selection_kwargs and "alpha_range" in model.info:
         selection_kwargs["alpha_range"] = model.info["alpha_range"]
     metrics = select_and_export(
@@ -633,27 +635,49 @@ def write_cohort_table(rows: Sequence[dict], path: str | os.PathLike) -> Path:
         w = csv.DictWriter(f, fieldnames=list(COHORT_COLUMNS), extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k, "") for k in COHORT_COLUMNS})
+            w.writerow({k: " | ".join(v) if isinstance(v := r.get(k, ""), list) else v for k in COHORT_COLUMNS})
     return path
 
 
+def _triple(r: Mapping, keys: Sequence[str], fmt: str) -> str:
+    values = [r.get(k) for k in keys]
+    return "/".join("n/a" if v is None else format(v, fmt) for v in values)
+
+
 def format_summary_table(rows: Sequence[dict]) -> str:
-    """The summary table printed after a cohort: patient, alpha, Dice, folding, TRE before -> after."""
-    head = f"{'patient':<16} {'alpha':>6} {'Dice':>7} {'folding %':>9}  {'TRE before -> after (mm)':>26}"
+    """The summary table printed after a cohort, then one WARNING line per problem.
+
+    Columns: patient, status (ok / warning / failed), alpha, folding, lung volumes (fixed/moving
+    mL), lung NCC and lung Dice before / after the affine / after cIDIR, TRE before -> after.
+    """
+    head = (
+        f"{'patient':<16} {'status':<8} {'alpha':>6} {'folding %':>9} {'lung mL F/M':>12}  "
+        f"{'NCC before/affine/after':>23}  {'Dice before/affine/after':>24}  {'TRE before -> after (mm)':>24}"
+    )
     lines = [head, "-" * len(head)]
+    notes = []
     for r in rows:
+        name, status = str(r.get("name")), str(r.get("status", "ok"))
+        if "error" in r:
+            lines.append(f"{name:<16} {status:<8} {'stopped: ' + str(r['error']).splitlines()[0][:90]}")
+            notes.append(f"FAILED {name}: {r['error']}")
+            continue
+        volumes = f"{_fmt(r.get('fixed_lung_ml'), '.0f')}/{_fmt(r.get('moving_lung_ml'), '.0f')}"
         tre = f"{_fmt(r.get('tre_before_mean'))} -> {_fmt(r.get('tre_after_mean'))}"
         lines.append(
-            f"{str(r.get('name')):<16} {r.get('alpha', float('nan')):>6.3f} {r.get('dice', float('nan')):>7.4f} "
-            f"{100 * r.get('folding', float('nan')):>9.3f}  {tre:>26}"
+            f"{name:<16} {status:<8} {r.get('alpha', float('nan')):>6.3f} {100 * r.get('folding', float('nan')):>9.3f} "
+            f"{volumes:>12}  {_triple(r, ('ncc_before', 'ncc_affine', 'ncc_after'), '.3f'):>23}  "
+            f"{_triple(r, ('dice_before', 'dice_affine', 'dice'), '.3f'):>24}  {tre:>24}"
         )
+        label = "FAILED" if status == "failed" else "WARNING"
+        notes.extend(f"{label} {name}: {w}" for w in r.get("warnings") or [])
     befores = [r["tre_before_mean"] for r in rows if r.get("tre_before_mean") is not None]
     afters = [r["tre_after_mean"] for r in rows if r.get("tre_after_mean") is not None]
     if afters:
         lines.append("-" * len(head))
         tre = f"{sum(befores) / len(befores):.2f} -> {sum(afters) / len(afters):.2f}"
-        lines.append(f"{'mean':<16} {'':>6} {'':>7} {'':>9}  {tre:>26}")
-    return "\n".join(lines)
+        lines.append(f"{'mean':<16} {'':<8} {'':>6} {'':>9} {'':>12}  {'':>23}  {'':>24}  {tre:>24}")
+    return "\n".join(lines + notes)
 
 
 class TrainingProgressBar:
@@ -680,6 +704,7 @@ def run_cohort(
     progress: bool = True,
     print_summary: bool = True,
     metrics_csv: str | os.PathLike | None = None,
+    raise_on_failure: bool = True,
     **kwargs,
 ) -> list[dict]:
     """Register every pair of a dataset (loaded pairs, e.g. a MONAI Dataset) and tabulate.
@@ -691,10 +716,21 @@ def run_cohort(
             ``handlers`` are given) and log one line per patient.
         print_summary: print :func:`format_summary_table` at the end.
         metrics_csv: the cohort table path (default ``output_dir/metrics.csv``).
+        raise_on_failure: raise :class:`RegistrationFailed` at the end when a patient failed.
         kwargs: options of :func:`register_patient`.
+
+    A patient that cannot be loaded or registered (an implausible computed lung mask, a bad
+    file, ...) is logged with the reason and stops alone: the others still run, and the table
+    lists it with ``status`` "failed" and its ``error``. A patient whose result is worse than its
+    own affine (:func:`~monai_cidir.engines.quality.assess_registration`) keeps its outputs and
+    counts as failed too.
 
     Returns:
         one metrics dict per patient.
+
+    Raises:
+        RegistrationFailed: after the table and summary are written, when a patient failed
+            (``raise_on_failure``); its ``rows`` hold every patient's metrics.
 
     Example::
 
@@ -705,11 +741,52 @@ def run_cohort(
     if progress and kwargs.get("handlers") is None:
         kwargs["handlers"] = lambda: [TrainingProgressBar()]
     n = len(dataset) if hasattr(dataset, "__len__") else None
-    for i, item in enumerate(dataset):
-        name = item.get("name", f"pair{i}")
-        logger.info("patient %d%s: %s", i + 1, f"/{n}" if n else "", name)
-        rows.append(register_patient(item, output_dir, **kwargs))
+    for i, load in enumerate(_patients(dataset)):
+        name = _record_name(dataset, i)
+        try:
+            item = load()
+            name = str(item.get("name") or name)
+            logger.info("patient %d%s: %s", i + 1, f"/{n}" if n else "", name)
+            rows.append(register_patient(item, output_dir, **kwargs))
+        except Exception as e:  # noqa: BLE001 (one patient's failure must not lose the others)
+            known = isinstance(e, (ValueError, OSError, RuntimeError))
+            logger.error("%s: stopped, not registered: %s: %s", name, type(e).__name__, e, exc_info=not known)
+            rows.append({"name": name, "status": "failed", "error": f"{type(e).__name__}: {e}"})
     write_cohort_table(rows, output_dir / "metrics.csv" if metrics_csv is None else metrics_csv)
     if print_summary:
         print(format_summary_table(rows), flush=True)
+    failed = [r["name"] for r in rows if r.get("status") == "failed"]
+    if failed and raise_on_failure:
+        raise RegistrationFailed(rows)
     return rows
+
+
+class RegistrationFailed(RuntimeError):
+    """Raised at the end of a cohort where a patient failed; the others finished and are kept.
+
+    Attributes:
+        rows: every patient's metrics (failed ones with ``status == "failed"``).
+    """
+
+    def __init__(self, rows: Sequence[dict]) -> None:
+        self.rows = list(rows)
+        failed = [r for r in self.rows if r.get("status") == "failed"]
+        reasons = [f"{r['name']}: {r.get('error') or '; '.join(r.get('warnings') or [])}" for r in failed]
+        super().__init__(f"{len(failed)} of {len(self.rows)} patient(s) failed:\n  " + "\n  ".join(reasons))
+
+
+def _patients(dataset) -> Iterable[Callable[[], dict]]:
+    """One loader per patient, so a pair that fails to load fails alone (indexable datasets)."""
+    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        return [lambda i=i: dataset[i] for i in range(len(dataset))]
+    return [lambda item=item: item for item in dataset]
+
+
+def _record_name(dataset, i: int) -> str:
+    """The patient's name before it is loaded (a MONAI Dataset's record), else ``pair<i>``."""
+    data = getattr(dataset, "data", None)
+    try:
+        record = data[i] if data is not None else dataset.dataset.data[dataset.indices[i]]
+        return str(record.get("name") or f"pair{i}")
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return f"pair{i}"

@@ -1,4 +1,4 @@
-"""Registration metrics (MONAI ``CumulativeIterationMetric`` style): landmark TRE and Jacobian folding."""
+"""Registration metrics (MONAI ``CumulativeIterationMetric`` style): landmark TRE and Jacobian folding; lung NCC."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from monai_cidir.metrics.registration_error import (
     summarize,
     target_registration_error,
 )
+from monai_cidir.metrics.similarity import lung_ncc, mask_points
 
 __all__ = [
     "TargetRegistrationError",
@@ -18,4 +19,6 @@ __all__ = [
     "snap_to_voxel",
     "as_coordinate_mapping",
     "summarize",
+    "lung_ncc",
+    "mask_points",
 ]

@@ -273,3 +273,39 @@ def test_rerun_skips_complete_patients_unless_overwrite(trained, monkeypatch, ca
     run("training", config_file=str(CONFIGS / "train.json"), **{**TINY_TRAIN, "max_iterations": 3, "overwrite": "true"})
     assert _metrics(trained)["iterations"] == 3
     assert model.stat().st_mtime_ns != stamp
+
+
+def test_a_failed_patient_is_reported_and_the_run_exits_non_zero(tmp_path, monkeypatch, capsys):
+    """A pair without lungs in view stops on its computed mask; the other patient finishes; exit status 1."""
+    from monai_cidir.data.phantom import generate_breathing_phantom, write_registration_pair
+
+    data = tmp_path / "data"
+    make_phantom_cohort(data, num_patients=1, shape=(48, 48, 32), spacing=(5.6, 5.6, 8.0), num_landmarks=50)
+    item = generate_breathing_phantom(seed=5, shape=(48, 48, 32), spacing=(5.6, 5.6, 8.0), num_landmarks=50)
+    bad = {"name": "no_lung", "fixed_image": item["fixed_image"].clamp(min=40.0), "moving_image": item["moving_image"].clamp(min=40.0)}
+    write_registration_pair(bad, data)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"1 of 2 patient\(s\) failed \(no_lung\)"):
+        run("training", config_file=str(CONFIGS / "train.json"), **{**TINY_TRAIN, "dataset_dir": str(data)})
+    rows = {r["name"]: r for r in _cohort(tmp_path)}
+    assert rows["no_lung"]["status"] == "failed" and "LungMaskError" in rows["no_lung"]["error"]
+    assert "no_lung_inhale.nii.gz" in rows["no_lung"]["error"]  # names the image
+    assert rows["phantom_seed0"]["status"] == "ok" and (tmp_path / "outputs" / "phantom_seed0" / "metrics.json").is_file()
+    printed = capsys.readouterr().out
+    assert "FAILED no_lung: LungMaskError" in printed
+    m = _metrics(tmp_path)
+    assert m["ncc_after"] > m["ncc_before"] and m["dice"] >= m["dice_affine"] - 0.01
+    assert m["lung_masks"]["fixed"]["source"] == "given" and m["fixed_lung_ml"] > 300.0
+
+
+def test_lung_mask_weights_reach_the_lungmask_backend(tmp_path):
+    """`--lung_mask_weights /path` (offline sites) is handed to LungMask as its weights file."""
+    from monai_cidir.transforms import LungMaskd
+
+    parser = _config("train.json")
+    parser["lung_mask_weights"] = str(tmp_path / "unet_r231-d5d2fc3d.pth")
+    kwargs = parser.get_parsed_content("training#0#lung_mask_kwargs")
+    assert kwargs == {"weights": str(tmp_path / "unet_r231-d5d2fc3d.pth")}
+    with pytest.raises(FileNotFoundError, match=r"the weights file .*unet_r231-d5d2fc3d\.pth does not exist"):
+        LungMaskd("fixed_image", backend="lungmask", **kwargs)({"fixed_image": torch.zeros(1, 8, 8, 2)})
+    assert _config("inference.json").get_parsed_content("inference#0#lung_mask_kwargs") == {"weights": None}

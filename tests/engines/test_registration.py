@@ -106,4 +106,4 @@ def test_run_cohort_table(trained, phantom_item, capsys):
     assert float(table[0]["tre_before_mean"]) == pytest.approx(rows[0]["tre_before_mean"])
     printed = capsys.readouterr().out
     assert phantom_item["name"] in printed and "->" in printed
-    assert format_summary_table(rows).splitlines()[0].split()[:2] == ["patient", "alpha"]
+    assert format_summary_table(rows).splitlines()[0].split()[:3] == ["patient", "status", "alpha"]

@@ -1,0 +1,111 @@
+"""A failed registration is visible without landmarks: status rules, early mask errors, cohort exit status."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from engine_fixtures import breathing_motion, make_blob_pair
+
+from monai_cidir.coordinates import CoordinateMapping
+from monai_cidir.engines import RegistrationModel, register_patient, run_cohort, select_and_export
+from monai_cidir.engines.quality import assess_registration, prepare_lung_masks, registration_quality
+from monai_cidir.engines.registration import RegistrationFailed
+from monai_cidir.networks import ConditionedINR
+from monai_cidir.transforms import LungMaskError
+
+FAST = dict(max_iterations=15, num_points=300, num_alphas=3, export_images=False, network=lambda: ConditionedINR(hidden_features=16))
+
+
+def _pair(seed=1, **kwargs):
+    return dict(make_blob_pair(shape=(20, 18, 16), spacing=(7.0, 7.0, 8.0), motion=breathing_motion(), seed=seed, **kwargs))
+
+
+def _no_lung(seed=3):
+    """A pair whose images hold no air inside the body and no masks: the computed lung mask is empty."""
+    item = _pair(seed=seed)
+    for side in ("fixed", "moving"):
+        image = item[f"{side}_image"]
+        image.as_tensor().clamp_(min=40.0)  # lung and outside air become soft tissue
+        del item[f"{side}_mask"]
+    item["name"] = "no_lung"
+    return item
+
+
+def test_assess_registration_rules():
+    base = {"ncc_affine": 0.80, "ncc_after": 0.90, "dice_affine": 0.95, "dice": 0.96, "affine_prealign": True, "fixed_lung_ml": 3000.0, "moving_lung_ml": 2500.0}
+    assert assess_registration(base) == ("ok", [], [])
+    status, failures, _ = assess_registration({**base, "ncc_after": 0.79})
+    assert status == "failed" and "worse than its affine: lung NCC 0.7900 after cIDIR < 0.8000" in failures[0]
+    assert assess_registration({**base, "ncc_after": 0.796})[0] == "ok"  # within the tolerance (0.005)
+    status, failures, _ = assess_registration({**base, "dice": 0.93, "affine_prealign": False})
+    assert status == "failed" and "worse than no registration (no affine kept): lung Dice" in failures[0]
+    status, _, warnings = assess_registration({**base, "moving_lung_ml": 1400.0})
+    assert status == "warning" and "lung volumes differ by 2.1x" in warnings[0]
+    masks = {"fixed": {"plausible": False, "image": "f.nii", "problems": ["120 mL of lung"]}, "moving": {"plausible": True}}
+    status, _, warnings = assess_registration({**base, "lung_masks": masks})
+    assert status == "warning" and warnings == ["implausible given fixed lung mask (f.nii): 120 mL of lung"]
+
+
+def test_quality_numbers_of_the_identity_and_the_affine():
+    """A model with zero residual: cIDIR equals its affine; without an affine all three NCCs are equal."""
+    item, _ = prepare_lung_masks(_pair())
+    net = ConditionedINR(hidden_features=16)
+    with torch.no_grad():
+        net.layers[-1].weight.zero_()
+        net.layers[-1].bias.zero_()
+    model = RegistrationModel(net, CoordinateMapping.from_image(item["fixed_image"]))
+    q = registration_quality(model, 0.5, item)
+    assert q["ncc_before"] == pytest.approx(q["ncc_affine"]) and q["ncc_affine"] == pytest.approx(q["ncc_after"])
+    shift = np.eye(4)
+    shift[:3, 3] = [3.0, -2.0, 4.0]
+    model.set_affine(shift)
+    q2 = registration_quality(model, 0.5, item)
+    assert q2["ncc_before"] == pytest.approx(q["ncc_before"]) and q2["ncc_affine"] == pytest.approx(q2["ncc_after"])
+    assert q2["ncc_affine"] != pytest.approx(q2["ncc_before"])
+
+
+def test_worse_than_its_affine_is_failed_and_said(tmp_path, caplog):
+    """A residual field of large random motion: lung NCC and Dice fall below the affine's; status failed, WARNING logged."""
+    item, reports = prepare_lung_masks(_pair())
+    torch.manual_seed(0)
+    net = ConditionedINR(hidden_features=32, omega_0=60.0)
+    with torch.no_grad():
+        net.layers[-1].weight.mul_(20.0)  # displacements of several centimetres, changing every few mm
+    model = RegistrationModel(net, CoordinateMapping.from_image(item["fixed_image"]))
+    with caplog.at_level(logging.WARNING, logger="monai_cidir.engines"):
+        m = select_and_export(model, item, tmp_path / "blob1", alpha=0.5, num_alphas=0, export_images=False)
+    assert m["status"] == "failed", m
+    assert m["ncc_after"] < m["ncc_affine"] - 0.005
+    assert any("registration FAILED: worse than no registration" in r.message and r.levelname == "WARNING" for r in caplog.records)
+    stored = json.loads((tmp_path / "blob1" / "metrics.json").read_text())
+    assert stored["status"] == "failed" and stored["warnings"] == m["warnings"]
+
+
+def test_implausible_computed_mask_stops_before_training(tmp_path):
+    with pytest.raises(LungMaskError, match=r"no_lung: fixed_image \(computed \(threshold\)\): 0 mL.*the mask is empty"):
+        register_patient(_no_lung(), tmp_path, **FAST)
+    assert not (tmp_path / "no_lung" / "checkpoint.pt").exists() and not (tmp_path / "no_lung" / "model.pt").exists()
+
+
+def test_cohort_runs_every_patient_then_fails(tmp_path, capsys):
+    """One patient stops on its mask, the other finishes and is kept; the table says which; then RegistrationFailed."""
+    with pytest.raises(RegistrationFailed, match=r"1 of 2 patient\(s\) failed:\n  no_lung: LungMaskError") as info:
+        run_cohort([_no_lung(), _pair(seed=2)], tmp_path, progress=False, affine_prealign=False, **FAST)
+    rows = {r["name"]: r for r in info.value.rows}
+    assert rows["no_lung"]["status"] == "failed" and "the mask is empty" in rows["no_lung"]["error"]
+    assert rows["blob2"]["status"] in ("ok", "warning") and (tmp_path / "blob2" / "metrics.json").is_file()
+    blob = rows["blob2"]
+    for key in ("fixed_lung_ml", "moving_lung_ml", "ncc_before", "ncc_affine", "ncc_after", "dice_before", "dice_affine", "dice"):
+        assert np.isfinite(blob[key]), key
+    assert blob["lung_masks"]["fixed"]["volume_ml"] == blob["fixed_lung_ml"] > 300.0
+    with open(tmp_path / "metrics.csv") as f:
+        table = {r["name"]: r for r in csv.DictReader(f)}
+    assert table["no_lung"]["status"] == "failed" and "LungMaskError" in table["no_lung"]["error"]
+    assert float(table["blob2"]["ncc_after"]) == pytest.approx(blob["ncc_after"])
+    printed = capsys.readouterr().out
+    assert "FAILED no_lung: LungMaskError" in printed and "blob2" in printed
