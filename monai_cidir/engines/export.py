@@ -29,6 +29,7 @@ __all__ = [
     "plot_alpha_curve",
     "write_json",
     "lps_geometry",
+    "plot_lung_masks",
 ]
 
 _FLIP = np.array([-1.0, -1.0, 1.0])
@@ -149,6 +150,86 @@ def plot_alpha_curve(rows: Sequence[dict], best_alpha: float, path: str | os.Pat
     if title:
         ax.set_title(title)
     fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _radiological(image, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(hu, mask, spacing)`` reoriented to the closest LPS axes (array axes -> patient left, posterior, superior)."""
+    from monai.utils import convert_to_numpy
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    affine = convert_to_numpy(image.affine).astype(np.float64)
+    # nibabel's codes name where each axis points in RAS+ world (MONAI's affine): "L" = towards the patient's left
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt(("L", "P", "S")))
+    hu = apply_orientation(convert_to_numpy(image).reshape(np.shape(image)[-3:]), transform)
+    m = apply_orientation(convert_to_numpy(mask).reshape(np.shape(mask)[-3:]) > 0.5, transform)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)[transform[:, 0].astype(int).argsort()]
+    return hu, m, spacing
+
+
+def _mask_slices(m: np.ndarray, axis: int, slices: int) -> list[int]:
+    """One slice through the largest component's centre, or ``slices`` spread over the mask's extent."""
+    from scipy import ndimage
+
+    if not m.any():
+        return [m.shape[axis] // 2] if slices == 1 else list(np.linspace(0, m.shape[axis] - 1, slices + 2)[1:-1].round().astype(int))
+    if slices == 1:
+        labels, _ = ndimage.label(m)
+        largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+        return [int(round(np.argwhere(labels == largest)[:, axis].mean()))]
+    inside = np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != axis)))
+    return list(np.linspace(inside[0], inside[-1], slices + 2)[1:-1].round().astype(int))
+
+
+def plot_lung_masks(panels: Sequence[tuple[str, object, object]], path: str | os.PathLike, title: str = "", slices: int = 1) -> Path:
+    """Write a PNG of lung-mask contours (red) over CT slices, in radiological display.
+
+    Each panel is one image: axial (anterior up, patient right on the left), coronal (superior
+    up, patient right on the left) and sagittal (superior up, anterior on the left) slices through
+    the centre of the mask's largest component (``slices=1``: one row per image) or spread over the
+    mask's extent (one row per image and view). A window of -1000..300 HU; padding shows black.
+
+    Args:
+        panels: ``(label, image, mask)`` per image: MetaTensors ``(1, X, Y, Z)`` on the same grid.
+        path: the PNG to write.
+        title: figure title.
+        slices: slices per view.
+
+    Returns:
+        the path written.
+
+    Example::
+
+        >>> plot_lung_masks([("fixed", item["fixed_image"], item["fixed_mask"])], "lung_masks.png")  # doctest: +SKIP
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows, cols = (len(panels), 3) if slices == 1 else (3 * len(panels), slices)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.1 * rows + 0.4), dpi=80, squeeze=False)
+    for p, (label, image, mask) in enumerate(panels):
+        hu, m, sp = _radiological(image, mask)
+        for v, (axis, view) in enumerate(((2, "axial"), (1, "coronal"), (0, "sagittal"))):
+            for c, k in enumerate(_mask_slices(m, axis, slices)):
+                ax = axes[p, v] if slices == 1 else axes[3 * p + v, c]
+                i, j = [a for a in range(3) if a != axis]  # image columns run along i, rows along j
+                img, msk = np.take(hu, k, axis=axis).T, np.take(m, k, axis=axis).T
+                if view != "axial":  # superior up
+                    img, msk = img[::-1], msk[::-1]
+                ax.imshow(img, cmap="gray", vmin=-1000, vmax=300, aspect=sp[j] / sp[i], interpolation="nearest")
+                if msk.any() and not msk.all():
+                    ax.contour(msk, [0.5], colors="r", linewidths=0.8)
+                ax.set_title(f"{label}: {view} slice {k}", fontsize=8)
+                ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.1 * rows + 0.4) if title else 1))
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -22,6 +22,7 @@ by more than a factor ``max_volume_ratio`` (breathing changes lung volume by wel
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 
 import torch
@@ -47,7 +48,13 @@ MAX_VOLUME_RATIO = 2.0
 """Fixed and moving lung volumes further apart than this factor are reported."""
 
 
-def prepare_lung_masks(item: dict, backend: str = "threshold", lung_mask_kwargs: dict | None = None, check: Mapping | None = None) -> tuple[dict, dict]:
+def prepare_lung_masks(
+    item: dict,
+    backend: str = "threshold",
+    lung_mask_kwargs: dict | None = None,
+    check: Mapping | None = None,
+    overlay: str | os.PathLike | None = None,
+) -> tuple[dict, dict]:
     """Compute the missing lung masks (given masks win) and check both, before any training.
 
     Args:
@@ -55,6 +62,8 @@ def prepare_lung_masks(item: dict, backend: str = "threshold", lung_mask_kwargs:
         backend: :class:`~monai_cidir.transforms.LungMask` backend for missing masks.
         lung_mask_kwargs: extra ``LungMask`` arguments (``weights``, ``threshold_kwargs``, ...).
         check: options of :class:`~monai_cidir.transforms.CheckLungMask` (``min_volume_ml``, ...).
+        overlay: write the masks over both images to this PNG
+            (:func:`~monai_cidir.engines.export.plot_lung_masks`), also when a mask is implausible.
 
     Returns:
         ``(item with fixed_mask and moving_mask, {"fixed": report dict, "moving": report dict})``.
@@ -72,9 +81,22 @@ def prepare_lung_masks(item: dict, backend: str = "threshold", lung_mask_kwargs:
             item[f"{side}_mask"] = LungMaskd(f"{side}_image", backend=backend, output_key=f"{side}_mask", **(lung_mask_kwargs or {}))(
                 {f"{side}_image": item[f"{side}_image"]}
             )[f"{side}_mask"]
-    item = CheckLungMaskd(("fixed_mask", "moving_mask"), **dict(check or {}))(item)
+    try:
+        item = CheckLungMaskd(("fixed_mask", "moving_mask"), **dict(check or {}))(item)
+    finally:  # the picture is most useful when the check fails
+        if overlay is not None:
+            _plot_masks(item, overlay)
     reports = {side: item[f"{side}_mask"].meta["lung_mask_report"] for side in ("fixed", "moving")}
     return item, reports
+
+
+def _plot_masks(item: Mapping, path) -> None:
+    from monai_cidir.engines.export import plot_lung_masks
+
+    reports = [item[f"{s}_mask"].meta.get("lung_mask_report") or {} for s in ("fixed", "moving")]
+    volumes = " / ".join(f"{r.get('volume_ml', float('nan')):.0f} mL{'' if r.get('plausible', True) else ' (implausible)'}" for r in reports)
+    panels = [(s, item[f"{s}_image"], item[f"{s}_mask"]) for s in ("fixed", "moving")]
+    plot_lung_masks(panels, path, title=f"{item.get('name', 'pair')}: lung masks, fixed / moving {volumes}")
 
 
 @torch.no_grad()

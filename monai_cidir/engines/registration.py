@@ -5,6 +5,7 @@ loaded-pair contract of :mod:`monai_cidir.data`) and writes ``output_dir/<name>/
 
 * ``model.pt`` (:func:`~monai_cidir.engines.model.load_registration_model`),
 * ``alpha_curve.csv`` / ``alpha_curve.png``,
+* ``lung_masks.png`` (both lung masks over their images, written before training),
 * ``displacement.nii.gz`` (ITK displacement field at the chosen alpha, LPS),
 * ``warped_moving.nii.gz`` (the moving image resampled on the fixed grid),
 * ``metrics.json`` (written last: its presence marks the patient as complete),
@@ -54,7 +55,15 @@ __all__ = [
 
 logger = logging.getLogger("monai_cidir.engines")
 
-OUTPUT_FILES = ("model.pt", "alpha_curve.csv", "alpha_curve.png", "displacement.nii.gz", "warped_moving.nii.gz", "metrics.json")
+OUTPUT_FILES = (
+    "model.pt",
+    "alpha_curve.csv",
+    "alpha_curve.png",
+    "lung_masks.png",
+    "displacement.nii.gz",
+    "warped_moving.nii.gz",
+    "metrics.json",
+)
 
 COHORT_COLUMNS = (
     "name",
@@ -425,7 +434,7 @@ def register_patient(
             (pdir / f).unlink(missing_ok=True)
     pdir.mkdir(parents=True, exist_ok=True)
 
-    item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs)
+    item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
     device = torch.device(device)
     set_determinism(seed=seed)
     from monai_cidir.networks import ConditionedINR
@@ -587,7 +596,7 @@ def export_registration(
     if (pdir / "metrics.json").is_file():
         old = json.loads((pdir / "metrics.json").read_text())
         previous = {k: v for k, v in old.items() if k in ("iterations", "num_points", "regularizer", "seed", "seconds_training", "affine_prealign")}
-    item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs)
+    item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
     previous.update(_mask_entries(mask_reports))
     if "alpha_range" not in selection_kwargs and "alpha_range" in model.info:
         selection_kwargs["alpha_range"] = model.info["alpha_range"]

@@ -318,8 +318,14 @@ class CheckLungMaskd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
+        errors = []  # every mask is checked (and gets its report) before one error names them all
         for key, image_key in self.key_iterator(d, self.image_keys):
             image = d.get(image_key)
-            fallback = f"{d.get('name', 'pair')}: {image_key}"
-            d[key] = self.check(d[key], image, name=image_label(image, fallback) if image is not None else fallback)
+            label = image_label(image, str(image_key)) if image is not None else str(image_key)
+            try:
+                d[key] = self.check(d[key], image, name=f"{d['name']}: {label}" if d.get("name") else label)
+            except LungMaskError as e:
+                errors.append(str(e))
+        if errors:
+            raise LungMaskError("\n".join(errors))
         return d

@@ -27,7 +27,10 @@ The steps of :func:`threshold_lung_mask`:
    other component is a lung too when it is not gas-like, has at least 10 % of the first lung's
    volume, and its centre lies above the first lung's lowest quarter (gas under the diaphragm
    does not).
-6. Each lung: hole filling (vessels), a closing with a ball of ``closing_mm``, hole filling again.
+6. Each lung: hole filling (vessels), a closing with a ball of ``closing_mm``, hole filling again;
+   then, in every axial slice, holes of up to :data:`MAX_HOLE_MM2` (nodules and masses up to about
+   35 mm, hilar vessels: tissue that 3-D filling leaves out where it touches the lung's border
+   or a vessel leaving the lung).
 
 Measured on real scans (``tests/transforms/test_lung_threshold.py``, ``benchmarks/lung_masks.py``):
 the shared chest CT and every crop that cuts its lungs, the abdominal CT with gas-filled bowel,
@@ -52,6 +55,9 @@ PADDING_HU = -1500.0
 
 AIR_HU = -1000.0
 """Air, where a scan holds no outside air to measure it on."""
+
+MAX_HOLE_MM2 = 1000.0
+"""Holes of a lung mask's axial slices up to this area (a nodule or mass of about 35 mm) are lung."""
 
 
 @dataclass(frozen=True)
@@ -408,7 +414,25 @@ def threshold_lung_mask(
             stacklevel=2,
         )
         return np.zeros(labels.shape, dtype=bool)
-    return _fill_lungs(labels, _select_lungs(cands), spacing, closing_mm)
+    return _fill_small_holes(_fill_lungs(labels, _select_lungs(cands), spacing, closing_mm), axes, spacing)
+
+
+def _fill_small_holes(mask: np.ndarray, axes: ScanAxes, spacing: np.ndarray, max_area_mm2: float = MAX_HOLE_MM2) -> np.ndarray:
+    """In every axial slice, fill the holes of at most ``max_area_mm2`` (nodules, vessels at the hilum)."""
+    in_plane = [a for a in range(3) if a != axes.axial]
+    max_px = max_area_mm2 / float(spacing[in_plane[0]] * spacing[in_plane[1]])
+    out = np.moveaxis(mask.copy(), axes.axial, 0)
+    for k in np.flatnonzero(out.reshape(out.shape[0], -1).any(1)):
+        labels, n = ndimage.label(~out[k])
+        if n < 2:
+            continue
+        sizes = np.bincount(labels.ravel())
+        edge = np.unique(np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel()]))
+        small = np.flatnonzero(sizes <= max_px)
+        small = small[(small > 0) & ~np.isin(small, edge)]
+        if len(small):
+            out[k] |= np.isin(labels, small)
+    return np.moveaxis(out, 0, axes.axial)
 
 
 def _fill_lungs(labels: np.ndarray, keep: list[int], spacing: np.ndarray, closing_mm: float) -> np.ndarray:

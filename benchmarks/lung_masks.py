@@ -1,0 +1,185 @@
+"""Lung masks of the threshold backend on real scans: plausibility, crops, gas, padding, and overlays to look at.
+
+For every real CT in ``../shared/data`` (the chest CT, the abdominal CT with bowel gas, both scans
+of the real lung pair) this computes ``LungMask(backend="threshold")``, its plausibility report
+(:func:`monai_cidir.transforms.lung_mask_report`) and the time, and writes an overlay PNG. On the
+chest CT it also checks, without external ground truth:
+
+* every crop that cuts the lungs (from each side a quarter and a half into the lungs' box, one
+  corner): Dice of the crop's mask against the crop of the whole scan's mask;
+* zoomed reconstructions: a circle of padding (-2048 and -3024 HU) cutting body and lungs;
+* the lowest slices (lung bases beside stomach and bowel gas): gas voxels taken as lung.
+
+Run from the repository root (about 30 s on 2 cores)::
+
+    python benchmarks/lung_masks.py                      # writes benchmarks/results/lung_masks*.{md,png}
+    python benchmarks/lung_masks.py --shared /path/to/shared --output /tmp/masks
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+SCANS = {
+    "chest_ct": "chest_ct.nii.gz",
+    "abdomen_ct": "abdomen_ct_3mm.nii.gz",
+    "real_pair_baseline": "real_lung_pair/baseline.mha",
+    "real_pair_followup": "real_lung_pair/followup.mha",
+}
+
+
+def _metatensor(array: np.ndarray, affine: np.ndarray):
+    import torch
+    from monai.data import MetaTensor
+
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)[None]), affine=torch.as_tensor(affine))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def _crop(hu: np.ndarray, affine: np.ndarray, sl: tuple) -> tuple[np.ndarray, np.ndarray]:
+    out = affine.copy()
+    out[:3, 3] = affine[:3, :3] @ np.array([s.start or 0 for s in sl], dtype=float) + affine[:3, 3]
+    return np.ascontiguousarray(hu[sl]), out
+
+
+def lung_cuts(mask: np.ndarray) -> dict[str, tuple]:
+    """Crops that cut the lungs: from each side of every array axis a quarter and a half into the lungs' box, one corner."""
+    idx = np.nonzero(mask)
+    lo, hi = [int(i.min()) for i in idx], [int(i.max()) for i in idx]
+    cuts = {}
+    for axis in range(3):
+        for frac in (0.25, 0.5):
+            width = frac * (hi[axis] - lo[axis])
+            for side, part in (("low", slice(int(lo[axis] + width), None)), ("high", slice(None, int(hi[axis] - width) + 1))):
+                sl = [slice(None)] * 3
+                sl[axis] = part
+                cuts[f"axis {axis} {side} side, {int(100 * frac)}%"] = tuple(sl)
+    cuts["corner (axes 0 and 1)"] = (slice(int(lo[0] + 0.3 * (hi[0] - lo[0])), None), slice(None, int(hi[1] - 0.3 * (hi[1] - lo[1])) + 1), slice(None))
+    return cuts
+
+
+def scan_rows(shared: Path, out: Path) -> tuple[list[str], dict]:
+    """One row per real scan (mask report, seconds) and its overlay PNG."""
+    from monai.transforms import LoadImage
+
+    from monai_cidir.engines.export import plot_lung_masks
+    from monai_cidir.transforms import LungMask, lung_mask_report
+
+    rows, loaded = [], {}
+    for case, rel in SCANS.items():
+        path = shared / "data" / rel
+        if not path.is_file():
+            print(f"skipped {case}: {path} not found", file=sys.stderr)
+            continue
+        image = LoadImage(image_only=True, ensure_channel_first=True)(str(path))
+        start = time.perf_counter()
+        mask = LungMask(backend="threshold")(image)
+        seconds = time.perf_counter() - start
+        r = lung_mask_report(mask, image)
+        loaded[case] = (image, mask)
+        png = out / f"lung_masks_{case}.png"
+        plot_lung_masks([(case, image, mask)], png, title=f"{rel}: {r.volume_ml:.0f} mL, {'plausible' if r.plausible else 'IMPLAUSIBLE'}", slices=4)
+        sides = "".join(r.border_sides) or "-"
+        verdict = "yes" if r.plausible else "no: " + "; ".join(p.split(":")[0] for p in r.problems)
+        rows.append(
+            f"| {case} | {tuple(image.shape[1:])} | {seconds:.2f} | {r.volume_ml:.0f} | {len(r.components_ml)} | {100 * r.border_fraction:.0f}% ({sides}) "
+            f"| {r.median_hu:.0f} / {r.air_hu:.0f} | {verdict} | `{png.name}` |"
+        )
+        print(rows[-1], flush=True)
+    return rows, loaded
+
+
+def chest_checks(image, mask, out: Path) -> list[str]:
+    """Crops, zoomed padding and the lung bases beside gas, on the chest CT."""
+    from scipy import ndimage
+
+    from monai_cidir.engines.export import plot_lung_masks
+    from monai_cidir.transforms import lung_mask_report
+    from monai_cidir.transforms.lung_threshold import threshold_lung_mask
+
+    hu, affine, full = image[0].numpy(), image.affine.numpy(), mask[0].numpy() > 0
+    lines, shown = [], []
+    for name, sl in lung_cuts(full).items():
+        sub, aff = _crop(hu, affine, sl)
+        start = time.perf_counter()
+        m = threshold_lung_mask(sub, aff)
+        png = ""
+        if name in ("axis 0 low side, 50%", "axis 1 high side, 50%", "corner (axes 0 and 1)"):
+            png = f"`lung_masks_chest_crop{len(shown)}.png`"
+            shown.append((name, _metatensor(sub, aff), _metatensor(m, aff)))
+        lines.append(f"| crop: {name} | {sub.shape} | {time.perf_counter() - start:.2f} | {_dice(m, full[sl]):.4f} | {png} |")
+    x, y = np.meshgrid(np.arange(hu.shape[0]), np.arange(hu.shape[1]), indexing="ij")
+    circle = (x - hu.shape[0] / 2) ** 2 + (y - hu.shape[1] / 2) ** 2 > (0.3 * hu.shape[0]) ** 2
+    circle = np.repeat(circle[..., None], hu.shape[2], axis=2)
+    for pad in (-2048.0, -3024.0):
+        m = threshold_lung_mask(np.where(circle, pad, hu).astype(np.float32), affine)
+        cut = (full & circle).sum() / full.sum()
+        lines.append(
+            f"| zoomed: padding {pad:.0f} HU outside a circle ({100 * cut:.0f}% of the lungs outside) | {hu.shape} | | "
+            f"{_dice(m, full & ~circle):.4f} | padding in mask: {int((m & circle).sum())} voxels{'; `lung_masks_chest_crop3.png`' if pad == -2048.0 else ''} |"
+        )
+        if pad == -2048.0:
+            shown.append(("zoomed, -2048 padding", _metatensor(np.where(circle, pad, hu), affine), _metatensor(m, affine)))
+    near_lung = ndimage.binary_dilation(full, iterations=3)
+    for top in (8, 10, 14):
+        sub, aff = _crop(hu, affine, (slice(None), slice(None), slice(0, top)))
+        gas = (sub < -600) & ~near_lung[..., :top]
+        labels, _ = ndimage.label(gas)
+        border = np.unique(np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel()]))
+        gas &= ~np.isin(labels, border)
+        m = threshold_lung_mask(sub, aff)
+        r = lung_mask_report(_metatensor(m, aff), _metatensor(sub, aff))
+        lines.append(
+            f"| lowest {top} slices: lung bases and gas | {sub.shape} | | {_dice(m, full[..., :top]):.4f} | gas in mask: {int((m & gas).sum())} "
+            f"of {int(gas.sum())} voxels; {r.volume_ml:.0f} mL, {'plausible' if r.plausible else 'flagged implausible'} |"
+        )
+    for k, (name, img, m) in enumerate(shown):
+        plot_lung_masks([(name, img, m)], out / f"lung_masks_chest_crop{k}.png", title=f"chest CT, {name}", slices=3)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/lung_masks.py", description=__doc__.splitlines()[0])
+    p.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="the shared folder (holds data/)")
+    p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if not (args.shared / "data").is_dir():
+        print(f"no shared data at {args.shared / 'data'}: nothing to measure", file=sys.stderr)
+        return 1
+    args.output.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"`python benchmarks/lung_masks.py` (threshold backend, {args.threads} threads)",
+        "",
+        "| scan | shape | seconds | volume (mL) | components | surface on the border (sides) | median / air HU | plausible | overlay |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    rows, loaded = scan_rows(args.shared, args.output)
+    lines += rows
+    if "chest_ct" in loaded:
+        lines += ["", "Chest CT, no external ground truth: each mask against the whole scan's mask (cropped alike).", ""]
+        lines += ["| case | shape | seconds | Dice | notes |", "| --- | --- | --- | --- | --- |"]
+        lines += chest_checks(*loaded["chest_ct"], args.output)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (args.output / "lung_masks.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
