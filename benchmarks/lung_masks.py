@@ -57,10 +57,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
 
 
-def _crop(hu: np.ndarray, affine: np.ndarray, sl: tuple) -> tuple[np.ndarray, np.ndarray]:
-    out = affine.copy()
-    out[:3, 3] = affine[:3, :3] @ np.array([s.start or 0 for s in sl], dtype=float) + affine[:3, 3]
-    return np.ascontiguousarray(hu[sl]), out
+def crop(hu: np.ndarray, affine: np.ndarray, sl: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """``(hu[sl], the affine of the crop)`` by MONAI's ``SpatialCrop`` (which updates the affine)."""
+    from monai.transforms import SpatialCrop
+
+    out = SpatialCrop(roi_slices=list(sl))(_metatensor(hu, affine))
+    return np.ascontiguousarray(out[0].numpy()), out.affine.numpy()
 
 
 def lung_cuts(mask: np.ndarray) -> dict[str, tuple]:
@@ -121,7 +123,7 @@ def chest_checks(image, mask, out: Path) -> list[str]:
     hu, affine, full = image[0].numpy(), image.affine.numpy(), mask[0].numpy() > 0
     lines, shown = [], []
     for name, sl in lung_cuts(full).items():
-        sub, aff = _crop(hu, affine, sl)
+        sub, aff = crop(hu, affine, sl)
         start = time.perf_counter()
         m = threshold_lung_mask(sub, aff)
         png = ""
@@ -143,7 +145,7 @@ def chest_checks(image, mask, out: Path) -> list[str]:
             shown.append(("zoomed, -2048 padding", _metatensor(np.where(circle, pad, hu), affine), _metatensor(m, affine)))
     near_lung = ndimage.binary_dilation(full, iterations=3)
     for top in (8, 10, 14):
-        sub, aff = _crop(hu, affine, (slice(None), slice(None), slice(0, top)))
+        sub, aff = crop(hu, affine, (slice(None), slice(None), slice(0, top)))
         gas = (sub < -600) & ~near_lung[..., :top]
         labels, _ = ndimage.label(gas)
         border = np.unique(np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel()]))
@@ -165,9 +167,8 @@ def registration_rows(shared: Path, work: Path) -> list[str]:
     import os
     import subprocess
 
-    import torch
     from monai.data import MetaTensor
-    from monai.transforms import LoadImage
+    from monai.transforms import LoadImage, SpatialCrop
 
     from monai_cidir.data.phantom import make_breathing_pair
 
@@ -176,10 +177,9 @@ def registration_rows(shared: Path, work: Path) -> list[str]:
     lists = {"real_pair": work / "real_pair.json"}
     lists["real_pair"].write_text(json.dumps({"training": [{"name": "real_pair", "fixed_image": str(pair / "baseline.mha"), "moving_image": str(pair / "followup.mha")}]}))
     chest = LoadImage(image_only=True, ensure_channel_first=True)(str(shared / "data" / "chest_ct.nii.gz"))
-    affine = chest.affine.clone()
-    affine[:3, 3] += affine[:3, 0] * 60  # the crop starts at index 60 along the first axis
-    crop = MetaTensor(chest.as_tensor()[:, 60:200, :180].clone(), affine=affine)
-    datalist = make_breathing_pair(crop, seed=0, amplitude_mm=10.0, output_dir=work / "chest_crop", name="chest_crop", overwrite=True)["datalist"]
+    cropped = SpatialCrop(roi_slices=[slice(60, 200), slice(0, 180), slice(None)])(chest)  # cuts both lungs
+    cropped = MetaTensor(cropped.as_tensor().clone(), affine=cropped.affine.clone())
+    datalist = make_breathing_pair(cropped, seed=0, amplitude_mm=10.0, output_dir=work / "chest_crop", name="chest_crop", overwrite=True)["datalist"]
     records = json.loads(Path(datalist).read_text())["training"]
     for r in records:  # no masks: the bundle computes them
         r.pop("fixed_mask", None), r.pop("moving_mask", None)

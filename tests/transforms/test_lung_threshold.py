@@ -7,6 +7,9 @@ mask, bowel gas is gas wherever the crop puts it, padding is not air. The real s
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,34 +20,16 @@ from monai_cidir.data.phantom import generate_breathing_phantom
 from monai_cidir.transforms import CheckLungMask, LungMask, LungMaskError, lung_mask_report
 from monai_cidir.transforms.lung_threshold import _slice_hull, threshold_lung_mask
 
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from benchmarks.lung_masks import crop as _crop  # noqa: E402  (the crops the benchmark reports)
+from benchmarks.lung_masks import lung_cuts as _lung_cuts  # noqa: E402
+
 
 def _dice(a, b) -> float:
     a, b = np.asarray(a) > 0.5, np.asarray(b) > 0.5
     return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
-
-
-def _crop(hu: np.ndarray, affine: np.ndarray, sl: tuple[slice, ...]):
-    """A crop of the array with the affine of its first voxel."""
-    out = affine.copy()
-    out[:3, 3] = affine[:3, :3] @ np.array([s.start or 0 for s in sl], dtype=float) + affine[:3, 3]
-    return np.ascontiguousarray(hu[sl]), out
-
-
-def _lung_cuts(mask: np.ndarray) -> dict[str, tuple[slice, ...]]:
-    """Crops that cut the lungs: from each side of every axis, a quarter and a half into the lungs' box."""
-    idx = np.nonzero(mask)
-    lo, hi = [int(i.min()) for i in idx], [int(i.max()) for i in idx]
-    cuts = {}
-    for axis in range(3):
-        for frac in (0.25, 0.5):
-            width = frac * (hi[axis] - lo[axis])
-            for side, part in (("low", slice(int(lo[axis] + width), None)), ("high", slice(None, int(hi[axis] - width) + 1))):
-                sl = [slice(None)] * 3
-                sl[axis] = part
-                cuts[f"axis{axis}-{side}-{frac}"] = tuple(sl)
-    # a corner: two sides cut at once
-    cuts["corner"] = (slice(int(lo[0] + 0.3 * (hi[0] - lo[0])), None), slice(None, int(hi[1] - 0.3 * (hi[1] - lo[1])) + 1), slice(None))
-    return cuts
 
 
 # ----------------------------------------------------------------------------------------------
