@@ -4,7 +4,8 @@
 * :func:`fit_affine` (prealign.py): the global affine the INR's residual starts from.
 * :class:`AlphaSelectionEvaluator` (alpha_selection.py): the alpha sweep scored by lung Dice.
 * :class:`RegistrationModel`, :func:`load_registration_model` (model.py): the trained transform.
-* export.py: displacement field, warped image, alpha curve files.
+* export.py: displacement field, warped image, alpha curve and lung-mask pictures.
+* quality.py: lung-mask checks before training, lung NCC / Dice and a status per patient after it.
 * :func:`register_patient`, :func:`run_cohort`, :func:`export_registration` (registration.py):
   the entry points the bundle wires.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 from monai_cidir.engines.alpha_selection import AlphaCurve, AlphaSelectionEvaluator, alpha_grid, coarse_steps, mask_region
 from monai_cidir.engines.export import (
     plot_alpha_curve,
+    plot_lung_masks,
     write_alpha_curve,
     write_displacement_field,
     write_json,
@@ -21,8 +23,10 @@ from monai_cidir.engines.export import (
 )
 from monai_cidir.engines.model import RegistrationModel, iter_grid_chunks, load_registration_model, save_registration_model
 from monai_cidir.engines.prealign import AffinePrealignment, fit_affine
+from monai_cidir.engines.quality import assess_registration, prepare_lung_masks, registration_quality
 from monai_cidir.engines.registration import (
     COHORT_COLUMNS,
+    RegistrationFailed,
     TrainingProgressBar,
     collect_cohort_metrics,
     export_registration,
@@ -44,9 +48,11 @@ __all__ = [
     "CIDIRTrainer",
     "COHORT_COLUMNS",
     "REGULARIZER_SCALES",
+    "RegistrationFailed",
     "RegistrationModel",
     "TrainingProgressBar",
     "alpha_grid",
+    "assess_registration",
     "build_lr_scheduler",
     "build_optimizer",
     "build_regularizers",
@@ -61,7 +67,10 @@ __all__ = [
     "make_point_sampler",
     "mask_region",
     "plot_alpha_curve",
+    "plot_lung_masks",
+    "prepare_lung_masks",
     "register_patient",
+    "registration_quality",
     "run_cohort",
     "save_registration_model",
     "scale_initial_output",

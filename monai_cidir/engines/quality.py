@@ -29,8 +29,10 @@ import torch
 
 __all__ = [
     "prepare_lung_masks",
+    "mask_entries",
     "registration_quality",
     "assess_registration",
+    "record_status",
     "NCC_TOLERANCE",
     "DICE_TOLERANCE",
     "MAX_VOLUME_RATIO",
@@ -88,6 +90,15 @@ def prepare_lung_masks(
             _plot_masks(item, overlay)
     reports = {side: item[f"{side}_mask"].meta["lung_mask_report"] for side in ("fixed", "moving")}
     return item, reports
+
+
+def mask_entries(reports: Mapping[str, dict]) -> dict:
+    """The lung-mask entries of ``metrics.json``: both volumes and both plausibility reports."""
+    return {
+        "fixed_lung_ml": reports["fixed"]["volume_ml"],
+        "moving_lung_ml": reports["moving"]["volume_ml"],
+        "lung_masks": dict(reports),
+    }
 
 
 def _plot_masks(item: Mapping, path) -> None:
@@ -154,3 +165,16 @@ def assess_registration(
         )
     status = "failed" if failures else ("warning" if warnings else "ok")
     return status, failures, warnings
+
+
+def record_status(metrics: dict) -> dict:
+    """Set ``metrics["status"]`` and ``metrics["warnings"]`` (:func:`assess_registration`); log a WARNING line each."""
+    status, failures, warnings = assess_registration(metrics)
+    metrics["status"] = status
+    metrics["warnings"] = failures + warnings
+    name = metrics.get("name")
+    for reason in failures:
+        logger.warning("%s: registration FAILED: %s", name, reason)
+    for reason in warnings:
+        logger.warning("%s: %s", name, reason)
+    return metrics

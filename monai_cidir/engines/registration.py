@@ -35,7 +35,7 @@ from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator
 from monai_cidir.engines.export import plot_alpha_curve, write_alpha_curve, write_displacement_field, write_json, write_warped_image
 from monai_cidir.engines.model import RegistrationModel, load_registration_model, save_registration_model
 from monai_cidir.engines.prealign import fit_affine
-from monai_cidir.engines.quality import assess_registration, prepare_lung_masks, registration_quality
+from monai_cidir.engines.quality import mask_entries, prepare_lung_masks, record_status, registration_quality
 from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer, build_optimizer, scale_initial_output
 
 __all__ = [
@@ -288,32 +288,11 @@ def select_and_export(
         for stat, value in stats.items():
             metrics[f"{key}_{stat}"] = value
     metrics.update(registration_quality(model, alpha, item, evaluator))
-    _assess(metrics)
+    record_status(metrics)
     metrics["seconds_selection"] = seconds_selection
     metrics["seconds_export"] = export_seconds
     write_json(metrics, patient_dir / "metrics.json")
     return metrics
-
-
-def _mask_entries(reports: Mapping[str, dict]) -> dict:
-    """The lung-mask entries of ``metrics.json``: volumes and the plausibility reports."""
-    return {
-        "fixed_lung_ml": reports["fixed"]["volume_ml"],
-        "moving_lung_ml": reports["moving"]["volume_ml"],
-        "lung_masks": dict(reports),
-    }
-
-
-def _assess(metrics: dict) -> None:
-    """Set ``status`` and ``warnings`` (:func:`~monai_cidir.engines.quality.assess_registration`) and log them."""
-    status, failures, warnings = assess_registration(metrics)
-    metrics["status"] = status
-    metrics["warnings"] = failures + warnings
-    name = metrics.get("name")
-    for reason in failures:
-        logger.warning("%s: registration FAILED: %s", name, reason)
-    for reason in warnings:
-        logger.warning("%s: %s", name, reason)
 
 
 # ---------------------------------------------------------------------------- one patient
@@ -515,7 +494,7 @@ def register_patient(
         "regularizer": regularizer if isinstance(regularizer, str) else list(regularizer),
         "seed": seed,
         **prealign_info,
-        **_mask_entries(mask_reports),
+        **mask_entries(mask_reports),
         "seconds_training": seconds_training,
     }
     metrics = select_and_export(
@@ -597,7 +576,7 @@ def export_registration(
         old = json.loads((pdir / "metrics.json").read_text())
         previous = {k: v for k, v in old.items() if k in ("iterations", "num_points", "regularizer", "seed", "seconds_training", "affine_prealign")}
     item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
-    previous.update(_mask_entries(mask_reports))
+    previous.update(mask_entries(mask_reports))
     if "alpha_range" not in selection_kwargs and "alpha_range" in model.info:
         selection_kwargs["alpha_range"] = model.info["alpha_range"]
     metrics = select_and_export(

@@ -30,7 +30,7 @@ from monai.utils import convert_to_numpy, ensure_tuple
 from scipy import ndimage
 
 from monai_cidir.coordinates import CoordinateMapping
-from monai_cidir.transforms.lung_threshold import PADDING_HU, air_level_hu, padding_mask, scan_axes, split_air
+from monai_cidir.transforms.lung_threshold import GAS_MARGIN_HU, PADDING_HU, air_level_hu, padding_mask, scan_axes, split_air
 
 __all__ = [
     "LungMaskError",
@@ -47,9 +47,6 @@ logger = logging.getLogger("monai_cidir.transforms")
 
 MIN_LUNG_VOLUME_ML = 300.0
 """Below this a mask cannot be the lungs of a chest CT (2-8 L): part of them, or another region."""
-
-GAS_MARGIN_HU = 40.0
-"""A component whose median HU is less than this above the scan's air level is gas, not aerated lung."""
 
 TISSUE_HU = -500.0
 """A component whose median HU is above this is not aerated lung."""

@@ -48,13 +48,16 @@ from scipy import ndimage
 
 from monai_cidir.coordinates import CoordinateMapping
 
-__all__ = ["threshold_lung_mask", "PADDING_HU", "AIR_HU", "ScanAxes", "scan_axes", "padding_mask", "split_air", "air_level_hu"]
+__all__ = ["threshold_lung_mask", "PADDING_HU", "AIR_HU", "GAS_MARGIN_HU", "MAX_HOLE_MM2", "ScanAxes", "scan_axes", "padding_mask", "split_air", "air_level_hu"]
 
 PADDING_HU = -1500.0
 """Values at or below this are padding outside the reconstruction circle (-2048, -3024), not air."""
 
 AIR_HU = -1000.0
 """Air, where a scan holds no outside air to measure it on."""
+
+GAS_MARGIN_HU = 40.0
+"""A component whose median HU is less than this above the scan's air level is gas, not aerated lung."""
 
 MAX_HOLE_MM2 = 1000.0
 """Holes of a lung mask's axial slices up to this area (a nodule or mass of about 35 mm) are lung."""
@@ -312,7 +315,6 @@ def _fill(mask: np.ndarray) -> np.ndarray:
 class _Candidates:
     """Air components inside the body that are large enough to be a lung."""
 
-    labels: np.ndarray
     ids: np.ndarray  # label ids, largest first
     sizes: np.ndarray  # voxels per id
     gas_like: np.ndarray  # bool per id
@@ -349,7 +351,7 @@ def _candidates(labels: np.ndarray, hu: np.ndarray, axes: ScanAxes, voxel_ml: fl
         height.append(k * axes.superior)  # larger = more superior
     medians = np.asarray(medians)
     gas_like = medians < air_hu + gas_margin_hu
-    return _Candidates(labels, ids, sizes[ids], gas_like, height), sizes
+    return _Candidates(ids, sizes[ids], gas_like, height), sizes
 
 
 def threshold_lung_mask(
@@ -362,7 +364,7 @@ def threshold_lung_mask(
     max_airway_area_mm2: float = 700.0,
     min_lung_volume_ml: float = 10.0,
     padding_hu: float = PADDING_HU,
-    gas_margin_hu: float = 40.0,
+    gas_margin_hu: float = GAS_MARGIN_HU,
 ) -> np.ndarray:
     """Classical lung segmentation of a CT in HU (no weights); the steps are in the module docstring.
 
