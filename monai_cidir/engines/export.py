@@ -146,6 +146,7 @@ def plot_alpha_curve(rows: Sequence[dict], best_alpha: float, path: str | os.Pat
     ax2 = ax.twinx()
     ax2.plot(a, [100 * r["folding"] for r in rows], "s-", color="tab:red", ms=3, label="folding")
     ax2.set_ylabel("folding (% of lung points)", color="tab:red")
+    ax2.set_ylim(bottom=0.0)  # a fraction: no negative axis when nothing folds
     ax.legend(loc="lower center", fontsize=8)
     if title:
         ax.set_title(title)
