@@ -57,6 +57,19 @@ METHODS = INR_METHODS + ELASTIX_METHODS
 #: peak superior-inferior motion (mm) and seed of the three synthetic motions on the real CT.
 CHEST_MOTIONS = ((8.0, 0), (11.5, 1), (15.0, 2))
 PHANTOM_SEEDS = (0, 1)
+#: the realistic cases (:func:`monai_cidir.data.make_realistic_pair`): source CT, then the motion,
+#: rigid offset, moving field of view and crops. ``chest`` is ``--chest-ct``, ``pair`` the baseline
+#: scan of ``--real-pair`` (a different real CT: one lung, 1.37 x 1.37 x 2.5 mm, -2048 padding).
+REALISTIC_CASES = {
+    "real_r0": ("chest", dict(seed=0, amplitude_mm=15.0, translation_mm=(4.0, 20.0, 12.0), rotation_deg=(1.5, 0.0, 1.0),
+                              moving_crop_mm=((15.0, 0.0), (0.0, 10.0), (0.0, 0.0)))),
+    "real_r1": ("chest", dict(seed=1, amplitude_mm=20.0, translation_mm=(-8.0, 28.0, 16.0), rotation_deg=(2.0, 1.0, -1.0),
+                              moving_spacing=(1.5, 1.5, 4.0), moving_crop_mm=((0.0, 0.0), (0.0, 0.0), (0.0, 40.0)))),
+    "real_r2": ("chest", dict(seed=2, amplitude_mm=25.0, translation_mm=(10.0, -22.0, 28.0), rotation_deg=(-2.0, 0.0, 2.0),
+                              fixed_crop=((40, 256), (0, 256), (0, 64)), moving_crop_mm=((0.0, 20.0), (10.0, 0.0), (0.0, 0.0)))),
+    "real_r3": ("pair", dict(seed=3, amplitude_mm=20.0, translation_mm=(6.0, 18.0, -24.0), rotation_deg=(1.0, -1.5, 0.0),
+                             moving_crop_mm=((0.0, 0.0), (0.0, 0.0), (15.0, 0.0)))),
+}
 
 #: the full run's budgets (2 CPU cores; see ``--estimate``).
 DEFAULTS = {
@@ -118,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--phantom-shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), help="phantom size (default: its own)")
     p.add_argument("--chest-ct", type=Path, default=DEFAULT_SHARED / "data" / "chest_ct.nii.gz")
+    p.add_argument("--real-pair", type=Path, default=DEFAULT_SHARED / "data" / "real_lung_pair", help="folder with baseline.mha (source CT of real_r3)")
     p.add_argument("--dirlab", type=Path, default=None, help="DIR-LAB root (Case1Pack ... Case10Pack)")
     p.add_argument("--dirlab-cases", default="1,2,3,4,5,6,7,8,9,10")
     p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results")
@@ -157,7 +171,7 @@ def prepare_cases(args) -> tuple[list[dict], list[str]]:
     from monai_cidir.data import load_pair_datalist, make_breathing_pair, make_breathing_phantom
 
     wanted = _split(args.cases)
-    groups = {"phantom", "chest", "dirlab"}
+    groups = {"phantom", "chest", "realistic", "dirlab"}
     want_group = {g for g in wanted if g in groups}
     want_name = {n for n in wanted if n not in groups}
     data_dir = Path(args.data_dir or (args.output / "data"))
@@ -174,6 +188,7 @@ def prepare_cases(args) -> tuple[list[dict], list[str]]:
         kwargs = {} if args.phantom_shape is None else {"shape": tuple(args.phantom_shape)}
         datalist = make_breathing_phantom(data_dir / name, seed=seed, name=name, **kwargs)
         cases.append({"name": name, "group": "phantom", "record": load_pair_datalist(datalist)[0]})
+    _realistic_cases(args, data_dir, selected, cases, skipped)
     chest = [(f"chest_m{i}", amp, seed) for i, (amp, seed) in enumerate(CHEST_MOTIONS)]
     if any(selected(n, "chest") for n, _, _ in chest):
         if not Path(args.chest_ct).is_file():
@@ -205,8 +220,26 @@ def prepare_cases(args) -> tuple[list[dict], list[str]]:
     known = {c["name"] for c in cases}
     for n in sorted(want_name - known):
         if not any(s.startswith(n.split("_")[0]) for s in skipped):
-            skipped.append(f"{n}: unknown case name (groups: phantom, chest, dirlab; names like phantom_s0, chest_m1, dirlab_case03)")
+            skipped.append(f"{n}: unknown case name (groups: phantom, chest, realistic, dirlab; names like phantom_s0, chest_m1, real_r0, dirlab_case03)")
     return cases, skipped
+
+
+def _realistic_cases(args, data_dir: Path, selected, cases: list, skipped: list) -> None:
+    """The realistic group: :data:`REALISTIC_CASES` made from the real CTs that are present."""
+    from monai_cidir.data import load_pair_datalist, make_realistic_pair
+
+    sources = {"chest": Path(args.chest_ct), "pair": Path(args.real_pair) / "baseline.mha"}
+    for name, (source, kwargs) in REALISTIC_CASES.items():
+        if not selected(name, "realistic"):
+            continue
+        if not sources[source].is_file():
+            skipped.append(f"{name}: {sources[source]} not found")
+            continue
+        datalist = data_dir / name / "datalist.json"
+        if not datalist.is_file():
+            print(f"making {name} from {sources[source]} ...", flush=True)
+            make_realistic_pair(sources[source], num_landmarks=300, output_dir=data_dir / name, name=name, **kwargs)
+        cases.append({"name": name, "group": "realistic", "record": load_pair_datalist(datalist)[0]})
 
 
 def _methods(args) -> tuple[list[str], list[str]]:

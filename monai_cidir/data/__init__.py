@@ -25,6 +25,7 @@ from monai_cidir.data.landmarks import (
     save_landmarks,
 )
 from monai_cidir.data.phantom import BreathingMotion, generate_breathing_phantom, make_breathing_pair, make_breathing_phantom
+from monai_cidir.data.realistic import SlidingBreathingMotion, make_realistic_pair, moving_grid
 
 # The loading transforms live in monai_cidir.transforms (which imports this package); they are
 # re-exported lazily so that importing either package first works.
@@ -44,6 +45,9 @@ __all__ = [
     "generate_breathing_phantom",
     "make_breathing_pair",
     "make_breathing_phantom",
+    "SlidingBreathingMotion",
+    "make_realistic_pair",
+    "moving_grid",
     "DIRLAB_CASES",
     "DIRLabCase",
     "DIRLabDataset",

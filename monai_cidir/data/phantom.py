@@ -961,6 +961,7 @@ def _vessel_landmarks(
     motion: BreathingMotion,
     num: int,
     margin_mm: float = 5.0,
+    target_mapping: CoordinateMapping | None = None,
 ) -> np.ndarray:
     """``num`` world points (RAS mm) at bright, high-contrast spots (vessels) inside the lungs, spread out.
 
@@ -968,7 +969,8 @@ def _vessel_landmarks(
     mask eroded by ``margin_mm``, whose moving position ``motion(p)`` stays inside the grid;
     they are ranked by contrast (1 mm minus 4 mm Gaussian) and taken greedily at least
     ``d_min`` apart (``d_min`` halves until enough are found; voxel centres with the best
-    contrast complete the set when there are too few maxima).
+    contrast complete the set when there are too few maxima). ``target_mapping``: the moving
+    grid when it is not the fixed one.
     """
     from scipy import ndimage
 
@@ -986,8 +988,9 @@ def _vessel_landmarks(
             continue
         idx = idx[np.argsort(-contrast[tuple(idx.T)], kind="stable")]
         world = mapping.index_to_world(torch.from_numpy(idx.astype(np.float64))).numpy()
-        moved = mapping.world_to_index(torch.from_numpy(motion(world))).numpy()
-        world = world[np.all((moved >= 1.0) & (moved <= np.asarray(mapping.spatial_shape) - 2.0), axis=1)]
+        target = mapping if target_mapping is None else target_mapping
+        moved = target.world_to_index(torch.from_numpy(motion(world))).numpy()
+        world = world[np.all((moved >= 1.0) & (moved <= np.asarray(target.spatial_shape) - 2.0), axis=1)]
         if len(world) == 0:
             continue
         extent = world.max(0) - world.min(0)
