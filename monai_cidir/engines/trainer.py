@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 #: lambda(alpha) = alpha * scale: the per-regularizer scale (see the module docstring).
-REGULARIZER_SCALES: dict[str, float] = {"bending": 1e5, "jacobian": 5.0, "hyperelastic": 50.0}
+REGULARIZER_SCALES: dict[str, float] = {"bending": 3e3, "jacobian": 5.0, "hyperelastic": 50.0}
 
 _REGULARIZER_ORDER = {"bending": 2, "jacobian": 1, "hyperelastic": 1}
 
