@@ -301,8 +301,9 @@ def _normalise_options(kwargs: dict) -> dict:
     for key in _FLAG_OPTIONS:
         if key in out:
             out[key] = as_flag(out[key], key, allow=("auto",) if key == "affine_prealign" else ())
-    if isinstance(out.get("alpha"), str) and out["alpha"].strip().lower() in ("none", "null", ""):
-        out["alpha"] = None
+    for key in ("alpha", "time_budget_s"):
+        if isinstance(out.get(key), str) and out[key].strip().lower() in ("none", "null", ""):
+            out[key] = None
     if "alpha_range" in out and out["alpha_range"] is None:
         del out["alpha_range"]  # the engines' default (or, in inference, the range stored in model.pt)
     if "alpha_range" in out:

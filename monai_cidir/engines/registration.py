@@ -306,6 +306,7 @@ def register_patient(
     init_output_scale: float | None = 0.01,
     max_iterations: int = 1000,
     num_points: int = 10000,
+    time_budget_s: float | None = None,
     regularizer: str | Sequence[str] | Mapping[str, float] = "bending",
     regularizer_scales: Mapping[str, float] | None = None,
     alpha_range: Sequence[float] = (0.0, 1.0),
@@ -353,6 +354,8 @@ def register_patient(
             ``None``: keep the network's own initialisation).
         max_iterations: training steps (paper: 50,000).
         num_points: points per step (paper: 10,000).
+        time_budget_s: stop training after this many seconds even before ``max_iterations`` (the
+            learning-rate schedule follows whichever limit is further along; ``None``: no limit).
         regularizer: ``"bending"``, ``"jacobian"``, ``"hyperelastic"``, a list or a weight mapping.
         regularizer_scales: overrides of :data:`~monai_cidir.engines.trainer.REGULARIZER_SCALES`.
         alpha_range: the prior's range (paper: (0, 1)).
@@ -444,6 +447,7 @@ def register_patient(
         checkpoint_path=ckpt_path,
         checkpoint_interval=checkpoint_interval,
         handlers=trainer_handlers,
+        time_budget_s=time_budget_s,
     )
     prealign_info: dict[str, Any] = {"affine_prealign": False}
     resumed = resume and trainer.resume()
@@ -476,7 +480,8 @@ def register_patient(
             result.ncc_affine,
             "kept" if keep else "not kept",
         )
-    logger.info("%s: training %d iterations x %d points on %s", name, max_iterations, num_points, device)
+    budget = "" if time_budget_s is None else f" (at most {time_budget_s:g} s)"
+    logger.info("%s: training %d iterations x %d points on %s%s", name, max_iterations, num_points, device, budget)
     trainer.run()
     seconds_training = time.perf_counter() - start
     model = trainer.model
@@ -496,6 +501,7 @@ def register_patient(
         **prealign_info,
         **mask_entries(mask_reports),
         "seconds_training": seconds_training,
+        "stopped_by_time_budget": bool(trainer.stopped_by_time_budget),
     }
     metrics = select_and_export(
         model,

@@ -11,27 +11,26 @@ pre-alignment + INR residual) and ``R_r`` the bending-energy, Jacobian or hypere
 regularizer of :mod:`monai_cidir.losses`, evaluated on the INR residual's derivatives in
 millimetres (Jacobian unchanged, Hessian / scale).
 
-Regularizer scales (:data:`REGULARIZER_SCALES`), measured with ``benchmarks/alpha_scales.py``
-on the real chest CT with a synthetic breathing motion (TRE 3.80 mm before, 0.78 mm after the
-affine pre-alignment; 40 s of 1-thread CPU training per row, TRE at alpha 0 / 0.5 / 1):
-
-* an unregularised training leaves a residual field with bending energy ~1.8e-5 /mm^2, mean
-  ``|det - 1|`` ~0.033 and hyperelastic energy ~0.004, for an NCC gain of ~0.05;
-* bending: scale <= 1e4 shows no alpha effect; 1e5 (default) gives 0.29 / 0.37 / 0.38 mm;
-  1e7 suppresses the residual at every alpha (0.80 mm, the affine's TRE);
-* Jacobian: 50 suppresses the residual (0.77 mm); 5 (default) gives 0.48 / 0.49 / 0.49 mm;
-* hyperelastic: 500 gives 0.57 / 0.58 / 0.58 mm; 50 (default) gives 0.37 / 0.37 / 0.39 mm.
-
-Bending energy leaves affine-like fields free, so it tolerates a much larger scale than the
-Jacobian and hyperelastic terms, which penalise any local volume change. The synthetic motion
-is smooth, so on it alpha = 1 is only mildly over-regularised; on real 4DCT the fitted field has
-far more high-frequency content and the same scales weigh more.
+Regularizer scales (:data:`REGULARIZER_SCALES`). Bending (the default regularizer) was re-derived
+on the realistic cases of ``benchmarks/compare.py`` (real CT, sliding, density change, 15-25 mm
+diaphragm motion, rigid offset; :func:`monai_cidir.data.make_realistic_pair`) with
+``benchmarks/conditioning.py``: networks trained at one lambda each (IDIR mode, 300 iterations x
+2000 points) reach their best TRE at lambda ~100-1000 (real_r0: 0.28 / 0.26 / 0.19 / 0.25 / 0.48 mm
+at lambda 0 / 1e2 / 1e3 / 1e4 / 1e5; real_r3: 0.11 / 0.08 / 0.10 mm at 0 / 1e2 / 1e3). The former
+scale 1e5, calibrated on smooth synthetic motion, put almost the whole prior beyond that (alpha >
+0.01), and the conditioned model then trailed the single-lambda networks by 0.16-0.19 mm at alpha
+0 (real_r3). With 3e3, alpha in [0, 1] spans lambda 0-3000 and the conditioned model is within
+the measured gap table of README.md ("Realistic motion"). The Jacobian (5) and hyperelastic (50)
+scales are the earlier calibration (``benchmarks/alpha_scales.py``, smooth motion on the real
+chest CT); bending energy leaves affine-like fields free, so its scale is much larger than those
+of the terms that penalise any local volume change.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -157,7 +156,11 @@ def build_regularizers(
 
 
 def build_lr_scheduler(
-    schedule: str | Callable | None, optimizer: torch.optim.Optimizer, max_iterations: int, min_factor: float = 0.05
+    schedule: str | Callable | None,
+    optimizer: torch.optim.Optimizer,
+    max_iterations: int,
+    min_factor: float = 0.05,
+    progress: Callable[[int], float] | None = None,
 ):
     """Learning-rate schedule, stepped once per iteration.
 
@@ -168,6 +171,8 @@ def build_lr_scheduler(
         optimizer: the optimizer.
         max_iterations: the run's length.
         min_factor: final rate of the cosine schedule relative to the initial one.
+        progress: ``f(iteration) -> fraction of the run done`` (default ``iteration / max_iterations``;
+            the trainer passes one that also counts a time budget).
 
     Returns:
         a ``torch.optim.lr_scheduler`` object or ``None``.
@@ -176,16 +181,15 @@ def build_lr_scheduler(
         return None
     if callable(schedule):
         return schedule(optimizer)
+    if progress is None:
+        progress = lambda it: min(it, max_iterations) / max(1, max_iterations)  # noqa: E731
     if schedule == "cosine":
-        lr0 = [g["lr"] for g in optimizer.param_groups]
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda it: min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(it, max_iterations) / max(1, max_iterations))),
-        ) if lr0 else None
-    if schedule == "step":
-        milestones = [int(0.6 * max_iterations), int(0.85 * max_iterations)]
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.3)
-    raise ValueError(f"unknown lr schedule {schedule!r}: expected 'cosine', 'step', 'constant' or a callable")
+        factor = lambda it: min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress(it))))  # noqa: E731
+    elif schedule == "step":
+        factor = lambda it: 0.3 ** ((progress(it) >= 0.6) + (progress(it) >= 0.85))  # noqa: E731
+    else:
+        raise ValueError(f"unknown lr schedule {schedule!r}: expected 'cosine', 'step', 'constant' or a callable")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def build_optimizer(
@@ -259,6 +263,19 @@ def scale_initial_output(network: torch.nn.Module, factor: float | None) -> torc
     return network
 
 
+def _positive_seconds(value) -> float | None:
+    """``None``, or ``value`` as a positive number of seconds (``ValueError`` naming ``time_budget_s``)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise ValueError(f"time_budget_s must be a positive number of seconds or None, found {value!r}")
+    return seconds
+
+
 class PointStream:
     """Endless iterable of ``{"points": (N, 3)}`` batches from a point sampler (the trainer's data).
 
@@ -309,6 +326,9 @@ class CIDIRTrainer(Trainer):
             ``checkpoint_interval`` iterations and at the end (atomic replace).
         checkpoint_interval: see ``checkpoint_path``.
         handlers: MONAI/Ignite handlers to attach.
+        time_budget_s: stop after this many seconds of training (``None``: no limit); the learning-rate
+            schedule then runs on ``max(iteration / max_iterations, seconds / time_budget_s)``, so it
+            anneals fully whichever limit comes first (resumed runs count the time already spent).
 
     Example::
 
@@ -341,6 +361,7 @@ class CIDIRTrainer(Trainer):
         checkpoint_path: str | os.PathLike | None = None,
         checkpoint_interval: int = 500,
         handlers: Sequence | None = None,
+        time_budget_s: float | None = None,
     ) -> None:
         if max_iterations < 1 or num_points < 2:
             raise ValueError(f"expected max_iterations >= 1 and num_points >= 2, found {max_iterations}, {num_points}")
@@ -367,7 +388,11 @@ class CIDIRTrainer(Trainer):
         self.regularizers = build_regularizers(regularizer, regularizer_scales)
         self.order = max(o for *_, o in self.regularizers)
         self.alpha_prior = alpha_prior or AlphaPrior()
-        self.lr_scheduler = build_lr_scheduler(lr_schedule, optimizer, self.max_iterations)
+        self.time_budget_s = _positive_seconds(time_budget_s)
+        self.seconds_spent = 0.0  # training seconds of earlier (resumed) runs
+        self._run_start: float | None = None
+        self.stopped_by_time_budget = False
+        self.lr_scheduler = build_lr_scheduler(lr_schedule, optimizer, self.max_iterations, progress=self.progress)
         self.grad_clip = grad_clip
         self.regularization_points = regularization_points
         from monai_cidir.losses import GlobalNCCLoss
@@ -377,9 +402,16 @@ class CIDIRTrainer(Trainer):
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self.checkpoint_interval = int(checkpoint_interval)
 
+        @self.on(Events.STARTED)
+        def _start_clock(engine: Engine) -> None:
+            self._run_start = time.perf_counter()
+
         @self.on(Events.ITERATION_COMPLETED)
         def _stop_at_max_iterations(engine: Engine) -> None:
             if engine.state.iteration >= self.max_iterations:
+                engine.terminate()
+            elif self.time_budget_s is not None and self.training_seconds >= self.time_budget_s:
+                self.stopped_by_time_budget = True
                 engine.terminate()
 
         if self.checkpoint_path is not None:
@@ -387,6 +419,20 @@ class CIDIRTrainer(Trainer):
             self.add_event_handler(Events.COMPLETED, self._save_checkpoint)
         if handlers is not None:
             self._register_handlers(handlers)
+
+    @property
+    def training_seconds(self) -> float:
+        """Seconds of training so far, earlier (resumed) runs included."""
+        running = 0.0 if self._run_start is None else time.perf_counter() - self._run_start
+        return self.seconds_spent + running
+
+    def progress(self, iteration: int | None = None) -> float:
+        """Fraction of the run done: iterations, or the time budget when that is further along."""
+        it = self.state.iteration if iteration is None else iteration
+        done = min(it, self.max_iterations) / self.max_iterations
+        if self.time_budget_s is not None:
+            done = max(done, self.training_seconds / self.time_budget_s)
+        return min(1.0, done)
 
     # ------------------------------------------------------------------ one step
     def _regularization(self, jac, hess, alpha: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -450,6 +496,7 @@ class CIDIRTrainer(Trainer):
             "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
             "affine": self.model.affine,
             "engine": {"iteration": self.state.iteration, "epoch": self.state.epoch},
+            "training_seconds": self.training_seconds,
             "alpha_generator": self.generator.get_state(),
             "sampler_rng": None if sampler_rng is None else sampler_rng.get_state(),
             "torch_rng": torch.random.get_rng_state(),
@@ -468,6 +515,7 @@ class CIDIRTrainer(Trainer):
             sampler_rng.set_state(state["sampler_rng"])
         torch.random.set_rng_state(state["torch_rng"])
         self.state.iteration = int(state["engine"]["iteration"])
+        self.seconds_spent = float(state.get("training_seconds", 0.0))
         self.state.epoch = int(state["engine"]["iteration"]) // int(self.state.epoch_length)
 
     def _save_checkpoint(self, engine: Engine | None = None) -> None:
@@ -487,11 +535,16 @@ class CIDIRTrainer(Trainer):
 
     @property
     def finished(self) -> bool:
-        """Whether ``max_iterations`` steps are done."""
-        return self.state.iteration >= self.max_iterations
+        """Whether ``max_iterations`` steps (or the time budget) are done."""
+        spent = self.time_budget_s is not None and self.seconds_spent >= self.time_budget_s
+        return self.state.iteration >= self.max_iterations or spent
 
     def run(self) -> None:  # type: ignore[override]
         """Train until ``max_iterations`` (continues from a restored checkpoint; no-op when finished)."""
         if self.finished:
             return
-        super().run()
+        try:
+            super().run()
+        finally:
+            self.seconds_spent = self.training_seconds
+            self._run_start = None

@@ -111,3 +111,26 @@ def test_alpha_prior():
     fixed = AlphaPrior(0.5, 0.5, per_point=True).sample(100, g)
     assert torch.equal(fixed, torch.full((100, 1), 0.5))
     assert torch.equal(AlphaPrior(0.5, 0.5, "log-uniform").sample(1, g), torch.tensor([0.5]))
+
+
+def test_time_budget_stops_training_and_anneals_the_schedule(pair, tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    trainer = _trainer(pair, max_iterations=100000, time_budget_s=1.5, checkpoint_path=ckpt)
+    trainer.run()
+    assert trainer.stopped_by_time_budget and 1 < trainer.state.iteration < 100000
+    assert 1.5 <= trainer.training_seconds < 3.0
+    # the cosine schedule followed the time: the last step ran at ~the final rate (0.05 x 1e-4)
+    assert trainer.state.output["lr"] < 0.1e-4
+    assert trainer.progress() == 1.0
+    # the spent time is stored with the checkpoint: a resumed trainer knows the budget is used up
+    resumed = _trainer(pair, max_iterations=100000, time_budget_s=1.5, checkpoint_path=ckpt)
+    assert resumed.resume() and resumed.finished and resumed.training_seconds >= 1.5
+    resumed.run()
+    assert resumed.state.iteration == trainer.state.iteration
+    # iterations still end a run under a generous budget, and the schedule then follows iterations
+    short = _trainer(pair, max_iterations=5, time_budget_s=600)
+    short.run()
+    assert short.state.iteration == 5 and not short.stopped_by_time_budget
+    for bad in (0, -3, "abc", float("inf")):
+        with pytest.raises(ValueError, match="time_budget_s"):
+            _trainer(pair, max_iterations=5, time_budget_s=bad)
