@@ -60,6 +60,46 @@ _AXIS_CODES = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S"
 # ----------------------------------------------------------------------------------------------
 # motion model
 # ----------------------------------------------------------------------------------------------
+def _lung_box(lung_min, lung_max, amplitude_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The lungs' box as float64 corners and size, checked (non-degenerate, positive amplitude)."""
+    lo = np.asarray(lung_min, dtype=np.float64).reshape(3)
+    hi = np.asarray(lung_max, dtype=np.float64).reshape(3)
+    if not np.all(hi - lo > 0):
+        raise ValueError(f"expected lung_min < lung_max on every axis, found {lo} and {hi}")
+    if not amplitude_mm > 0:
+        raise ValueError(f"amplitude_mm must be positive, found {amplitude_mm}")
+    return lo, hi, hi - lo
+
+
+def _seeded_bumps(lung_min: np.ndarray, size: np.ndarray, seed: int, salt: int, num: int, total: float) -> dict:
+    """``num`` Gaussian bumps inside the lung box (widths 0.25-0.45 of its height), amplitudes summing to ``total``."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), salt]))
+    centers = lung_min + size * rng.uniform(0.15, 0.85, size=(num, 3))
+    widths = float(size[2]) * rng.uniform(0.25, 0.45, size=num)
+    dirs = rng.normal(size=(num, 3))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    weights = rng.uniform(0.5, 1.0, size=num)
+    return {"centers": centers, "widths": widths, "amplitudes": dirs * (total * weights / max(weights.sum(), 1e-12))[:, None]}
+
+
+def _mask_voxels(mask, who: str) -> tuple[CoordinateMapping, np.ndarray]:
+    """The mask's grid and the ``(K, 3)`` indices of its voxels (``ValueError`` naming ``who`` when empty)."""
+    mapping = CoordinateMapping.from_image(mask)
+    data = np.asarray(mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else mask)[0] > 0.5
+    index = np.argwhere(data)
+    if index.shape[0] == 0:
+        raise ValueError(f"{who}: the lung mask is empty")
+    return mapping, index
+
+
+def _bump_arrays(bumps) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (
+        np.asarray(bumps["centers"], dtype=np.float64).reshape(-1, 3),
+        np.asarray(bumps["widths"], dtype=np.float64).reshape(-1),
+        np.asarray(bumps["amplitudes"], dtype=np.float64).reshape(-1, 3),
+    )
+
+
 class BreathingMotion:
     """Smooth, sliding-free, non-linear inhale -> exhale breathing motion with an exact inverse.
 
@@ -124,13 +164,7 @@ class BreathingMotion:
         seed: int = 0,
         bumps: dict | None = None,
     ) -> None:
-        self.lung_min = np.asarray(lung_min, dtype=np.float64).reshape(3)
-        self.lung_max = np.asarray(lung_max, dtype=np.float64).reshape(3)
-        size = self.lung_max - self.lung_min
-        if not np.all(size > 0):
-            raise ValueError(f"expected lung_min < lung_max on every axis, found {self.lung_min} and {self.lung_max}")
-        if not amplitude_mm > 0:
-            raise ValueError(f"amplitude_mm must be positive, found {amplitude_mm}")
+        self.lung_min, self.lung_max, size = _lung_box(lung_min, lung_max, amplitude_mm)
         self.amplitude_mm = float(amplitude_mm)
         self.ap_fraction = float(ap_fraction)
         self.lateral_fraction = float(lateral_fraction)
@@ -141,17 +175,8 @@ class BreathingMotion:
         self.z_len = 0.25 * height
         if bumps is None:
             pert = 0.1 * self.amplitude_mm if perturbation_mm is None else float(perturbation_mm)
-            rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xB12E]))
-            centers = self.lung_min + size * rng.uniform(0.15, 0.85, size=(num_bumps, 3))
-            widths = height * rng.uniform(0.25, 0.45, size=num_bumps)
-            dirs = rng.normal(size=(num_bumps, 3))
-            dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-            weights = rng.uniform(0.5, 1.0, size=num_bumps)
-            amplitudes = dirs * (pert * weights / max(weights.sum(), 1e-12))[:, None]
-            bumps = {"centers": centers, "widths": widths, "amplitudes": amplitudes}
-        self.bump_centers = np.asarray(bumps["centers"], dtype=np.float64).reshape(-1, 3)
-        self.bump_widths = np.asarray(bumps["widths"], dtype=np.float64).reshape(-1)
-        self.bump_amplitudes = np.asarray(bumps["amplitudes"], dtype=np.float64).reshape(-1, 3)
+            bumps = _seeded_bumps(self.lung_min, size, seed, 0xB12E, num_bumps, pert)
+        self.bump_centers, self.bump_widths, self.bump_amplitudes = _bump_arrays(bumps)
 
     # ------------------------------------------------------------------ construction / IO
     @classmethod
@@ -165,11 +190,7 @@ class BreathingMotion:
         Raises:
             ValueError: when the mask is empty.
         """
-        mapping = CoordinateMapping.from_image(mask)
-        data = np.asarray(mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else mask)[0] > 0.5
-        index = np.argwhere(data)
-        if index.shape[0] == 0:
-            raise ValueError("BreathingMotion.from_lung_mask: the lung mask is empty")
+        mapping, index = _mask_voxels(mask, "BreathingMotion.from_lung_mask")
         lo, hi = index.min(0), index.max(0)
         corners = np.array([[hi[a] if c[a] else lo[a] for a in range(3)] for c in np.ndindex(2, 2, 2)], dtype=np.float64)
         world = mapping.index_to_world(torch.from_numpy(corners)).numpy()

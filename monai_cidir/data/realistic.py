@@ -43,6 +43,7 @@ import torch
 from monai.data import MetaTensor
 
 from monai_cidir.coordinates import CoordinateMapping, affine_from_spacing
+from monai_cidir.data.phantom import _bump_arrays, _lung_box, _mask_voxels, _seeded_bumps
 
 __all__ = ["SlidingBreathingMotion", "make_realistic_pair", "moving_grid", "REALISTIC_PADDING_HU"]
 
@@ -121,13 +122,7 @@ class SlidingBreathingMotion:
         seed: int = 0,
         bumps: Mapping | None = None,
     ) -> None:
-        self.lung_min = np.asarray(lung_min, dtype=np.float64).reshape(3)
-        self.lung_max = np.asarray(lung_max, dtype=np.float64).reshape(3)
-        size = self.lung_max - self.lung_min
-        if not np.all(size > 0):
-            raise ValueError(f"expected lung_min < lung_max on every axis, found {self.lung_min} and {self.lung_max}")
-        if not amplitude_mm > 0:
-            raise ValueError(f"amplitude_mm must be positive, found {amplitude_mm}")
+        self.lung_min, self.lung_max, size = _lung_box(lung_min, lung_max, amplitude_mm)
         self.footprint = np.asarray(footprint, dtype=bool)
         if self.footprint.ndim != 2 or not self.footprint.any():
             raise ValueError(f"expected a non-empty 2-D footprint raster, found shape {self.footprint.shape}")
@@ -144,20 +139,9 @@ class SlidingBreathingMotion:
         self.translation_mm = np.asarray(translation_mm, dtype=np.float64).reshape(3)
         self.rotation = _rotation_matrix(self.rotation_deg)
         if bumps is None:
-            bumps = self._seeded_bumps(seed, num_bumps, 0.1 * self.amplitude_mm if perturbation_mm is None else float(perturbation_mm))
-        self.bump_centers = np.asarray(bumps["centers"], dtype=np.float64).reshape(-1, 3)
-        self.bump_widths = np.asarray(bumps["widths"], dtype=np.float64).reshape(-1)
-        self.bump_amplitudes = np.asarray(bumps["amplitudes"], dtype=np.float64).reshape(-1, 3)
-
-    def _seeded_bumps(self, seed: int, num: int, total: float) -> dict:
-        size = self.lung_max - self.lung_min
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x51D3]))
-        centers = self.lung_min + size * rng.uniform(0.15, 0.85, size=(num, 3))
-        widths = size[2] * rng.uniform(0.25, 0.45, size=num)
-        dirs = rng.normal(size=(num, 3))
-        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-        weights = rng.uniform(0.5, 1.0, size=num)
-        return {"centers": centers, "widths": widths, "amplitudes": dirs * (total * weights / max(weights.sum(), 1e-12))[:, None]}
+            total = 0.1 * self.amplitude_mm if perturbation_mm is None else float(perturbation_mm)
+            bumps = _seeded_bumps(self.lung_min, size, seed, 0x51D3, num_bumps, total)
+        self.bump_centers, self.bump_widths, self.bump_amplitudes = _bump_arrays(bumps)
 
     # ------------------------------------------------------------------ construction / IO
     @classmethod
@@ -174,11 +158,7 @@ class SlidingBreathingMotion:
         """
         from scipy import ndimage
 
-        mapping = CoordinateMapping.from_image(mask)
-        data = np.asarray(mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else mask)[0] > 0.5
-        idx = np.argwhere(data)
-        if idx.shape[0] == 0:
-            raise ValueError("SlidingBreathingMotion.from_lung_mask: the lung mask is empty")
+        mapping, idx = _mask_voxels(mask, "SlidingBreathingMotion.from_lung_mask")
         world = mapping.index_to_world(torch.from_numpy(idx.astype(np.float64))).numpy()
         lo, hi = world.min(0), world.max(0)
         step = _FOOTPRINT_STEP_MM
