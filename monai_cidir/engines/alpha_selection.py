@@ -32,9 +32,11 @@ Real time (the sweep is after training, but it runs for every patient):
   movement and the alpha is mapped again; beyond 20 mm every point is mapped. Tests check that the
   Dice equals the whole-grid Dice, and on the chest CT all 21 values agree exactly, with about 18%
   of the grid mapped per alpha;
-* folding in the sweep is counted on every ``folding_stride``-th lung point per axis (2: ~8 mm,
-  an eighth of them); the chosen alpha's folding (``curve.best``, and ``metrics.json``) uses every
-  lung point of the grid.
+* folding in the sweep is counted on every ``folding_stride``-th lung point per axis (3: ~12 mm,
+  a 27th of them, when the sweep's folding is only reported; 2 with ``no_folding``, where it
+  decides); the chosen alpha's folding (``curve.best``, and ``metrics.json``) uses every lung
+  point of the grid. The exact Jacobians cost about four forward passes per point, so at stride 2
+  they were about half of the sweep's time on the realistic cases.
 
 Measured (``benchmarks/compare.py``, 2 threads): see README.md, "Performance".
 """
@@ -161,7 +163,8 @@ class AlphaSelectionEvaluator(Evaluator):
         band_mm: initial width (mm) of the boundary band (see the module docstring); ``None`` maps
             every grid point for every alpha. Ignored by ``mode="segment"``.
         folding_stride: count folding on every this-many-th lung point per axis during the sweep
-            (1: all); the chosen alpha is always counted on all of them.
+            (1: all); the chosen alpha is always counted on all of them. Default: 2 with
+            ``no_folding`` (the sweep's folding then decides), else 3 (it is only reported).
 
     Example::
 
@@ -193,7 +196,7 @@ class AlphaSelectionEvaluator(Evaluator):
         chunk_size: int = 65536,
         val_handlers: Sequence | None = None,
         band_mm: float | None = 1.0,
-        folding_stride: int = 2,
+        folding_stride: int | None = None,
     ) -> None:
         if mode not in ("warp_mask", "segment"):
             raise ValueError(f"mode must be 'warp_mask' or 'segment', found {mode!r}")
@@ -203,6 +206,8 @@ class AlphaSelectionEvaluator(Evaluator):
             raise ValueError("mode='segment' needs fixed_image and moving_image")
         if band_mm is not None and not band_mm > 0:
             raise ValueError(f"band_mm must be positive or None, found {band_mm}")
+        if folding_stride is None:
+            folding_stride = 2 if no_folding else 3
         if int(folding_stride) < 1:
             raise ValueError(f"folding_stride must be >= 1, found {folding_stride}")
         alphas = list(alphas) if alphas is not None else alpha_grid(alpha_range[0], alpha_range[1], num_alphas)

@@ -50,7 +50,7 @@ def lps_geometry(mapping: CoordinateMapping) -> tuple[np.ndarray, np.ndarray, np
 
 
 def write_displacement_field(
-    model: RegistrationModel, alpha: float, path: str | os.PathLike, chunk_size: int = 65536
+    model: RegistrationModel, alpha: float, path: str | os.PathLike, chunk_size: int = 65536, field: np.ndarray | None = None
 ) -> Path:
     """Write the total displacement (affine + INR, world mm) on the fixed grid as an ITK field.
 
@@ -59,6 +59,7 @@ def write_displacement_field(
         alpha: the regularisation weight to export.
         path: output file (``.nii.gz``, ``.mha``, ``.nrrd``: any ITK vector format).
         chunk_size: points per network call.
+        field: the displacement ``model.map_grid(alpha)`` when already computed (not modified).
 
     Returns:
         the path written.
@@ -67,10 +68,11 @@ def write_displacement_field(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    field = model.map_grid(alpha, chunk_size=chunk_size)  # (X, Y, Z, 3) RAS mm, float32
-    field *= _FLIP.astype(np.float32)  # RAS -> LPS vectors (ras_to_lps, done in place to save a copy)
-    array = np.ascontiguousarray(field.transpose(2, 1, 0, 3))  # ITK arrays are (z, y, x, c)
-    del field
+    if field is None:
+        field = model.map_grid(alpha, chunk_size=chunk_size)  # (X, Y, Z, 3) RAS mm, float32
+    # RAS -> LPS vectors (ras_to_lps) while laying the array out as ITK's (z, y, x, c)
+    array = np.ascontiguousarray(field.transpose(2, 1, 0, 3))
+    array *= _FLIP.astype(np.float32)
     origin, spacing, direction = lps_geometry(model.mapping)
     image = itk.image_view_from_array(array, is_vector=True)
     image.SetOrigin([float(v) for v in origin])
@@ -87,6 +89,7 @@ def write_warped_image(
     path: str | os.PathLike,
     mode: str = "bilinear",
     chunk_size: int = 65536,
+    field: np.ndarray | None = None,
 ) -> Path:
     """Resample the moving image onto the fixed grid through ``phi`` and write it (NIfTI, RAS).
 
@@ -97,6 +100,8 @@ def write_warped_image(
         path: output ``.nii.gz``.
         mode: ``"bilinear"`` (trilinear) or ``"nearest"`` (for masks).
         chunk_size: points per network call.
+        field: the displacement ``model.map_grid(alpha)`` when already computed: the network is
+            then not evaluated again (the export of both files maps the grid once).
 
     Returns:
         the path written.
@@ -111,7 +116,16 @@ def write_warped_image(
     def fn(world, moved):
         return mmap.sample(data, moved.float(), mode=mode)[0][:, None]
 
-    warped = model.map_grid(alpha, fn=fn, channels=1, chunk_size=chunk_size)[..., 0]
+    if field is None:
+        warped = model.map_grid(alpha, fn=fn, channels=1, chunk_size=chunk_size)[..., 0]
+    else:
+        from monai_cidir.engines.model import iter_grid_chunks
+
+        disp = torch.from_numpy(field.reshape(-1, 3))
+        warped = np.empty(disp.shape[0], dtype=np.float32)
+        for flat, world in iter_grid_chunks(model.mapping, chunk_size=chunk_size):
+            warped[flat] = fn(world, world + disp[flat].to(world.dtype))[:, 0].numpy()
+        warped = warped.reshape(model.mapping.spatial_shape)
     nib.save(nib.Nifti1Image(warped, model.mapping.affine.numpy()), str(path))
     return path
 

@@ -266,8 +266,10 @@ def select_and_export(
         plot_alpha_curve(rows, alpha, patient_dir / "alpha_curve.png", title=name)
     export_seconds = time.perf_counter()
     if export_images:
-        write_displacement_field(model, alpha, patient_dir / "displacement.nii.gz", chunk_size=chunk_size)
-        write_warped_image(model, alpha, item["moving_image"], patient_dir / "warped_moving.nii.gz", chunk_size=chunk_size)
+        field = model.map_grid(alpha, chunk_size=chunk_size)  # the grid is mapped once for both files
+        write_displacement_field(model, alpha, patient_dir / "displacement.nii.gz", field=field)
+        write_warped_image(model, alpha, item["moving_image"], patient_dir / "warped_moving.nii.gz", field=field)
+        del field
     export_seconds = time.perf_counter() - export_seconds
     metrics: dict[str, Any] = dict(previous or {})
     metrics.update(

@@ -71,3 +71,27 @@ def test_run_cohort_trains_each_pair_and_tabulates(tmp_path, capsys):
     assert float(table[1]["tre_before_mean"]) == pytest.approx(rows[1]["tre_before_mean"])
     assert all((tmp_path / n / "checkpoint.pt").is_file() and (tmp_path / n / "model.pt").is_file() for n in ("blob1", "blob2"))
     assert "blob2" in capsys.readouterr().out
+
+
+def test_exports_from_a_precomputed_field_equal_the_direct_ones(tmp_path):
+    """select_and_export maps the grid once and gives the field to both writers: same files."""
+    import nibabel as nib
+
+    from monai_cidir.engines import write_warped_image
+
+    mapping = CoordinateMapping(affine_from_spacing((2.0, 2.0, 3.0), (5.0, -4.0, 2.0)), (14, 12, 9))
+    torch.manual_seed(0)
+    model = RegistrationModel(ConditionedINR(hidden_features=16), mapping)
+    moving = torch.rand(1, 16, 13, 10) * 100
+    from monai.data import MetaTensor
+
+    moving = MetaTensor(moving, affine=torch.as_tensor(affine_from_spacing((1.9, 2.1, 2.8), (3.0, -5.0, 1.0))))
+    field = model.map_grid(0.3, chunk_size=100)
+    kept = field.copy()
+    a = write_warped_image(model, 0.3, moving, tmp_path / "a.nii.gz", chunk_size=100)
+    b = write_warped_image(model, 0.3, moving, tmp_path / "b.nii.gz", chunk_size=100, field=field)
+    assert np.allclose(nib.load(a).get_fdata(), nib.load(b).get_fdata(), atol=1e-3)
+    c = write_displacement_field(model, 0.3, tmp_path / "c.nii.gz", chunk_size=100)
+    d = write_displacement_field(model, 0.3, tmp_path / "d.nii.gz", field=field)
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(c))), sitk.GetArrayFromImage(sitk.ReadImage(str(d))))
+    assert np.array_equal(field, kept)  # the caller's field is not modified
