@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--data-dir", type=Path, default=None, help="where compare.py's cases are (default OUTPUT/data)")
     p.add_argument("--no-idir", action="store_true", help="only the conditioned model")
+    p.add_argument("--phantom-shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), help="phantom size for phantom cases (tests)")
     return p
 
 
@@ -183,7 +184,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     options, cidir_options = compare._engine_options(args.option), compare._engine_options(args.cidir_option)
-    cargs = compare.build_parser().parse_args(["--cases", args.cases, "--output", str(args.output)] + (["--data-dir", str(args.data_dir)] if args.data_dir else []))
+    extra = (["--data-dir", str(args.data_dir)] if args.data_dir else []) + (
+        ["--phantom-shape", *map(str, args.phantom_shape)] if args.phantom_shape else []
+    )
+    cargs = compare.build_parser().parse_args(["--cases", args.cases, "--output", str(args.output), *extra])
     cases, skipped = compare.prepare_cases(cargs)
     for s in skipped:
         print(f"skipped {s}")

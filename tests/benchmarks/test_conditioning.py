@@ -1,0 +1,61 @@
+"""benchmarks/conditioning.py and benchmarks/real_pair.py end to end on a tiny phantom with tiny budgets."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+@pytest.mark.slow
+def test_conditioning_gap_table(tmp_path):
+    from benchmarks.conditioning import main
+
+    args = ["--cases", "phantom_s0", "--phantom-shape", "40", "40", "28", "--alphas", "0,1", "--num-alphas", "3",
+            "--option", "max_iterations=6", "--option", "num_points=200", "--option", "affine_prealign=false",
+            "--output", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    (row,) = json.loads((tmp_path / "conditioning.json").read_text())
+    assert row["grid"] == [0.0, 0.5, 1.0] and len(row["cidir_curve"]) == 3
+    assert row["tre_oracle"] == min(row["cidir_curve"]) and row["alpha_oracle"] in row["grid"]
+    assert sorted(v["alpha"] for v in row["idir"].values()) == [0.0, 1.0]
+    assert all(0 < v["tre"] < row["tre_before"] * 2 for v in row["idir"].values())
+    md = (tmp_path / "conditioning.md").read_text()
+    assert md.count("| phantom_s0 | default |") == 3  # two gap rows and the curve row
+    assert (tmp_path / "conditioning_phantom_s0_default.png").stat().st_size > 1000
+    cache = json.loads((tmp_path / "idir_cache.json").read_text())
+    assert len(cache) == 2
+    # a second variant reuses the cached single-alpha networks and keeps the first variant's rows
+    assert main(args[:-2] + ["--cidir-option", "alpha_distribution=\"log-uniform\"", "--tag", "log", "--output", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "conditioning.json").read_text())
+    assert [r["tag"] for r in rows] == ["default", "log"] and rows[0]["idir"] == rows[1]["idir"]
+
+
+@pytest.mark.slow
+def test_real_pair_without_landmarks(tmp_path):
+    """The landmark-free check runs on any two scans (here the tiny phantom written as .mha)."""
+    import itk
+
+    from benchmarks.real_pair import main
+    from benchmarks.peers.elastix import metatensor_to_itk
+    from monai_cidir.data import generate_breathing_phantom
+
+    pair = generate_breathing_phantom(seed=0, num_landmarks=20)  # lungs large enough for the plausibility check
+    folder = tmp_path / "pair"
+    folder.mkdir()
+    itk.imwrite(metatensor_to_itk(pair["fixed_image"]), str(folder / "baseline.mha"))
+    itk.imwrite(metatensor_to_itk(pair["moving_image"]), str(folder / "followup.mha"))
+    assert main(["--pair", str(folder), "--output", str(tmp_path / "out"), "--max-iterations", "8", "--num-points", "300", "--no-elastix"]) == 0
+    row = json.loads((tmp_path / "out" / "real_pair.json").read_text())
+    assert row["ncc"]["cIDIR"] > row["ncc"]["before"]
+    assert 0.5 < row["dice_cidir"] <= 1.0 and row["lung_points"] > 100
+    assert set(row["seconds"]) == {"affine", "training", "selection", "export"}
+    assert "| cIDIR (alpha" in (tmp_path / "out" / "real_pair.md").read_text()
+    assert main(["--pair", str(tmp_path / "nothing"), "--output", str(tmp_path / "out2")]) == 0  # absent: skipped
+    assert not (tmp_path / "out2").exists()
