@@ -60,20 +60,13 @@ def _tre(model, item, alpha: float) -> float:
 
 
 def _train(item, options: dict, workdir: Path) -> tuple[dict, object]:
-    from ignite.engine import Events
+    """register_patient on one pair; returns its metrics and the trained model (reloaded from ``model.pt``)."""
+    from monai_cidir.engines import load_registration_model, register_patient
 
-    from monai_cidir.engines import register_patient
-
-    holder = {}
-
-    class _Keep:  # keeps the trainer's model (register_patient returns the metrics only)
-        def attach(self, engine):
-            engine.add_event_handler(Events.COMPLETED, lambda e: holder.setdefault("model", e.model))
-
-    opts = dict(export_images=False, overwrite=True, resume=False, checkpoint_interval=10**9, handlers=[_Keep()])
+    opts = dict(export_images=False, overwrite=True, resume=False, checkpoint_interval=10**9)
     opts.update(options)
     metrics = register_patient(item, workdir, **opts)
-    return metrics, holder["model"]
+    return metrics, load_registration_model(Path(workdir) / str(item.get("name") or "pair") / "model.pt")
 
 
 def run_case(case: dict, args, options: dict, cidir_options: dict, cache: dict) -> dict:

@@ -1128,16 +1128,19 @@ def make_breathing_pair(
     fixed_lm = _vessel_landmarks(image[0].numpy(), mask[0].numpy() > 0.5, mapping, motion, int(num_landmarks))
     affine = mapping.affine.clone()
     meta = {k: v for k, v in image.meta.items() if k != "affine"}
-    item = {
-        "name": name,
+    images = {
         "fixed_image": MetaTensor(image.as_tensor().float().clone(), affine=affine.clone(), meta=meta),
         "moving_image": MetaTensor(moving[None], affine=affine.clone(), meta={"space": "RAS", "filename_or_obj": f"{name}_exhale"}),
         "fixed_mask": MetaTensor(mask.as_tensor().clone(), affine=affine.clone(), meta={"space": "RAS"}),
         "moving_mask": MetaTensor(moving_mask[None], affine=affine.clone(), meta={"space": "RAS"}),
-        "fixed_landmarks": torch.from_numpy(fixed_lm),
-        "moving_landmarks": torch.from_numpy(motion(fixed_lm)),
-        "motion": motion,
     }
+    return _finish_pair(name, images, fixed_lm, motion, output_dir, overwrite)
+
+
+def _finish_pair(name: str, images: dict, fixed_lm: np.ndarray, motion, output_dir, overwrite: bool) -> dict:
+    """The loaded-pair item of a synthetic pair (exact landmarks ``motion(fixed)``), written when ``output_dir`` is given."""
+    item = {"name": name, **images, "fixed_landmarks": torch.from_numpy(fixed_lm)}
+    item.update(moving_landmarks=torch.from_numpy(motion(fixed_lm)), motion=motion)
     if output_dir is not None:
         item["datalist"] = write_registration_pair(item, output_dir, overwrite=overwrite)
     return item

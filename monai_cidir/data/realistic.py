@@ -454,7 +454,7 @@ def make_realistic_pair(
         >>> np.abs(pair["motion"](pair["fixed_landmarks"].numpy()) - pair["moving_landmarks"].numpy()).max()  # doctest: +SKIP
         0.0
     """
-    from monai_cidir.data.phantom import _load_volume, _vessel_landmarks, write_registration_pair
+    from monai_cidir.data.phantom import _finish_pair, _load_volume, _vessel_landmarks
 
     name = name or f"realistic_seed{seed}"
     image = _crop(_load_volume(ct, "CT"), fixed_crop)
@@ -478,16 +478,10 @@ def make_realistic_pair(
     fixed_lm = _vessel_landmarks(image[0].numpy(), mask[0].numpy() > 0.5, fmap, motion, int(num_landmarks), target_mapping=grid)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x401E]))
     meta = {k: v for k, v in image.meta.items() if k != "affine"}
-    item = {
-        "name": name,
+    images = {
         "fixed_image": _add_noise(MetaTensor(image.as_tensor().clone(), affine=fmap.affine.clone(), meta=meta), noise_hu, rng),
         "moving_image": _add_noise(moving, noise_hu, rng),
         "fixed_mask": MetaTensor(mask.as_tensor().clone(), affine=fmap.affine.clone(), meta={"space": "RAS"}),
         "moving_mask": moving_mask,
-        "fixed_landmarks": torch.from_numpy(fixed_lm),
-        "moving_landmarks": torch.from_numpy(motion(fixed_lm)),
-        "motion": motion,
     }
-    if output_dir is not None:
-        item["datalist"] = write_registration_pair(item, output_dir, overwrite=overwrite)
-    return item
+    return _finish_pair(name, images, fixed_lm, motion, output_dir, overwrite)
