@@ -41,16 +41,16 @@ def test_conditioning_gap_table(tmp_path):
 def test_real_pair_without_landmarks(tmp_path):
     """The landmark-free check runs on any two scans (here the tiny phantom written as .mha)."""
     import itk
+    from monai.data import metatensor_to_itk_image
 
     from benchmarks.real_pair import main
-    from benchmarks.peers.elastix import metatensor_to_itk
     from monai_cidir.data import generate_breathing_phantom
 
     pair = generate_breathing_phantom(seed=0, num_landmarks=20)  # lungs large enough for the plausibility check
     folder = tmp_path / "pair"
     folder.mkdir()
-    itk.imwrite(metatensor_to_itk(pair["fixed_image"]), str(folder / "baseline.mha"))
-    itk.imwrite(metatensor_to_itk(pair["moving_image"]), str(folder / "followup.mha"))
+    for key, file in (("fixed_image", "baseline.mha"), ("moving_image", "followup.mha")):
+        itk.imwrite(metatensor_to_itk_image(pair[key], channel_dim=0), str(folder / file))
     assert main(["--pair", str(folder), "--output", str(tmp_path / "out"), "--max-iterations", "8", "--num-points", "300", "--no-elastix"]) == 0
     row = json.loads((tmp_path / "out" / "real_pair.json").read_text())
     assert row["ncc"]["cIDIR"] > row["ncc"]["before"]
