@@ -2,7 +2,8 @@
 
 One command (from the repository root)::
 
-    python benchmarks/compare.py                               # the full run (~35 min, 2 CPU cores)
+    python benchmarks/compare.py                               # everything (smooth 34 min + realistic 62 min measured, 2 CPU cores)
+    python benchmarks/compare.py --cases realistic             # the realistic suite only
     python benchmarks/compare.py --cases phantom --methods cidir,elastix_default --iterations 200
     python benchmarks/compare.py --dirlab /data/dirlab --cases dirlab --dirlab-cases 1,2
     python benchmarks/compare.py --estimate                    # print the plan and the time bound only
@@ -15,6 +16,11 @@ Cases (``--cases``, groups or names, comma separated):
   breathing motions of 8, 11.5 and 15 mm peak (:func:`monai_cidir.data.make_breathing_pair`,
   300 landmarks, exact ground truth) - ``chest_m0``, ``chest_m1``, ``chest_m2``; skipped when
   the CT is absent;
+* ``realistic``: :data:`REALISTIC_CASES`, :func:`monai_cidir.data.make_realistic_pair` on the
+  chest CT (``real_r0`` ... ``real_r2``) and on the real pair's baseline scan (``--real-pair``,
+  ``real_r3``): sliding at the lung outline, lung density following 1/det, 15-25 mm diaphragm
+  motion, a 24-37 mm rigid offset, the moving scan's own field of view, noise, crops through the
+  lungs; 300 exact landmarks each; skipped when the source CT is absent;
 * ``dirlab``: DIR-LAB 4DCT cases under ``--dirlab PATH`` (``dirlab_case01`` ...); skipped without it.
 
 Methods (``--methods``): ``cidir``, ``idir``, ``idir_autograd``, ``elastix_default``,
@@ -102,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "folding, time, memory), one process per run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--cases", default="phantom,chest,dirlab", help="groups (phantom, chest, dirlab) or case names")
+    p.add_argument("--cases", default="phantom,chest,realistic,dirlab", help="groups (phantom, chest, realistic, dirlab) or case names")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--iterations", type=int, default=DEFAULTS["iterations"], help="INR training steps per case")
     p.add_argument("--num-points", type=int, default=DEFAULTS["num_points"], help="INR points per step")
