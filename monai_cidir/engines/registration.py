@@ -32,7 +32,15 @@ import torch
 
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator
-from monai_cidir.engines.export import plot_alpha_curve, write_alpha_curve, write_displacement_field, write_json, write_warped_image
+from monai_cidir.engines.export import (
+    dilate_mask,
+    map_displacement,
+    plot_alpha_curve,
+    write_alpha_curve,
+    write_displacement_field,
+    write_json,
+    write_warped_image,
+)
 from monai_cidir.engines.model import RegistrationModel, load_registration_model, save_registration_model
 from monai_cidir.engines.prealign import fit_affine
 from monai_cidir.engines.quality import mask_entries, prepare_lung_masks, record_status, registration_quality
@@ -198,6 +206,7 @@ def select_and_export(
     export_images: bool = True,
     previous: dict | None = None,
     selection_handlers: Sequence | None = None,
+    export_coarse_mm: float | None = 6.0,
 ) -> dict:
     """Alpha selection (or a fixed ``alpha``), TRE, exports and ``metrics.json`` for one trained model.
 
@@ -213,6 +222,10 @@ def select_and_export(
         export_images: write ``displacement.nii.gz`` and ``warped_moving.nii.gz``.
         previous: entries to carry into ``metrics.json`` (e.g. training seconds).
         selection_handlers: handlers attached to the selection evaluator.
+        export_coarse_mm: the exported field is exact in the fixed lung mask grown by 10 mm and
+            interpolated from a grid this coarse (mm) elsewhere
+            (:func:`~monai_cidir.engines.export.map_displacement`; its measured error goes to
+            ``metrics.json`` as ``export_interpolation_max_mm``); ``None``: exact everywhere.
 
     Returns:
         the metrics dict written to ``metrics.json``.
@@ -265,8 +278,10 @@ def select_and_export(
         write_alpha_curve(rows, patient_dir / "alpha_curve.csv")
         plot_alpha_curve(rows, alpha, patient_dir / "alpha_curve.png", title=name)
     export_seconds = time.perf_counter()
+    export_info: dict[str, float] = {}
     if export_images:
-        field = model.map_grid(alpha, chunk_size=chunk_size)  # the grid is mapped once for both files
+        lung = None if export_coarse_mm is None else dilate_mask(item["fixed_mask"], model.mapping, 10.0)
+        field, export_info = map_displacement(model, alpha, lung, export_coarse_mm, chunk_size)  # mapped once for both files
         write_displacement_field(model, alpha, patient_dir / "displacement.nii.gz", field=field)
         write_warped_image(model, alpha, item["moving_image"], patient_dir / "warped_moving.nii.gz", field=field)
         del field
@@ -293,6 +308,7 @@ def select_and_export(
     record_status(metrics)
     metrics["seconds_selection"] = seconds_selection
     metrics["seconds_export"] = export_seconds
+    metrics.update({f"export_{k}": v for k, v in export_info.items()})
     write_json(metrics, patient_dir / "metrics.json")
     return metrics
 
