@@ -4,7 +4,8 @@ For every cIDIR run that ``benchmarks/compare.py`` left in ``OUTPUT/runs/<case>_
 ``model.pt`` and the case's datalist record), this reloads the pair and the model and runs
 :class:`monai_cidir.engines.AlphaSelectionEvaluator` twice over the same 21 alphas:
 
-* ``band``: the default (``band_mm=1.0``, folding on every second lung point per axis);
+* ``band``: the defaults (the boundary band, at least ``band_mm=0.1`` wide and four times the
+  movement the probe saw; folding on every 4th lung point per axis);
 * ``whole grid``: ``band_mm=None``, ``folding_stride=1`` (every grid point and every lung point,
   for every alpha: the cost before the band was introduced, with the same fast forward pass).
 
@@ -56,10 +57,14 @@ def sweep_case(run_dir: Path, num_alphas: int = 21) -> dict | None:
         if label == "band":
             n = math.prod(ev.shape)
             out["grid_points"] = n
-            out["band_points"] = int(ev._band["eval"].numel()) if ev._band is not None else n
-            out["band_mm"] = float(ev._band["radius"]) if ev._band is not None else None
+            mapped = [r["points"] for r in curve.rows]
+            out["band_points"] = (min(mapped), sum(mapped) / len(mapped), max(mapped))
     out["max_dice_difference"] = max(abs(a["dice"] - b["dice"]) for a, b in zip(out["band_rows"], out["whole_rows"]))
     return out
+
+
+def _share(points: float, total: int) -> str:
+    return f"{100 * points / total:.0f}%"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"`python benchmarks/alpha_sweep.py` ({args.num_alphas} alphas, {args.threads} threads, torch {torch.__version__})",
         "",
-        "| case | grid points | mapped per alpha (band) | band (mm) | band sweep (s) | whole-grid sweep (s) | speed-up | max Dice difference | same alpha |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| case | grid points | mapped per alpha (band): mean (min-max) | band sweep (s) | whole-grid sweep (s) | speed-up | max Dice difference | same alpha |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
         r = sweep_case(run, args.num_alphas)
@@ -88,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped {run.name}: no model.pt", file=sys.stderr)
             continue
         lines.append(
-            f"| {r['case']} | {r['grid_points']} | {100 * r['band_points'] / r['grid_points']:.0f}% | {r['band_mm']:.1f} "
+            f"| {r['case']} | {r['grid_points']} | {_share(r['band_points'][1], r['grid_points'])} "
+            f"({_share(r['band_points'][0], r['grid_points'])}-{_share(r['band_points'][2], r['grid_points'])}) "
             f"| {r['band_seconds']:.1f} | {r['whole_seconds']:.1f} | {r['whole_seconds'] / r['band_seconds']:.1f}x "
             f"| {r['max_dice_difference']:.1e} | {'yes' if r['band_alpha'] == r['whole_alpha'] else 'no'} |"
         )

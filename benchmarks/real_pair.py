@@ -46,11 +46,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iterations", type=int, default=300)
     p.add_argument("--num-points", type=int, default=2000)
     p.add_argument("--no-elastix", action="store_true")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="register_patient option (VALUE in JSON), repeatable")
+    p.add_argument("--tag", default="", help="variant name: writes real_pair_<tag>.md/json instead of real_pair.md/json")
+    p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="alphas at which the lung NCC is also reported")
+    p.add_argument("--elastix-cache", type=Path, default=None, help="elastix's lung displacement, reused when present (default OUTPUT/real_pair_elastix.npz)")
     return p
 
 
-def _field_at(fn, points: torch.Tensor, chunk: int = 200_000) -> torch.Tensor:
-    return torch.cat([torch.as_tensor(fn(points[i : i + chunk]), dtype=torch.float64) for i in range(0, len(points), chunk)])
+def _elastix_reference(item: dict, lung: torch.Tensor, args) -> dict | None:
+    """elastix default on the pair: displacement at the lung points, Dice, lung NCC, seconds (cached in an .npz)."""
+    from benchmarks.methods import warped_mask_dice
+    from benchmarks.peers.elastix import elastix_available, register_elastix
+    from monai_cidir.metrics.similarity import lung_ncc
+
+    cache = args.elastix_cache or args.output / "real_pair_elastix.npz"
+    if cache.is_file():
+        data = dict(np.load(cache))
+        if data["displacement"].shape == tuple(lung.shape):
+            print(f"elastix: reusing {cache}")
+            return data
+    if not elastix_available():
+        return None
+    result = register_elastix(item["fixed_image"], item["moving_image"], None, preset="default", num_threads=args.threads)
+    ncc = lung_ncc(item["fixed_image"], item["moving_image"], item["fixed_mask"], {"elastix": lambda p: result.transform_points(p).float()})
+    data = {
+        "displacement": (result.transform_points(lung) - lung).numpy(),
+        "seconds": np.float64(result.seconds),
+        "dice": np.float64(warped_mask_dice(item, result.displacement_field())),
+        "ncc": np.float64(ncc["elastix"]),
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **data)
+    return data
 
 
 def main(argv=None) -> int:
@@ -61,7 +88,7 @@ def main(argv=None) -> int:
         if not f.is_file():
             print(f"skipped: {f} not found")
             return 0
-    from benchmarks.methods import load_case, warped_mask_dice
+    from benchmarks.methods import load_case
     from monai_cidir.coordinates import CoordinateMapping
     from monai_cidir.engines import load_registration_model, register_patient
     from monai_cidir.metrics.similarity import lung_ncc
@@ -69,42 +96,46 @@ def main(argv=None) -> int:
     item = load_case({"name": "real_pair", "fixed_image": str(fixed_path), "moving_image": str(moving_path)})
     fmap = CoordinateMapping.from_image(item["fixed_image"])
     work = Path(tempfile.mkdtemp(prefix="cidir_real_pair_"))
+    from benchmarks.compare import _engine_options
+
+    options = {"max_iterations": args.max_iterations, "num_points": args.num_points, **_engine_options(args.option)}
     start = time.perf_counter()
-    metrics = register_patient(item, work, max_iterations=args.max_iterations, num_points=args.num_points, overwrite=True)
+    metrics = register_patient(item, work, overwrite=True, **options)
     wall = time.perf_counter() - start
     model = load_registration_model(work / "real_pair" / "model.pt")
     alpha = float(metrics["alpha"])
     lung = fmap.world_grid(dtype=torch.float64)[item["fixed_mask"][0].as_tensor() > 0]
-    cidir_u = _field_at(lambda p: model.displacement(p, alpha), lung)
+    cidir_u = model.displacement(lung, alpha)
     transforms = {"before": None, "cIDIR": lambda p: model.transform_points(p.double(), alpha).float()}
+    alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    for a in alphas:
+        transforms[f"cIDIR alpha {a:g}"] = lambda p, a=a: model.transform_points(p.double(), a).float()
     row = {
-        "alpha": alpha, "wall_s": wall, "dice_cidir": metrics.get("dice"),
+        "alpha": alpha, "wall_s": wall, "dice_cidir": metrics.get("dice"), "options": options,
         "seconds": {k: metrics.get(f"seconds_{k}") for k in ("affine", "training", "selection", "export")},
         "ncc_affine": metrics.get("ncc_affine"), "lung_points": int(len(lung)),
     }  # fmt: skip
-    if not args.no_elastix:
-        from benchmarks.peers.elastix import elastix_available, register_elastix
-
-        if elastix_available():
-            result = register_elastix(item["fixed_image"], item["moving_image"], None, preset="default", num_threads=args.threads)
-            elastix_u = _field_at(lambda p: result.transform_points(p) - p, lung)
-            d = (cidir_u - elastix_u).norm(dim=1).numpy()
-            field = result.displacement_field()
-            row.update(seconds_elastix=result.seconds, dice_elastix=warped_mask_dice(item, field),
-                       distance_mean=float(d.mean()), distance_p95=float(np.percentile(d, 95)),
-                       elastix_motion_mean=float(elastix_u.norm(dim=1).mean()))  # fmt: skip
-            transforms["elastix default"] = lambda p: result.transform_points(p).float()
+    elastix = None if args.no_elastix else _elastix_reference(item, lung, args)
+    if elastix is not None:
+        elastix_u = torch.from_numpy(elastix["displacement"])
+        d = (cidir_u - elastix_u).norm(dim=1).numpy()
+        row.update(seconds_elastix=float(elastix["seconds"]), dice_elastix=float(elastix["dice"]), ncc_elastix=float(elastix["ncc"]),
+                   distance_mean=float(d.mean()), distance_p95=float(np.percentile(d, 95)),
+                   elastix_motion_mean=float(elastix_u.norm(dim=1).mean()))  # fmt: skip
     row["ncc"] = lung_ncc(item["fixed_image"], item["moving_image"], item["fixed_mask"], transforms)
+    if elastix is not None:
+        row["ncc"]["elastix default"] = row["ncc_elastix"]
     row["cidir_motion_mean"] = float(cidir_u.norm(dim=1).mean())
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "real_pair.json").write_text(json.dumps(row, indent=1))
-    path = write_report(row, args)
+    stem = f"real_pair_{args.tag}" if args.tag else "real_pair"
+    (args.output / f"{stem}.json").write_text(json.dumps(row, indent=1))
+    path = write_report(row, args, stem)
     print(json.dumps(row, indent=1))
     print(f"wrote {path}")
     return 0
 
 
-def write_report(row: dict, args) -> Path:
+def write_report(row: dict, args, stem: str = "real_pair") -> Path:
     import platform
 
     s = row["seconds"]
@@ -113,8 +144,7 @@ def write_report(row: dict, args) -> Path:
         "# The real lung CT pair without landmarks: cIDIR against elastix",
         "",
         f"`python benchmarks/real_pair.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
-        f"{args.threads} threads; cIDIR {args.max_iterations} iterations x {args.num_points} points (the bundle's defaults), "
-        "elastix default maps without a mask.",
+        f"{args.threads} threads; cIDIR options {json.dumps(row['options'])}, elastix default maps without a mask.",
         "",
         "| method | lung NCC | lung-mask Dice | time (s) |",
         "|---|---|---|---|",
@@ -124,6 +154,7 @@ def write_report(row: dict, args) -> Path:
         f"{s['affine'] + s['training'] + s['selection'] + s['export']:.1f} (affine {s['affine']:.1f}, training {s['training']:.1f}, "
         f"selection {s['selection']:.1f}, export {s['export']:.1f}) |",
     ]
+    lines += [f"| cIDIR at alpha {k.split()[-1]} | {v:.3f} | - | - |" for k, v in ncc.items() if k.startswith("cIDIR alpha")]
     if "distance_mean" in row:
         lines += [
             f"| elastix default | {ncc['elastix default']:.3f} | {row['dice_elastix']:.3f} | {row['seconds_elastix']:.1f} |",
@@ -132,7 +163,7 @@ def write_report(row: dict, args) -> Path:
             f"{row['distance_mean']:.2f} mm, 95th percentile {row['distance_p95']:.2f} mm (mean displacement: cIDIR "
             f"{row['cidir_motion_mean']:.1f} mm, elastix {row['elastix_motion_mean']:.1f} mm).",
         ]
-    path = args.output / "real_pair.md"
+    path = args.output / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 

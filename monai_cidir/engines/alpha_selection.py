@@ -116,7 +116,8 @@ class AlphaCurve:
     """The sweep's results, one row per evaluated alpha (sorted by alpha).
 
     Attributes:
-        rows: dicts with ``alpha``, ``dice``, ``folding`` (fraction), ``seconds``.
+        rows: dicts with ``alpha``, ``dice``, ``folding`` (fraction), ``seconds`` and ``points``
+            (grid points the network mapped for that alpha).
         best: the selected row.
     """
 
@@ -492,7 +493,7 @@ class AlphaSelectionEvaluator(Evaluator):
         alpha = float(batchdata["alpha"][0] if isinstance(batchdata["alpha"], (list, tuple)) else batchdata["alpha"])
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         out = self.score(alpha)
-        self.curve.rows.append({k: out[k] for k in ("alpha", "dice", "folding", "seconds")})
+        self.curve.rows.append({k: out[k] for k in ("alpha", "dice", "folding", "seconds", "points")})
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return out
 
@@ -523,7 +524,7 @@ class AlphaSelectionEvaluator(Evaluator):
         def f(a: float) -> float:
             if a not in cache:
                 out = self.score(a)
-                cache[a] = {k: out[k] for k in ("alpha", "dice", "folding", "seconds")}
+                cache[a] = {k: out[k] for k in ("alpha", "dice", "folding", "seconds", "points")}
                 self.curve.rows.append(cache[a])
             r = cache[a]
             ok = (not self.no_folding) or r["folding"] <= 0.0
