@@ -9,8 +9,10 @@ A datalist is a JSON file::
          "fixed_landmarks": "p1/inhale.csv", "moving_landmarks": "p1/exhale.csv"}
     ]}
 
-``fixed_image`` and ``moving_image`` are required, the rest optional; relative paths are resolved
-against the datalist's folder. Images: anything MONAI's ITK reader opens (NIfTI, MHA/MHD, NRRD, a
+``fixed_image`` and ``moving_image`` are required, the rest optional (plus ``meta``, free for
+the user's own data); any other key is an error naming the known ones, so that a misspelt key
+(``fixed_landmark``) does not silently drop the landmarks. Names become output folders: plain
+names, unique. Relative paths are resolved against the datalist's folder. Images: anything MONAI's ITK reader opens (NIfTI, MHA/MHD, NRRD, a
 DICOM series folder). Landmarks: any format of :func:`~monai_cidir.data.load_landmarks` (CSV with
 header ``x,y,z`` in world LPS mm is the recommended one). fixed = inhale, moving = exhale: the
 network maps a fixed-space world point ``p`` to ``p + u(p)`` in moving space.
@@ -18,13 +20,17 @@ network maps a fixed-space world point ``p`` to ``p + u(p)`` in moving space.
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from monai.data import Dataset
 from monai.transforms import apply_transform
+
+from monai_cidir.data.validation import check_pair_names
 
 __all__ = ["PAIR_PATH_KEYS", "load_pair_datalist", "write_pair_datalist", "RegistrationPairDataset"]
 
@@ -39,6 +45,8 @@ PAIR_PATH_KEYS = (
 )
 _REQUIRED = ("fixed_image", "moving_image")
 
+logger = logging.getLogger(__name__)
+
 
 def load_pair_datalist(
     path: str | os.PathLike, key: str = "training", path_keys: Sequence[str] = PAIR_PATH_KEYS
@@ -52,12 +60,15 @@ def load_pair_datalist(
 
     Returns:
         a list of new dicts; path values are absolute strings; ``name`` defaults to
-        ``pair_000``, ``pair_001``, ... by position. Other keys are kept as they are.
+        ``pair_000``, ``pair_001``, ... by position. ``meta`` (any JSON value: the user's own
+        data about the pair) is kept as it is; any other key is an error.
 
     Raises:
         FileNotFoundError: when the datalist or a file a record names does not exist (the message
             names the datalist, the record, the key and the resolved path).
-        ValueError: for invalid JSON, a missing ``key`` list, or a record without fixed/moving image.
+        ValueError: for invalid JSON, a missing or empty ``key`` list, a record without fixed/moving
+            image, an unknown record key (the message lists the known ones), or pair names that are
+            not plain folder names or repeat (:func:`~monai_cidir.data.validation.check_pair_names`).
 
     Example::
 
@@ -86,8 +97,21 @@ def load_pair_datalist(
         missing = [k for k in _REQUIRED if not rec.get(k)]
         if missing:
             raise ValueError(f"datalist {path}: record {i} of '{key}' lacks {missing}; it has keys {list(rec)}")
+        known = ("name", "meta", *path_keys)
+        unknown = [k for k in rec if k not in known]
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            said = ", ".join(f"'{k}'" + (f" (did you mean '{h[0]}'?)" if h else "") for k, h in hints.items())
+            raise ValueError(f"datalist {path}: record {i} of '{key}' has unknown key(s) {said}; the known keys are {list(known)}")
         rec = dict(rec)
-        rec.setdefault("name", f"pair_{i:03d}")
+        if rec.get("name") is None:
+            rec["name"] = f"pair_{i:03d}"
+        given = [k for k in ("fixed_landmarks", "moving_landmarks") if rec.get(k)]
+        if len(given) == 1:
+            logger.warning(
+                "datalist %s: record %s has %s but not the other landmark file: TRE needs both, so it is not computed for this pair",
+                path, rec["name"], given[0],
+            )  # fmt: skip
         for k in path_keys:
             if rec.get(k) is None:
                 continue
@@ -104,6 +128,7 @@ def load_pair_datalist(
                 )
             rec[k] = str(p)
         out.append(rec)
+    check_pair_names([r["name"] for r in out], f"datalist {path} ('{key}')")
     return out
 
 

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from monai_cidir.coordinates import CoordinateMapping
+from monai_cidir.data.datalist import PAIR_PATH_KEYS
+from monai_cidir.data.validation import check_image_file, check_image_values, check_pair_names
 from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator
 from monai_cidir.engines.export import (
     dilate_mask,
@@ -184,7 +186,67 @@ def landmark_tre(
 
 
 def _patient_dir(output_dir, name: str) -> Path:
+    """``output_dir/<name>``; the name must be a plain folder name, so outputs stay inside ``output_dir``."""
+    check_pair_names([str(name)], f"output_dir {output_dir}")
     return Path(output_dir) / str(name)
+
+
+def check_alpha(alpha: float | None, alpha_range: Sequence[float]) -> None:
+    """A requested alpha must lie in the range the model was (or will be) trained on.
+
+    Raises:
+        ValueError: naming the alpha and the range.
+    """
+    if alpha is None:
+        return
+    lo, hi = float(alpha_range[0]), float(alpha_range[1])
+    a = float(alpha)
+    if not (math.isfinite(a) and lo - 1e-9 <= a <= hi + 1e-9):
+        raise ValueError(
+            f"alpha {alpha} is outside the range the network is trained on, [{lo:g}, {hi:g}]: it was never conditioned "
+            "there, so its field would be an extrapolation. Choose an alpha in that range (or train with a wider alpha_range)."
+        )
+
+
+def check_device(device: str | torch.device) -> None:
+    """The torch device must exist on this machine (``cuda`` without a GPU fails here, not mid-training)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e}); expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was requested but CUDA is not available here; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _precheck_cohort(dataset) -> None:
+    """Before any training: a non-empty cohort, valid and unique names, complete files with positive spacing.
+
+    Records of a MONAI dataset (``dataset.data``) are checked file by file; loaded pairs (tensors)
+    are checked when they are registered. Every problem of the cohort is reported at once.
+    """
+    n = len(dataset) if hasattr(dataset, "__len__") else None
+    if n == 0:
+        raise ValueError("no pairs to register: the dataset is empty (expected at least one record)")
+    if n is None:
+        return
+    check_pair_names([_record_name(dataset, i) for i in range(n)], "the cohort")
+    records = getattr(dataset, "data", None)
+    if not isinstance(records, Sequence):
+        return
+    problems = []
+    for record in records:
+        for key in PAIR_PATH_KEYS[:4]:  # images and masks
+            value = record.get(key) if isinstance(record, Mapping) else None
+            if isinstance(value, (str, os.PathLike)):
+                try:
+                    check_image_file(value, key)
+                except (OSError, ValueError) as e:
+                    problems.append(f"{record.get('name', '?')}: {e}")
+    if problems:
+        raise ValueError(f"{len(problems)} input problem(s), nothing was trained:\n  " + "\n  ".join(problems))
 
 
 # ---------------------------------------------------------------------------- selection + export
@@ -230,6 +292,7 @@ def select_and_export(
     Returns:
         the metrics dict written to ``metrics.json``.
     """
+    check_alpha(alpha, alpha_range)
     patient_dir = Path(patient_dir)
     name = str(item.get("name", patient_dir.name))
     start = time.perf_counter()
@@ -406,7 +469,9 @@ def register_patient(
         with ``"skipped": True``.
 
     Raises:
-        ValueError: when the item lacks images.
+        ValueError: when the item lacks images, an image has non-finite or constant values, a fixed
+            ``alpha`` lies outside ``alpha_range``, or ``device`` is not available; all before
+            training.
 
     Example::
 
@@ -420,6 +485,9 @@ def register_patient(
     for key in ("fixed_image", "moving_image"):
         if item.get(key) is None:
             raise ValueError(f"the pair has no '{key}': expected a loaded pair with keys {sorted(item)}")
+        check_image_values(item[key], f"{item.get('name') or 'pair'}: {key}", ct=False)
+    check_alpha(alpha, alpha_range)
+    check_device(device)
     name = str(item.get("name") or "pair")
     pdir = _patient_dir(output_dir, name)
     metrics_path = pdir / "metrics.json"
@@ -595,10 +663,11 @@ def export_registration(
     pdir = _patient_dir(output_dir, name)
     model_path = Path(model_path) if model_path is not None else pdir / "model.pt"
     model = load_registration_model(model_path, device=device)
+    check_alpha(alpha, model.info.get("alpha_range", selection_kwargs.get("alpha_range", (0.0, 1.0))))
     previous = {}
     if (pdir / "metrics.json").is_file():
         old = json.loads((pdir / "metrics.json").read_text())
-        previous = {k: v for k, v in old.items() if k in ("iterations", "num_points", "regularizer", "seed", "seconds_training", "affine_prealign")}
+        previous = {k: v for k, v in old.items() if k in ("iterations", "num_points", "regularizer", "seed", "seconds_affine", "seconds_training", "affine_prealign")}
     item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
     previous.update(mask_entries(mask_reports))
     if "alpha_range" not in selection_kwargs and "alpha_range" in model.info:
@@ -749,7 +818,9 @@ def run_cohort(
         >>> rows = run_cohort(RegistrationPairDataset("phantom/datalist.json"), "outputs", max_iterations=500)
     """
     output_dir = Path(output_dir)
+    _precheck_cohort(dataset)
     rows: list[dict] = []
+    seen: set[str] = set()
     if progress and kwargs.get("handlers") is None:
         kwargs["handlers"] = lambda: [TrainingProgressBar()]
     n = len(dataset) if hasattr(dataset, "__len__") else None
@@ -758,6 +829,9 @@ def run_cohort(
         try:
             item = load()
             name = str(item.get("name") or name)
+            if name in seen:
+                raise ValueError(f"a second pair is named {name!r}: names must be unique (each names an output folder)")
+            seen.add(name)
             logger.info("patient %d%s: %s", i + 1, f"/{n}" if n else "", name)
             rows.append(register_patient(item, output_dir, **kwargs))
         except Exception as e:  # noqa: BLE001 (one patient's failure must not lose the others)

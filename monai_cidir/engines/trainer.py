@@ -467,6 +467,12 @@ class CIDIRTrainer(Trainer):
         similarity = self.similarity(fixed_values.reshape(-1), moving_values.reshape(-1))
         regularization, parts = self._regularization(jac, hess, alpha_r)
         loss = similarity + regularization
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(
+                f"non-finite training loss at iteration {engine.state.iteration}: similarity {float(similarity):.4g}, "
+                f"regularization {float(regularization):.4g} ({', '.join(f'{k} {v:.4g}' for k, v in parts.items())}). "
+                "Check the images for NaN/inf voxels; if they are finite, lower learning_rate or the regularizer scale."
+            )
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -24,6 +24,7 @@ from monai.transforms import LoadImage, MapTransform, ResampleToMatch
 from monai.utils import ensure_tuple
 
 from monai_cidir.data.dirlab import dirlab_affine, read_dirlab_image
+from monai_cidir.data.validation import check_image_file, check_image_values
 from monai_cidir.data.landmarks import load_landmarks
 
 __all__ = ["LoadDIRLabd", "LoadRegistrationPaird", "DEFAULT_PAIR_KEYS"]
@@ -117,12 +118,17 @@ class LoadRegistrationPaird(MapTransform):
         landmark_keys: (fixed, moving) landmark keys, paired with ``image_keys`` by position.
         reader: the reader given to ``monai.transforms.LoadImage`` (default ``"ITKReader"``).
         name_key: key of the pair's name; set from the fixed image's file name when absent.
+        check_ct: require CT values in Hounsfield units (some voxels below -400 HU: air or lung).
+            Every image is also checked for a complete file, a positive spacing in its header,
+            finite values and not being constant (:mod:`monai_cidir.data.validation`).
 
     Raises:
         KeyError: when an image key is missing.
         FileNotFoundError: for a path that does not exist.
         RuntimeError: when the reader cannot open a file (names the file and the reader).
-        ValueError: for images that are not single-channel 3-D.
+        OSError: for a truncated or corrupt ``.gz`` file.
+        ValueError: for images that are not single-channel 3-D, a non-positive spacing, non-finite
+            or constant values, or (``check_ct``) no voxel in the air/lung HU range.
 
     Example::
 
@@ -140,6 +146,7 @@ class LoadRegistrationPaird(MapTransform):
         landmark_keys: Sequence[str] = DEFAULT_PAIR_KEYS["landmarks"],
         reader: object = "ITKReader",
         name_key: str = "name",
+        check_ct: bool = True,
     ) -> None:
         self.image_keys = ensure_tuple(image_keys)
         self.mask_keys = ensure_tuple(mask_keys)
@@ -150,13 +157,15 @@ class LoadRegistrationPaird(MapTransform):
         super().__init__(self.image_keys + self.mask_keys + self.landmark_keys, allow_missing_keys=True)
         self.reader = reader
         self.name_key = name_key
+        self.check_ct = bool(check_ct)
         self._loader = LoadImage(reader=reader, image_only=True, dtype=np.float32, ensure_channel_first=True)
         self._resample = ResampleToMatch(mode="nearest", padding_mode="zeros")
 
-    def _load(self, key: str, path) -> MetaTensor:
+    def _load(self, key: str, path, image: bool = False) -> MetaTensor:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{key}: file not found: {path}")
+        check_image_file(path, key)
         try:
             img = self._loader(str(path))
         except Exception as e:  # readers raise many types; give the user the file and the reader
@@ -167,6 +176,10 @@ class LoadRegistrationPaird(MapTransform):
                 f"{key}: expected a single-channel 3-D image, i.e. (1, X, Y, Z) after loading, found shape "
                 f"{tuple(img.shape)} in {path}"
             )
+        if image:
+            check_image_values(img, key, path, ct=self.check_ct)
+        elif not bool(torch.isfinite(img.as_tensor()).all()):
+            raise ValueError(f"{key}: {path} has non-finite voxels (NaN or inf): expected a 0/1 (or label) mask")
         return img
 
     @staticmethod
@@ -181,7 +194,7 @@ class LoadRegistrationPaird(MapTransform):
             if key not in d:
                 raise KeyError(f"LoadRegistrationPaird: the record has no '{key}'; keys: {list(d)}")
             if _is_path(d[key]):
-                d[key] = self._load(key, d[key])
+                d[key] = self._load(key, d[key], image=True)
         for i, key in enumerate(self.mask_keys):
             if key not in d or d[key] is None:
                 continue

@@ -276,7 +276,7 @@ def test_rerun_skips_complete_patients_unless_overwrite(trained, monkeypatch, ca
 
 
 def test_a_failed_patient_is_reported_and_the_run_exits_non_zero(tmp_path, monkeypatch, capsys):
-    """A pair without lungs in view stops on its computed mask; the other patient finishes; exit status 1."""
+    """A pair without air or lung in view (no voxel below -400 HU) stops when loaded; the other patient finishes; exit status 1."""
     from monai_cidir.data.phantom import generate_breathing_phantom, write_registration_pair
 
     data = tmp_path / "data"
@@ -288,11 +288,11 @@ def test_a_failed_patient_is_reported_and_the_run_exits_non_zero(tmp_path, monke
     with pytest.raises(SystemExit, match=r"1 of 2 patient\(s\) failed \(no_lung\)"):
         run("training", config_file=str(CONFIGS / "train.json"), **{**TINY_TRAIN, "dataset_dir": str(data)})
     rows = {r["name"]: r for r in _cohort(tmp_path)}
-    assert rows["no_lung"]["status"] == "failed" and "LungMaskError" in rows["no_lung"]["error"]
+    assert rows["no_lung"]["status"] == "failed" and "Hounsfield" in rows["no_lung"]["error"]
     assert "no_lung_inhale.nii.gz" in rows["no_lung"]["error"]  # names the image
     assert rows["phantom_seed0"]["status"] == "ok" and (tmp_path / "outputs" / "phantom_seed0" / "metrics.json").is_file()
     printed = capsys.readouterr().out
-    assert "FAILED no_lung: LungMaskError" in printed
+    assert "FAILED no_lung: ValueError" in printed
     m = _metrics(tmp_path)
     assert m["ncc_after"] > m["ncc_before"] and m["dice"] >= m["dice_affine"] - 0.01
     assert m["lung_masks"]["fixed"]["source"] == "given" and m["fixed_lung_ml"] > 300.0

@@ -28,7 +28,7 @@ def pair_dir(tmp_path):
     i, j, k = np.meshgrid(np.arange(16), np.arange(14), np.arange(10), indexing="ij")
     fixed = (5 * i - 3 * j + 7 * k - 800).astype(np.int16)
     _nifti(root / "p1" / "inhale.nii.gz", fixed, f_aff)
-    _nifti(root / "p1" / "exhale.nii.gz", np.zeros((20, 18, 14), np.int16), m_aff)
+    _nifti(root / "p1" / "exhale.nii.gz", np.full((20, 18, 14), -1000, np.int16) + np.arange(14, dtype=np.int16), m_aff)
     mask = np.zeros((16, 14, 10), np.uint8)
     mask[3:12, 2:10, 2:8] = 1
     _nifti(root / "p1" / "inhale_lungs.nii.gz", mask, f_aff)
@@ -41,7 +41,7 @@ def pair_dir(tmp_path):
         "moving_image": "p1/exhale.nii.gz",
         "fixed_mask": "p1/inhale_lungs.nii.gz",
         "fixed_landmarks": "p1/inhale.csv",
-        "weight": 0.5,
+        "meta": {"weight": 0.5},
     }
     (root / "datalist.json").write_text(json.dumps({"training": [record, {**record, "name": None}]}))
     return root, fixed, mask, vox, world
@@ -52,7 +52,7 @@ def test_relative_paths_resolved_against_the_datalist_folder(pair_dir, monkeypat
     monkeypatch.chdir(tmp_path)  # not the datalist's folder
     records = load_pair_datalist(root / "datalist.json")
     assert records[0]["fixed_image"] == str((root / "p1" / "inhale.nii.gz").resolve())
-    assert records[0]["weight"] == 0.5 and records[0]["name"] == "p1"
+    assert records[0]["meta"] == {"weight": 0.5} and records[0]["name"] == "p1"
     assert "moving_mask" not in records[0]
 
 

@@ -107,3 +107,52 @@ def test_run_cohort_table(trained, phantom_item, capsys):
     printed = capsys.readouterr().out
     assert phantom_item["name"] in printed and "->" in printed
     assert format_summary_table(rows).splitlines()[0].split()[:3] == ["patient", "status", "alpha"]
+
+
+def _tree(root):
+    """Every file under ``root`` with its size and modification time."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def test_bad_requests_stop_before_training_and_write_nothing(phantom_item, tmp_path):
+    out = tmp_path / "outputs"
+    with pytest.raises(ValueError, match=r"alpha 1.5 is outside the range .* \[0, 1\]"):
+        register_patient(phantom_item, out, alpha=1.5, **FAST)
+    with pytest.raises(ValueError, match=r"alpha -0.2 is outside"):
+        register_patient(phantom_item, out, alpha=-0.2, **FAST)
+    nan = phantom_item["fixed_image"].clone()
+    nan[0, 3, 4, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"fixed_image has 1 non-finite voxel"):
+        register_patient({**phantom_item, "fixed_image": nan}, out, **FAST)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            register_patient(phantom_item, out, device="cuda", **FAST)
+    with pytest.raises(ValueError, match=r"invalid pair name\(s\) \['\.\./escape'\]"):
+        register_patient({**phantom_item, "name": "../escape"}, out, **FAST)
+    assert not out.exists() and not (tmp_path / "escape").exists()
+
+
+def test_reexport_refuses_an_alpha_outside_the_trained_range(trained, phantom_item):
+    out, _ = trained
+    before = _tree(out)
+    with pytest.raises(ValueError, match=r"alpha 1.5 is outside the range the network is trained on"):
+        export_registration(phantom_item, out, alpha=1.5)
+    assert _tree(out) == before  # nothing rewritten
+
+
+def test_cohort_names_are_checked_before_anything_runs(phantom_item, tmp_path):
+    out = tmp_path / "outputs"
+    out.mkdir()
+    (out / "keep.txt").write_text("a file of the user's")
+    before = _tree(tmp_path)
+    with pytest.raises(ValueError, match="no pairs to register: the dataset is empty"):
+        run_cohort([], out, **FAST)
+    from monai.data import Dataset
+
+    twins = Dataset([{**phantom_item, "name": "p"}, {**phantom_item, "name": "p"}])
+    with pytest.raises(ValueError, match=r"the cohort: .*repeated: \['p'\]"):
+        run_cohort(twins, out, **FAST)
+    outside = Dataset([{**phantom_item, "name": "/tmp/elsewhere"}])
+    with pytest.raises(ValueError, match="invalid pair name"):
+        run_cohort(outside, out, **FAST)
+    assert _tree(tmp_path) == before  # nothing written, nothing changed

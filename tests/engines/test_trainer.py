@@ -134,3 +134,30 @@ def test_time_budget_stops_training_and_anneals_the_schedule(pair, tmp_path):
     for bad in (0, -3, "abc", float("inf")):
         with pytest.raises(ValueError, match="time_budget_s"):
             _trainer(pair, max_iterations=5, time_budget_s=bad)
+
+
+class _NaNAfter(torch.nn.Module):
+    """A field that turns NaN after ``n`` forward calls (what a diverging run looks like)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.net = ConditionedINR(hidden_features=16)
+        self.calls, self.n = 0, n
+
+    def forward(self, coords, alpha=None):
+        self.calls += 1
+        out = self.net(coords, alpha)
+        return out * float("nan") if self.calls > self.n else out
+
+
+def test_a_non_finite_loss_stops_training_with_a_clear_error(pair):
+    torch.manual_seed(0)
+    net = _NaNAfter(3)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    trainer = CIDIRTrainer(
+        net, opt, pair["fixed_image"], pair["moving_image"], make_point_sampler(pair["fixed_mask"], seed=0),
+        num_points=64, max_iterations=20, derivatives="autograd",
+    )
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss at iteration 4: .*NaN/inf voxels"):
+        trainer.run()
+    assert trainer.state.iteration == 4  # stopped at once, not after 20 iterations of NaN
