@@ -304,8 +304,38 @@ def test_lung_mask_weights_reach_the_lungmask_backend(tmp_path):
 
     parser = _config("train.json")
     parser["lung_mask_weights"] = str(tmp_path / "unet_r231-d5d2fc3d.pth")
-    kwargs = parser.get_parsed_content("training#0#lung_mask_kwargs")
+    kwargs = parser.get_parsed_content("training#1#lung_mask_kwargs")
     assert kwargs == {"weights": str(tmp_path / "unet_r231-d5d2fc3d.pth")}
     with pytest.raises(FileNotFoundError, match=r"the weights file .*unet_r231-d5d2fc3d\.pth does not exist"):
         LungMaskd("fixed_image", backend="lungmask", **kwargs)({"fixed_image": torch.zeros(1, 8, 8, 2)})
-    assert _config("inference.json").get_parsed_content("inference#0#lung_mask_kwargs") == {"weights": None}
+    assert _config("inference.json").get_parsed_content("inference#1#lung_mask_kwargs") == {"weights": None}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max_iteration", "50000"], r"--max_iteration: no config id 'max_iteration' .* closest: --max_iterations"),
+        (["--conditioning", "x"], r"--conditioning: no config id 'conditioning'"),
+        (["--max_iterations", "abc"], r"--max_iterations abc: expected int like the default 300, found str"),
+        (["--network#hidden_feature", "64"], r"no config id 'network#hidden_feature'"),
+    ],
+)
+def test_command_line_overrides_that_nothing_reads_are_refused(tmp_path, monkeypatch, flags, message):
+    """`python -m monai.bundle run training --max_iteration 50000` (a typo) stops before anything runs."""
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    config = str(CONFIGS / "train.json")
+    argv = [str(Path(run.__code__.co_filename).parent / "__main__.py"), "run", "training", "--config_file", config, *flags]
+    monkeypatch.setattr(sys, "argv", argv)
+    overrides = {flags[0][2:]: flags[1]}
+    # the message ends the run (exit status 1), not MONAI's "Failed to evaluate ConfigExpression" wrapper
+    with pytest.raises(SystemExit, match=r"^cidir_lung_ct: ValueError: command-line override\(s\) refused[\s\S]*" + message):
+        run("training", config_file=config, **overrides)
+    assert not any(tmp_path.iterdir())  # no phantom generated, no outputs
+    # the same check accepts what the configs read, nested ids and expressions included
+    good = [argv[0], "run", "training", "--config_file", config, "--max_iterations", "5", "--network#hidden_features", "16",
+            "--overwrite", "true", "--alpha_range", "[0, 0.5]", "--dataset_dir", "/data/x", "--alpha_range", "$[0, 1]"]  # fmt: skip
+    from monai_cidir.engines.bundle import check_cli_overrides
+
+    check_cli_overrides(good)
