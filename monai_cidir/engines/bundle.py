@@ -453,7 +453,7 @@ def _normalise_options(kwargs: dict) -> dict:
     for key in _FLAG_OPTIONS:
         if key in out:
             out[key] = as_flag(out[key], key, allow=("auto",) if key == "affine_prealign" else ())
-    for key in ("alpha", "time_budget_s"):
+    for key in ("alpha", "time_budget_s", "checkpoint_every_s"):
         if isinstance(out.get(key), str) and out[key].strip().lower() in ("none", "null", ""):
             out[key] = None
     if "alpha_range" in out and out["alpha_range"] is None:

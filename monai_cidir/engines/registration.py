@@ -73,7 +73,17 @@ OUTPUT_FILES = (
     "displacement.nii.gz",
     "warped_moving.nii.gz",
     "metrics.json",
+    "settings.json",
 )
+
+#: register_patient arguments that define a result: a rerun skips or resumes only when they match
+RESULT_SETTINGS = (
+    "network", "optimizer", "learning_rate", "harmonizer_lr_factor", "init_output_scale", "max_iterations",
+    "num_points", "time_budget_s", "regularizer", "regularizer_scales", "alpha_range", "alpha_distribution",
+    "alpha_per_point", "lr_schedule", "grad_clip", "derivatives", "regularization_points", "affine_prealign",
+    "affine_kwargs", "num_alphas", "golden_section_steps", "no_folding", "selection_mode", "lung_mask_backend",
+    "lung_mask_kwargs", "coarse_spacing_mm", "coarse_factor", "alpha", "export_images", "seed",
+)  # fmt: skip
 
 COHORT_COLUMNS = (
     "name",
@@ -377,6 +387,122 @@ def select_and_export(
 
 
 # ---------------------------------------------------------------------------- one patient
+def _plain_setting(value: Any) -> Any:
+    """A JSON value that identifies a setting (callables by what they build or their name)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain_setting(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_setting(v) for v in value]
+    if isinstance(value, torch.nn.Module):
+        return repr(value)
+    if callable(value):
+        keywords = getattr(value, "keywords", None)  # functools.partial, MONAI's "_mode_": "callable"
+        func = getattr(value, "func", value)
+        name = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}"
+        return {"callable": name, **({"keywords": _plain_setting(keywords)} if keywords else {})}
+    return repr(value)
+
+
+def _content_hash(tensor) -> str | None:
+    if tensor is None:
+        return None
+    import hashlib
+
+    data = torch.as_tensor(tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor).detach().cpu().contiguous()
+    affine = getattr(tensor, "affine", None)
+    h = hashlib.sha1(data.numpy().tobytes())
+    if affine is not None:
+        h.update(torch.as_tensor(affine, dtype=torch.float64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def result_settings(options: Mapping[str, Any], item: Mapping) -> dict:
+    """What defines a patient's result: the :data:`RESULT_SETTINGS` options and the inputs' content."""
+    out = {k: _plain_setting(options.get(k)) for k in RESULT_SETTINGS}
+    out["inputs"] = {k: _content_hash(item.get(k)) for k in PAIR_PATH_KEYS}
+    return json.loads(json.dumps(out))  # tuples -> lists, as read back from settings.json
+
+
+def _check_stored_settings(pdir: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse to skip or resume on results made with other settings (or of unknown settings)."""
+    if overwrite or not any((pdir / f).is_file() for f in ("metrics.json", "checkpoint.pt")):
+        return
+    path = pdir / "settings.json"
+    stored = json.loads(path.read_text()) if path.is_file() else None
+    if stored == settings:
+        return
+    if stored is None:
+        differ = "it has no settings.json (written by an older version or another tool)"
+    else:
+        keys = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+        differ = "; ".join(f"{k}: stored {stored.get(k)!r}, now {settings.get(k)!r}" for k in keys[:6])
+    raise ValueError(
+        f"{pdir} holds results of a run with other settings ({differ}); they are neither reused nor touched. "
+        "Rerun with overwrite=True (--overwrite true) to redo this patient, or use another output_dir."
+    )
+
+
+class PatientDirLock:
+    """An exclusive lock on a patient folder (``.lock``, created atomically), so two runs never write the same files.
+
+    A lock left by a process that no longer runs (same host) is taken over; a live one is refused.
+
+    Args:
+        pdir: the patient folder (created when missing).
+
+    Example::
+
+        >>> with PatientDirLock(Path("outputs/p1")):
+        ...     pass
+    """
+
+    def __init__(self, pdir: Path) -> None:
+        self.path = Path(pdir) / ".lock"
+
+    def __enter__(self) -> PatientDirLock:
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    owner = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    owner = {}
+                if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise RuntimeError(
+                    f"{self.path.parent} is being written by another run (pid {owner.get('pid', '?')} on "
+                    f"{owner.get('host', '?')}, since {owner.get('since', '?')}); nothing was changed. Wait for it, "
+                    f"or remove {self.path} if that run is gone."
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return self
+        raise RuntimeError(f"could not lock {self.path.parent}")
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def register_patient(
     item: dict,
     output_dir: str | os.PathLike,
@@ -414,6 +540,7 @@ def register_patient(
     handlers: Sequence | Callable[[], Sequence] | None = None,
     selection_handlers: Sequence | None = None,
     checkpoint_interval: int = 500,
+    checkpoint_every_s: float | None = 60.0,
     iterations_per_epoch: int = 100,
     overwrite: bool = False,
     resume: bool = True,
@@ -459,6 +586,8 @@ def register_patient(
             to the trainer, e.g. ``StatsHandler(output_transform=lambda x: x["loss"])``.
         selection_handlers: handlers attached to the alpha-selection evaluator.
         checkpoint_interval: iterations between resumable checkpoints.
+        checkpoint_every_s: seconds between resumable checkpoints (``None``: by iterations only);
+            SIGINT/SIGTERM during training also write one before the process stops.
         iterations_per_epoch: the trainer's Ignite epoch length.
         overwrite: redo a patient whose ``metrics.json`` exists (otherwise it is skipped).
         resume: continue from ``checkpoint.pt`` when present.
@@ -482,6 +611,7 @@ def register_patient(
     """
     from monai.utils import set_determinism
 
+    options = dict(locals())
     for key in ("fixed_image", "moving_image"):
         if item.get(key) is None:
             raise ValueError(f"the pair has no '{key}': expected a loaded pair with keys {sorted(item)}")
@@ -490,138 +620,143 @@ def register_patient(
     check_device(device)
     name = str(item.get("name") or "pair")
     pdir = _patient_dir(output_dir, name)
-    metrics_path = pdir / "metrics.json"
-    ckpt_path = pdir / "checkpoint.pt"
-    if metrics_path.is_file() and not overwrite:
-        logger.info("%s: outputs complete in %s, skipping (overwrite=True redoes it)", name, pdir)
-        stored = json.loads(metrics_path.read_text())
-        stored["skipped"] = True
-        return stored
-    if overwrite and pdir.is_dir():
-        for f in OUTPUT_FILES + ("checkpoint.pt",):
-            (pdir / f).unlink(missing_ok=True)
-    pdir.mkdir(parents=True, exist_ok=True)
+    with PatientDirLock(pdir):  # one writer per patient folder
+        metrics_path = pdir / "metrics.json"
+        ckpt_path = pdir / "checkpoint.pt"
+        settings = result_settings(options, item)
+        _check_stored_settings(pdir, settings, overwrite)
+        if metrics_path.is_file() and not overwrite:
+            logger.info("%s: outputs complete in %s, skipping (overwrite=True redoes it)", name, pdir)
+            stored = json.loads(metrics_path.read_text())
+            stored["skipped"] = True
+            return stored
+        if overwrite and pdir.is_dir():
+            for f in OUTPUT_FILES + ("checkpoint.pt",):
+                (pdir / f).unlink(missing_ok=True)
+        pdir.mkdir(parents=True, exist_ok=True)
+        write_json(settings, pdir / "settings.json")
 
-    item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
-    device = torch.device(device)
-    set_determinism(seed=seed)
-    from monai_cidir.networks import ConditionedINR
+        item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
+        device = torch.device(device)
+        set_determinism(seed=seed)
+        from monai_cidir.networks import ConditionedINR
 
-    net = scale_initial_output(_build(network, default=ConditionedINR), init_output_scale)
-    opt = build_optimizer(net, optimizer, learning_rate=learning_rate, harmonizer_lr_factor=harmonizer_lr_factor)
-    sampler = make_point_sampler(item["fixed_mask"], seed=seed)
-    prior = AlphaPrior(alpha_range[0], alpha_range[1], alpha_distribution, per_point=alpha_per_point)
-    trainer_handlers = handlers() if callable(handlers) else handlers
-    trainer = CIDIRTrainer(
-        net,
-        opt,
-        item["fixed_image"],
-        item["moving_image"],
-        sampler,
-        max_iterations=max_iterations,
-        num_points=num_points,
-        regularizer=regularizer,
-        regularizer_scales=regularizer_scales,
-        alpha_prior=prior,
-        lr_schedule=lr_schedule,
-        grad_clip=grad_clip,
-        derivatives=derivatives,
-        regularization_points=regularization_points,
-        device=device,
-        seed=seed,
-        iterations_per_epoch=iterations_per_epoch,
-        checkpoint_path=ckpt_path,
-        checkpoint_interval=checkpoint_interval,
-        handlers=trainer_handlers,
-        time_budget_s=time_budget_s,
-    )
-    prealign_info: dict[str, Any] = {"affine_prealign": False}
-    resumed = resume and trainer.resume()
-    start = time.perf_counter()
-    if resumed:
-        logger.info("%s: resuming from %s at iteration %d", name, ckpt_path, trainer.state.iteration)
-        prealign_info["affine_prealign"] = trainer.model.affine is not None
-    elif affine_prealign is not False:
-        result = fit_affine(
+        net = scale_initial_output(_build(network, default=ConditionedINR), init_output_scale)
+        opt = build_optimizer(net, optimizer, learning_rate=learning_rate, harmonizer_lr_factor=harmonizer_lr_factor)
+        sampler = make_point_sampler(item["fixed_mask"], seed=seed)
+        prior = AlphaPrior(alpha_range[0], alpha_range[1], alpha_distribution, per_point=alpha_per_point)
+        trainer_handlers = handlers() if callable(handlers) else handlers
+        trainer = CIDIRTrainer(
+            net,
+            opt,
             item["fixed_image"],
             item["moving_image"],
             sampler,
-            fixed_mask=item.get("fixed_mask"),
-            moving_mask=item.get("moving_mask"),
-            **(affine_kwargs or {}),
+            max_iterations=max_iterations,
+            num_points=num_points,
+            regularizer=regularizer,
+            regularizer_scales=regularizer_scales,
+            alpha_prior=prior,
+            lr_schedule=lr_schedule,
+            grad_clip=grad_clip,
+            derivatives=derivatives,
+            regularization_points=regularization_points,
+            device=device,
+            seed=seed,
+            iterations_per_epoch=iterations_per_epoch,
+            checkpoint_path=ckpt_path,
+            checkpoint_interval=checkpoint_interval,
+            checkpoint_every_s=checkpoint_every_s,
+            handlers=trainer_handlers,
+            time_budget_s=time_budget_s,
         )
-        keep = result.kept or affine_prealign is True
-        if keep:
-            trainer.model.set_affine(result.matrix)
-        prealign_info = {
-            "affine_prealign": bool(keep),
-            "affine_ncc_identity": result.ncc_identity,
-            "affine_ncc_affine": result.ncc_affine,
-            "seconds_affine": result.seconds,
+        prealign_info: dict[str, Any] = {"affine_prealign": False}
+        resumed = resume and trainer.resume()
+        start = time.perf_counter()
+        if resumed:
+            logger.info("%s: resuming from %s at iteration %d", name, ckpt_path, trainer.state.iteration)
+            prealign_info["affine_prealign"] = trainer.model.affine is not None
+        elif affine_prealign is not False:
+            result = fit_affine(
+                item["fixed_image"],
+                item["moving_image"],
+                sampler,
+                fixed_mask=item.get("fixed_mask"),
+                moving_mask=item.get("moving_mask"),
+                **(affine_kwargs or {}),
+            )
+            keep = result.kept or affine_prealign is True
+            if keep:
+                trainer.model.set_affine(result.matrix)
+            prealign_info = {
+                "affine_prealign": bool(keep),
+                "affine_ncc_identity": result.ncc_identity,
+                "affine_ncc_affine": result.ncc_affine,
+                "seconds_affine": result.seconds,
+            }
+            logger.info(
+                "%s: affine pre-alignment NCC %.4f -> %.4f (%s)",
+                name,
+                result.ncc_identity,
+                result.ncc_affine,
+                "kept" if keep else "not kept",
+            )
+        budget = "" if time_budget_s is None else f" (at most {time_budget_s:g} s)"
+        logger.info("%s: training %d iterations x %d points on %s%s", name, max_iterations, num_points, device, budget)
+        trainer.run()
+        seconds_training = time.perf_counter() - start
+        model = trainer.model
+        save_registration_model(
+            model,
+            pdir / "model.pt",
+            name=name,
+            alpha_range=list(alpha_range),
+            regularizer=regularizer if isinstance(regularizer, str) else list(regularizer),
+            iterations=trainer.state.iteration,
+        )
+        previous = {
+            "iterations": int(trainer.state.iteration),
+            "num_points": int(num_points),
+            "regularizer": regularizer if isinstance(regularizer, str) else list(regularizer),
+            "seed": seed,
+            **prealign_info,
+            **mask_entries(mask_reports),
+            "seconds_training": seconds_training,
+            "stopped_by_time_budget": bool(trainer.stopped_by_time_budget),
         }
-        logger.info(
-            "%s: affine pre-alignment NCC %.4f -> %.4f (%s)",
-            name,
-            result.ncc_identity,
-            result.ncc_affine,
-            "kept" if keep else "not kept",
+        metrics = select_and_export(
+            model,
+            item,
+            pdir,
+            alpha=alpha,
+            alpha_range=alpha_range,
+            num_alphas=num_alphas,
+            golden_section_steps=golden_section_steps,
+            no_folding=no_folding,
+            selection_mode=selection_mode,
+            lung_mask_backend=lung_mask_backend,
+            lung_mask_kwargs=lung_mask_kwargs,
+            coarse_spacing_mm=coarse_spacing_mm,
+            coarse_factor=coarse_factor,
+            chunk_size=chunk_size,
+            export_images=export_images,
+            previous=previous,
+            selection_handlers=selection_handlers,
         )
-    budget = "" if time_budget_s is None else f" (at most {time_budget_s:g} s)"
-    logger.info("%s: training %d iterations x %d points on %s%s", name, max_iterations, num_points, device, budget)
-    trainer.run()
-    seconds_training = time.perf_counter() - start
-    model = trainer.model
-    save_registration_model(
-        model,
-        pdir / "model.pt",
-        name=name,
-        alpha_range=list(alpha_range),
-        regularizer=regularizer if isinstance(regularizer, str) else list(regularizer),
-        iterations=trainer.state.iteration,
-    )
-    previous = {
-        "iterations": int(trainer.state.iteration),
-        "num_points": int(num_points),
-        "regularizer": regularizer if isinstance(regularizer, str) else list(regularizer),
-        "seed": seed,
-        **prealign_info,
-        **mask_entries(mask_reports),
-        "seconds_training": seconds_training,
-        "stopped_by_time_budget": bool(trainer.stopped_by_time_budget),
-    }
-    metrics = select_and_export(
-        model,
-        item,
-        pdir,
-        alpha=alpha,
-        alpha_range=alpha_range,
-        num_alphas=num_alphas,
-        golden_section_steps=golden_section_steps,
-        no_folding=no_folding,
-        selection_mode=selection_mode,
-        lung_mask_backend=lung_mask_backend,
-        lung_mask_kwargs=lung_mask_kwargs,
-        coarse_spacing_mm=coarse_spacing_mm,
-        coarse_factor=coarse_factor,
-        chunk_size=chunk_size,
-        export_images=export_images,
-        previous=previous,
-        selection_handlers=selection_handlers,
-    )
-    save_registration_model(
-        model, pdir / "model.pt", name=name, alpha=metrics["alpha"], alpha_range=list(alpha_range),
-        iterations=trainer.state.iteration,
-    )
-    logger.info(
-        "%s: alpha %.3f, Dice %.4f, folding %.2g, TRE %s -> %s mm",
-        name,
-        metrics["alpha"],
-        metrics["dice"],
-        metrics["folding"],
-        _fmt(metrics.get("tre_before_mean")),
-        _fmt(metrics.get("tre_after_mean")),
-    )
-    return metrics
+        save_registration_model(
+            model, pdir / "model.pt", name=name, alpha=metrics["alpha"], alpha_range=list(alpha_range),
+            iterations=trainer.state.iteration,
+        )
+        logger.info(
+            "%s: alpha %.3f, Dice %.4f, folding %.2g, TRE %s -> %s mm",
+            name,
+            metrics["alpha"],
+            metrics["dice"],
+            metrics["folding"],
+            _fmt(metrics.get("tre_before_mean")),
+            _fmt(metrics.get("tre_after_mean")),
+        )
+        return metrics
 
 
 def _fmt(v, spec: str = ".2f") -> str:

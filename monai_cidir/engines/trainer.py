@@ -29,8 +29,11 @@ of the terms that penalise any local volume change.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +46,8 @@ from monai.engines.utils import IterationEvents
 
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines.model import RegistrationModel
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "REGULARIZER_SCALES",
@@ -324,8 +329,12 @@ class CIDIRTrainer(Trainer):
         seed: seeds the alpha draws.
         iterations_per_epoch: Ignite epoch length (epoch events, checkpoint and logging cadence).
         checkpoint_path: when set, a resumable checkpoint is written there every
-            ``checkpoint_interval`` iterations and at the end (atomic replace).
+            ``checkpoint_interval`` iterations, every ``checkpoint_every_s`` seconds, at the end,
+            and when SIGINT or SIGTERM arrives during :meth:`run` (atomic replace). On a signal
+            the current iteration finishes, the checkpoint is written, and :meth:`run` raises
+            ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(143)`` (SIGTERM).
         checkpoint_interval: see ``checkpoint_path``.
+        checkpoint_every_s: see ``checkpoint_path`` (``None``: by iterations only).
         handlers: MONAI/Ignite handlers to attach.
         time_budget_s: stop after this many seconds of training (``None``: no limit); the learning-rate
             schedule then runs on ``max(iteration / max_iterations, seconds / time_budget_s)``, so it
@@ -363,6 +372,7 @@ class CIDIRTrainer(Trainer):
         checkpoint_interval: int = 500,
         handlers: Sequence | None = None,
         time_budget_s: float | None = None,
+        checkpoint_every_s: float | None = 60.0,
     ) -> None:
         if max_iterations < 1 or num_points < 2:
             raise ValueError(f"expected max_iterations >= 1 and num_points >= 2, found {max_iterations}, {num_points}")
@@ -402,10 +412,16 @@ class CIDIRTrainer(Trainer):
         self.generator = torch.Generator().manual_seed(int(seed))
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self.checkpoint_interval = int(checkpoint_interval)
+        if checkpoint_every_s is not None and not checkpoint_every_s >= 0:
+            raise ValueError(f"checkpoint_every_s must be >= 0 or None, found {checkpoint_every_s}")
+        self.checkpoint_every_s = None if checkpoint_every_s is None else float(checkpoint_every_s)
+        self._last_checkpoint = time.perf_counter()
+        self._signal: int | None = None
 
         @self.on(Events.STARTED)
         def _start_clock(engine: Engine) -> None:
             self._run_start = time.perf_counter()
+            self._last_checkpoint = self._run_start
 
         @self.on(Events.ITERATION_COMPLETED)
         def _stop_at_max_iterations(engine: Engine) -> None:
@@ -417,6 +433,7 @@ class CIDIRTrainer(Trainer):
 
         if self.checkpoint_path is not None:
             self.add_event_handler(Events.ITERATION_COMPLETED(every=self.checkpoint_interval), self._save_checkpoint)
+            self.add_event_handler(Events.ITERATION_COMPLETED, self._checkpoint_on_time_or_signal)
             self.add_event_handler(Events.COMPLETED, self._save_checkpoint)
         if handlers is not None:
             self._register_handlers(handlers)
@@ -531,6 +548,19 @@ class CIDIRTrainer(Trainer):
         tmp = path.with_suffix(path.suffix + ".tmp")
         torch.save(self.checkpoint_state(), tmp)
         os.replace(tmp, path)
+        self._last_checkpoint = time.perf_counter()
+
+    def _checkpoint_on_time_or_signal(self, engine: Engine) -> None:
+        if self._signal is not None:
+            self._save_checkpoint()
+            engine.terminate()
+        elif self.checkpoint_every_s is not None and time.perf_counter() - self._last_checkpoint >= self.checkpoint_every_s:
+            self._save_checkpoint()
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 (signal handler signature)
+        if self._signal is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self._signal = signum
 
     def resume(self, path: str | os.PathLike | None = None) -> bool:
         """Load a checkpoint (default ``checkpoint_path``) if it exists; returns whether one was loaded."""
@@ -550,8 +580,18 @@ class CIDIRTrainer(Trainer):
         """Train until ``max_iterations`` (continues from a restored checkpoint; no-op when finished)."""
         if self.finished:
             return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {}
+        if self.checkpoint_path is not None and threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, self._on_signal) for s in handled}
+        self._signal = None
         try:
             super().run()
         finally:
             self.seconds_spent = self.training_seconds
             self._run_start = None
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if self._signal is not None:
+            logger.warning("training stopped by signal %d at iteration %d; checkpoint written to %s", self._signal, self.state.iteration, self.checkpoint_path)
+            raise KeyboardInterrupt if self._signal == signal.SIGINT else SystemExit(128 + self._signal)

@@ -156,3 +156,39 @@ def test_cohort_names_are_checked_before_anything_runs(phantom_item, tmp_path):
     with pytest.raises(ValueError, match="invalid pair name"):
         run_cohort(outside, out, **FAST)
     assert _tree(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_a_rerun_with_other_settings_or_inputs_neither_reuses_nor_touches_the_results(trained, phantom_item):
+    out, metrics = trained
+    before = _tree(out)
+    again = register_patient(phantom_item, out, seed=0, **FAST)  # same settings: the stored result, as it is
+    assert again["skipped"] and again["tre_after_mean"] == metrics["tre_after_mean"]
+    with pytest.raises(ValueError, match=r"other settings \(max_iterations: stored 150, now 120\).*overwrite=True"):
+        register_patient(phantom_item, out, seed=0, **{**FAST, "max_iterations": 120})
+    moved = phantom_item["moving_image"].clone()
+    moved[0, 10, 10, 10] += 100.0
+    with pytest.raises(ValueError, match=r"inputs: stored .*'moving_image'"):
+        register_patient({**phantom_item, "moving_image": moved}, out, seed=0, **FAST)
+    assert _tree(out) == before
+
+
+def test_a_second_run_on_the_same_patient_folder_is_refused(trained, phantom_item, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out, _ = trained
+    lock = out / phantom_item["name"] / ".lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))  # a live writer
+    before = _tree(out)
+    try:
+        with pytest.raises(RuntimeError, match=r"being written by another run \(pid \d+ .*nothing was changed"):
+            register_patient(phantom_item, out, seed=0, **FAST)
+        assert _tree(out) == before
+        gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        lock.write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname(), "since": "then"}))  # its process ended
+        assert register_patient(phantom_item, out, seed=0, **FAST)["skipped"]  # the stale lock is taken over
+        assert not lock.exists()
+    finally:
+        lock.unlink(missing_ok=True)

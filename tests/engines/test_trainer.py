@@ -161,3 +161,45 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error(pair):
     with pytest.raises(FloatingPointError, match=r"non-finite training loss at iteration 4: .*NaN/inf voxels"):
         trainer.run()
     assert trainer.state.iteration == 4  # stopped at once, not after 20 iterations of NaN
+
+
+@pytest.mark.parametrize("signum, raised", [("SIGTERM", SystemExit), ("SIGINT", KeyboardInterrupt)])
+def test_a_signal_writes_a_checkpoint_and_the_rerun_matches_an_uninterrupted_run(pair, tmp_path, signum, raised):
+    """SIGTERM/SIGINT mid-training: the iteration finishes, checkpoint.pt is written, the process stops; resuming gives the same network."""
+    import os
+    import signal
+
+    full = _trainer(pair, max_iterations=8)
+    full.run()
+    ckpt = tmp_path / "checkpoint.pt"
+    killed = _trainer(pair, max_iterations=8, checkpoint_path=ckpt, checkpoint_interval=1000, checkpoint_every_s=None)
+    killed.add_event_handler(Events.ITERATION_COMPLETED(once=5), lambda e: os.kill(os.getpid(), getattr(signal, signum)))
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(raised) as e:
+        killed.run()
+    if raised is SystemExit:
+        assert e.value.code == 143  # 128 + SIGTERM, as a shell reports a terminated process
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
+    # the signal came after iteration 5's checkpoint handler: the next iteration finishes, then it stops
+    assert killed.state.iteration == 6 and torch.load(ckpt, weights_only=False)["engine"]["iteration"] == 6
+    resumed = _trainer(pair, max_iterations=8, checkpoint_path=ckpt)
+    assert resumed.resume() and resumed.state.iteration == 6
+    resumed.run()
+    for a, b in zip(full.network.parameters(), resumed.network.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_checkpoints_follow_the_clock_as_well_as_the_iterations(pair, tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    trainer = _trainer(pair, max_iterations=6, checkpoint_path=ckpt, checkpoint_interval=1000, checkpoint_every_s=0.0)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: e.terminate())  # a crash would lose nothing done
+    trainer.run()
+    assert torch.load(ckpt, weights_only=False)["engine"]["iteration"] == 4
+    ckpt.unlink()
+    slow = _trainer(pair, max_iterations=6, checkpoint_path=ckpt, checkpoint_interval=1000, checkpoint_every_s=3600.0)
+    slow.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: (_ for _ in ()).throw(RuntimeError("crash")))
+    with pytest.raises(RuntimeError, match="crash"):
+        slow.run()
+    assert not ckpt.exists()  # neither 1000 iterations nor an hour had passed
+    with pytest.raises(ValueError, match="checkpoint_every_s"):
+        _trainer(pair, checkpoint_path=ckpt, checkpoint_every_s=-1.0)
