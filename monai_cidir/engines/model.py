@@ -287,6 +287,18 @@ def save_registration_model(model: RegistrationModel, path: str | os.PathLike, *
     return path
 
 
+def load_torch_file(path: str | os.PathLike, device, what: str, remedy: str):
+    """``torch.load`` with an error that names the file and what to do when it is truncated or corrupt.
+
+    Raises:
+        ValueError: for a file torch cannot read (truncated copy, interrupted write, another format).
+    """
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 (zip, pickle and torch errors alike: the file is unusable)
+        raise ValueError(f"{path} is not a readable {what} (truncated or corrupt: {type(e).__name__}: {e}); {remedy}") from None
+
+
 def load_registration_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> RegistrationModel:
     """Reload a :class:`RegistrationModel` written by :func:`save_registration_model`.
 
@@ -312,7 +324,7 @@ def load_registration_model(path: str | os.PathLike, device: str | torch.device 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"registration model not found: {path}")
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = load_torch_file(path, device, "model.pt", "rerun training for this patient (overwrite=True, --overwrite true) or restore the file")
     if not isinstance(state, dict) or "network" not in state or "mapping" not in state:
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is not a monai_cidir model.pt: expected keys 'network' and 'mapping', found {found}")

@@ -797,28 +797,29 @@ def export_registration(
     name = str(item.get("name") or "pair")
     pdir = _patient_dir(output_dir, name)
     model_path = Path(model_path) if model_path is not None else pdir / "model.pt"
-    model = load_registration_model(model_path, device=device)
-    check_alpha(alpha, model.info.get("alpha_range", selection_kwargs.get("alpha_range", (0.0, 1.0))))
-    previous = {}
-    if (pdir / "metrics.json").is_file():
-        old = json.loads((pdir / "metrics.json").read_text())
-        previous = {k: v for k, v in old.items() if k in ("iterations", "num_points", "regularizer", "seed", "seconds_affine", "seconds_training", "affine_prealign")}
-    item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
-    previous.update(mask_entries(mask_reports))
-    if "alpha_range" not in selection_kwargs and "alpha_range" in model.info:
-        selection_kwargs["alpha_range"] = model.info["alpha_range"]
-    metrics = select_and_export(
-        model,
-        item,
-        pdir,
-        alpha=alpha,
-        lung_mask_backend=lung_mask_backend,
-        lung_mask_kwargs=lung_mask_kwargs,
-        previous=previous,
-        **selection_kwargs,
-    )
-    save_registration_model(model, pdir / "model.pt", **{**model.info, "alpha": metrics["alpha"]})
-    return metrics
+    with PatientDirLock(pdir):  # not while a training run writes this patient
+        model = load_registration_model(model_path, device=device)
+        check_alpha(alpha, model.info.get("alpha_range", selection_kwargs.get("alpha_range", (0.0, 1.0))))
+        previous = {}
+        if (pdir / "metrics.json").is_file():
+            old = json.loads((pdir / "metrics.json").read_text())
+            previous = {k: v for k, v in old.items() if k in ("iterations", "num_points", "regularizer", "seed", "seconds_affine", "seconds_training", "affine_prealign")}
+        item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
+        previous.update(mask_entries(mask_reports))
+        if "alpha_range" not in selection_kwargs and "alpha_range" in model.info:
+            selection_kwargs["alpha_range"] = model.info["alpha_range"]
+        metrics = select_and_export(
+            model,
+            item,
+            pdir,
+            alpha=alpha,
+            lung_mask_backend=lung_mask_backend,
+            lung_mask_kwargs=lung_mask_kwargs,
+            previous=previous,
+            **selection_kwargs,
+        )
+        save_registration_model(model, pdir / "model.pt", **{**model.info, "alpha": metrics["alpha"]})
+        return metrics
 
 
 # ---------------------------------------------------------------------------- cohort

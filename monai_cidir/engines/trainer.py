@@ -567,7 +567,10 @@ class CIDIRTrainer(Trainer):
         path = self.checkpoint_path if path is None else Path(path)
         if path is None or not Path(path).is_file():
             return False
-        self.restore_checkpoint(torch.load(path, map_location=self.state.device, weights_only=False))
+        from monai_cidir.engines.model import load_torch_file
+
+        state = load_torch_file(path, self.state.device, "training checkpoint", "delete it to train this patient from the start, or rerun with overwrite=True")
+        self.restore_checkpoint(state)
         return True
 
     @property

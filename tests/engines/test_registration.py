@@ -192,3 +192,83 @@ def test_a_second_run_on_the_same_patient_folder_is_refused(trained, phantom_ite
         assert not lock.exists()
     finally:
         lock.unlink(missing_ok=True)
+
+
+def test_a_truncated_model_or_checkpoint_names_the_file_and_what_to_do(trained, phantom_item, tmp_path):
+    import shutil
+
+    out, _ = trained
+    src = out / phantom_item["name"]
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy / phantom_item["name"])
+    model_pt = copy / phantom_item["name"] / "model.pt"
+    model_pt.write_bytes(model_pt.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=r"model\.pt is not a readable model\.pt .*truncated or corrupt.*overwrite=True"):
+        load_registration_model(model_pt)
+    ckpt = copy / phantom_item["name"] / "checkpoint.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    (copy / phantom_item["name"] / "metrics.json").unlink()  # so that the rerun resumes from the checkpoint
+    with pytest.raises(ValueError, match=r"checkpoint\.pt is not a readable training checkpoint .*delete it"):
+        register_patient(phantom_item, copy, seed=0, **FAST)
+
+
+def test_runs_stopped_at_random_moments_rerun_to_the_uninterrupted_result(phantom_item, tmp_path, monkeypatch):
+    """Fault injection: stop training, selection or export at a random moment; the rerun equals a clean run."""
+    import random
+
+    from ignite.engine import Events
+
+    from monai_cidir.engines import registration as reg
+    from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator
+
+    opts = dict(FAST, max_iterations=60, num_alphas=6, checkpoint_every_s=0.0, seed=0)
+    clean = register_patient(phantom_item, tmp_path / "clean", **opts)
+    field = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "clean" / phantom_item["name"] / "displacement.nii.gz")))
+    rng = random.Random(13)
+
+    class Crash(RuntimeError):
+        pass
+
+    class Kill:  # an Ignite handler that stops the run at iteration k
+        def __init__(self, k):
+            self.k = k
+
+        def attach(self, engine):
+            engine.add_event_handler(Events.ITERATION_COMPLETED(once=self.k), self)
+
+        def __call__(self, engine):
+            raise Crash(f"killed at iteration {engine.state.iteration}")
+
+    faults = {
+        "training": lambda: {"handlers": [Kill(rng.randint(1, 59))]},
+        "selection": lambda: _fail_after(monkeypatch, AlphaSelectionEvaluator, "score", rng.randint(1, 5), Crash),
+        "export": lambda: _fail_after(monkeypatch, reg, "write_warped_image", 1, Crash),
+    }
+    for phase, inject in faults.items():
+        out = tmp_path / phase
+        extra = inject() or {}
+        with pytest.raises(Crash):
+            register_patient(phantom_item, out, **{**opts, **extra})
+        monkeypatch.undo()
+        assert not (out / phantom_item["name"] / "metrics.json").exists()  # no result claimed
+        again = register_patient(phantom_item, out, **opts)
+        assert again["alpha"] == clean["alpha"], phase
+        assert again["tre_after_mean"] == pytest.approx(clean["tre_after_mean"], abs=1e-4), phase
+        assert again["dice"] == pytest.approx(clean["dice"], abs=1e-5), phase
+        got = sitk.GetArrayFromImage(sitk.ReadImage(str(out / phantom_item["name"] / "displacement.nii.gz")))
+        assert np.abs(got - field).max() < 1e-3, phase
+
+
+def _fail_after(monkeypatch, owner, name, calls, error):
+    """Make ``owner.name`` raise ``error`` on its ``calls``-th call."""
+    original = getattr(owner, name)
+    count = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] >= calls:
+            raise error(f"killed in {name}, call {count['n']}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapped)
+    return None
