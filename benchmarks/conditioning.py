@@ -189,6 +189,7 @@ def main(argv=None) -> int:
     rows = []
     for case in cases:
         rows.append(run_case(case, args, options, cidir_options, cache))
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_text(json.dumps(cache, indent=1))
     command = "python benchmarks/conditioning.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if rows:

@@ -328,6 +328,8 @@ class AlphaSelectionEvaluator(Evaluator):
         for b in range(0, n, self.chunk_size):
             sel = torch.arange(b, min(n, b + self.chunk_size)) if flat is None else flat[b : b + self.chunk_size]
             out[b : b + len(sel)] = self.model(self._world_at(sel), alpha).float().cpu()
+        if not bool(torch.isfinite(out).all()):  # a NaN position would read as "outside the lung", silently
+            raise FloatingPointError(f"the trained network gives non-finite positions at alpha {alpha:g}: the model is unusable, retrain it")
         return out
 
     def _sample(self, moved: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from monai_cidir.coordinates import CoordinateMapping
@@ -82,7 +83,7 @@ RESULT_SETTINGS = (
     "num_points", "time_budget_s", "regularizer", "regularizer_scales", "alpha_range", "alpha_distribution",
     "alpha_per_point", "lr_schedule", "grad_clip", "derivatives", "regularization_points", "affine_prealign",
     "affine_kwargs", "num_alphas", "golden_section_steps", "no_folding", "selection_mode", "lung_mask_backend",
-    "lung_mask_kwargs", "coarse_spacing_mm", "coarse_factor", "alpha", "export_images", "seed",
+    "lung_mask_kwargs", "coarse_spacing_mm", "coarse_factor", "alpha", "export_images", "seed", "smoothing_mm",
 )  # fmt: skip
 
 COHORT_COLUMNS = (
@@ -218,6 +219,74 @@ def check_alpha(alpha: float | None, alpha_range: Sequence[float]) -> None:
         )
 
 
+def check_options(
+    alpha: float | None = None,
+    alpha_range: Sequence[float] = (0.0, 1.0),
+    device: str | torch.device = "cpu",
+    selection_mode: str = "warp_mask",
+    num_alphas: int = 21,
+    **_,
+) -> None:
+    """The run's options that can be wrong whatever the data: checked once for a cohort, before training.
+
+    Raises:
+        ValueError: naming the option, what was expected and what was found.
+    """
+    check_alpha(alpha, alpha_range)
+    check_device(device)
+    if selection_mode not in ("warp_mask", "segment"):
+        raise ValueError(f"selection_mode must be 'warp_mask' or 'segment', found {selection_mode!r}")
+    if isinstance(num_alphas, bool) or not isinstance(num_alphas, int) or num_alphas < 0:
+        raise ValueError(f"num_alphas must be a whole number >= 0 (0: export at the given alpha), found {num_alphas!r}")
+
+
+def check_landmark_pair(fixed, moving, name: str = "pair") -> None:
+    """Fixed and moving landmarks must pair up one to one (same count, 3 coordinates, finite).
+
+    Raises:
+        ValueError: naming the pair and both counts.
+    """
+    if fixed is None or moving is None:
+        return
+    f, m = torch.as_tensor(fixed), torch.as_tensor(moving)
+    if f.ndim != 2 or m.ndim != 2 or f.shape[1] != 3 or m.shape[1] != 3 or f.shape[0] != m.shape[0]:
+        raise ValueError(
+            f"{name}: fixed and moving landmarks must pair up one to one as (N, 3) arrays; found {tuple(f.shape)} and "
+            f"{tuple(m.shape)}. TRE needs the same landmarks, in the same order, in both files."
+        )
+    if not bool(torch.isfinite(f).all() and torch.isfinite(m).all()):
+        raise ValueError(f"{name}: the landmarks hold non-finite coordinates")
+
+
+def check_overlap(model: RegistrationModel, item: Mapping, name: str = "pair", minimum: float = 0.5) -> float:
+    """After the pre-alignment, most of the fixed lung must map inside the moving image.
+
+    Returns:
+        the fraction of fixed lung voxels (every one of at most 20000) whose affine image lies
+        inside the moving image's field of view.
+
+    Raises:
+        ValueError: below ``minimum``: the scans do not overlap (another patient, a wrong origin or
+            direction), so training could only produce a meaningless field.
+    """
+    mask = torch.as_tensor(item["fixed_mask"].as_tensor() if hasattr(item["fixed_mask"], "as_tensor") else item["fixed_mask"])
+    idx = torch.nonzero(mask.reshape(mask.shape[-3:]) > 0.5)
+    if idx.numel() == 0:
+        return 1.0
+    idx = idx[:: max(1, len(idx) // 20000)].double()
+    fixed_map, moving_map = CoordinateMapping.from_image(item["fixed_image"]), CoordinateMapping.from_image(item["moving_image"])
+    vox = moving_map.world_to_index(model.apply_affine(fixed_map.index_to_world(idx)))
+    upper = torch.as_tensor(moving_map.spatial_shape, dtype=torch.float64) - 0.5
+    inside = float(((vox >= -0.5) & (vox <= upper)).all(dim=1).double().mean())
+    if inside < minimum:
+        raise ValueError(
+            f"{name}: after the pre-alignment only {100 * inside:.0f}% of the fixed lung lies inside the moving image's field "
+            f"of view (expected at least {100 * minimum:.0f}%): the scans do not overlap. Check that both are the same "
+            "patient and that their origins and directions are right."
+        )
+    return inside
+
+
 def check_device(device: str | torch.device) -> None:
     """The torch device must exist on this machine (``cuda`` without a GPU fails here, not mid-training)."""
     try:
@@ -229,6 +298,28 @@ def check_device(device: str | torch.device) -> None:
             raise ValueError(f"device {device!r} was requested but CUDA is not available here; use device='cpu'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _read_image(path) -> torch.Tensor:
+    """The voxels of an image file, read as the pair loader reads them (ITK)."""
+    from monai.transforms import LoadImage
+
+    return LoadImage(reader="ITKReader", image_only=True, dtype=np.float32)(str(path))
+
+
+def _landmark_count_problem(record) -> list[str]:
+    """``[message]`` when a record's two landmark files hold different numbers of points (world-coordinate files)."""
+    from monai_cidir.data import load_landmarks
+
+    if not isinstance(record, Mapping) or not all(isinstance(record.get(k), (str, os.PathLike)) for k in ("fixed_landmarks", "moving_landmarks")):
+        return []
+    try:
+        f, m = load_landmarks(record["fixed_landmarks"]), load_landmarks(record["moving_landmarks"])
+    except Exception:  # noqa: BLE001 (voxel-index formats need their image: checked when the pair is loaded)
+        return []
+    if len(f) != len(m):
+        return [f"{record.get('name', '?')}: {len(f)} fixed landmarks ({record['fixed_landmarks']}) against {len(m)} moving ({record['moving_landmarks']}): TRE needs them paired one to one"]
+    return []
 
 
 def _precheck_cohort(dataset) -> None:
@@ -248,12 +339,15 @@ def _precheck_cohort(dataset) -> None:
         return
     problems = []
     for record in records:
+        problems += _landmark_count_problem(record)
         for key in PAIR_PATH_KEYS[:4]:  # images and masks
             value = record.get(key) if isinstance(record, Mapping) else None
             if isinstance(value, (str, os.PathLike)):
                 try:
                     check_image_file(value, key)
-                except (OSError, ValueError) as e:
+                    if key.endswith("_image"):  # values too: a NaN or non-HU scan of the last patient stops the first
+                        check_image_values(_read_image(value), key, value)
+                except (OSError, ValueError, RuntimeError) as e:
                     problems.append(f"{record.get('name', '?')}: {e}")
     if problems:
         raise ValueError(f"{len(problems)} input problem(s), nothing was trained:\n  " + "\n  ".join(problems))
@@ -541,6 +635,7 @@ def register_patient(
     selection_handlers: Sequence | None = None,
     checkpoint_interval: int = 500,
     checkpoint_every_s: float | None = 60.0,
+    smoothing_mm: Sequence[float] | None = None,
     iterations_per_epoch: int = 100,
     overwrite: bool = False,
     resume: bool = True,
@@ -588,6 +683,8 @@ def register_patient(
         checkpoint_interval: iterations between resumable checkpoints.
         checkpoint_every_s: seconds between resumable checkpoints (``None``: by iterations only);
             SIGINT/SIGTERM during training also write one before the process stops.
+        smoothing_mm: coarse-to-fine Gaussian sigmas (mm) of the images, see
+            :class:`~monai_cidir.engines.CIDIRTrainer`.
         iterations_per_epoch: the trainer's Ignite epoch length.
         overwrite: redo a patient whose ``metrics.json`` exists (otherwise it is skipped).
         resume: continue from ``checkpoint.pt`` when present.
@@ -616,8 +713,8 @@ def register_patient(
         if item.get(key) is None:
             raise ValueError(f"the pair has no '{key}': expected a loaded pair with keys {sorted(item)}")
         check_image_values(item[key], f"{item.get('name') or 'pair'}: {key}", ct=False)
-    check_alpha(alpha, alpha_range)
-    check_device(device)
+    check_options(alpha=alpha, alpha_range=alpha_range, device=device, selection_mode=selection_mode, num_alphas=num_alphas)
+    check_landmark_pair(item.get("fixed_landmarks"), item.get("moving_landmarks"), str(item.get("name") or "pair"))
     name = str(item.get("name") or "pair")
     pdir = _patient_dir(output_dir, name)
     with PatientDirLock(pdir):  # one writer per patient folder
@@ -667,6 +764,7 @@ def register_patient(
             checkpoint_path=ckpt_path,
             checkpoint_interval=checkpoint_interval,
             checkpoint_every_s=checkpoint_every_s,
+            smoothing_mm=smoothing_mm,
             handlers=trainer_handlers,
             time_budget_s=time_budget_s,
         )
@@ -701,6 +799,8 @@ def register_patient(
                 result.ncc_affine,
                 "kept" if keep else "not kept",
             )
+        if not resumed:
+            check_overlap(trainer.model, item, name)
         budget = "" if time_budget_s is None else f" (at most {time_budget_s:g} s)"
         logger.info("%s: training %d iterations x %d points on %s%s", name, max_iterations, num_points, device, budget)
         trainer.run()
@@ -954,6 +1054,7 @@ def run_cohort(
         >>> rows = run_cohort(RegistrationPairDataset("phantom/datalist.json"), "outputs", max_iterations=500)
     """
     output_dir = Path(output_dir)
+    check_options(**kwargs)
     _precheck_cohort(dataset)
     rows: list[dict] = []
     seen: set[str] = set()

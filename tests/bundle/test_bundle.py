@@ -276,23 +276,24 @@ def test_rerun_skips_complete_patients_unless_overwrite(trained, monkeypatch, ca
 
 
 def test_a_failed_patient_is_reported_and_the_run_exits_non_zero(tmp_path, monkeypatch, capsys):
-    """A pair without air or lung in view (no voxel below -400 HU) stops when loaded; the other patient finishes; exit status 1."""
+    """A pair whose lungs were filled in (air around the body, no lung) stops on its computed mask; the other patient finishes; exit status 1."""
     from monai_cidir.data.phantom import generate_breathing_phantom, write_registration_pair
 
     data = tmp_path / "data"
     make_phantom_cohort(data, num_patients=1, shape=(48, 48, 32), spacing=(5.6, 5.6, 8.0), num_landmarks=50)
     item = generate_breathing_phantom(seed=5, shape=(48, 48, 32), spacing=(5.6, 5.6, 8.0), num_landmarks=50)
-    bad = {"name": "no_lung", "fixed_image": item["fixed_image"].clamp(min=40.0), "moving_image": item["moving_image"].clamp(min=40.0)}
+    filled = {k: torch.where(item[m] > 0.5, torch.full_like(item[k], 40.0), item[k]) for k, m in (("fixed_image", "fixed_mask"), ("moving_image", "moving_mask"))}
+    bad = {"name": "no_lung", **filled}
     write_registration_pair(bad, data)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=r"1 of 2 patient\(s\) failed \(no_lung\)"):
         run("training", config_file=str(CONFIGS / "train.json"), **{**TINY_TRAIN, "dataset_dir": str(data)})
     rows = {r["name"]: r for r in _cohort(tmp_path)}
-    assert rows["no_lung"]["status"] == "failed" and "Hounsfield" in rows["no_lung"]["error"]
+    assert rows["no_lung"]["status"] == "failed" and "LungMaskError" in rows["no_lung"]["error"]
     assert "no_lung_inhale.nii.gz" in rows["no_lung"]["error"]  # names the image
     assert rows["phantom_seed0"]["status"] == "ok" and (tmp_path / "outputs" / "phantom_seed0" / "metrics.json").is_file()
     printed = capsys.readouterr().out
-    assert "FAILED no_lung: ValueError" in printed
+    assert "FAILED no_lung: LungMaskError" in printed
     m = _metrics(tmp_path)
     assert m["ncc_after"] > m["ncc_before"] and m["dice"] >= m["dice_affine"] - 0.01
     assert m["lung_masks"]["fixed"]["source"] == "given" and m["fixed_lung_ml"] > 300.0

@@ -129,3 +129,44 @@ def test_check_image_file_passes_a_good_file_once(tmp_path):
     check_image_file(path, "fixed_image")
     check_image_file(path, "fixed_image")  # cached: same size and mtime
     check_image_file(tmp_path, "dicom folder")  # folders are left to the reader
+
+
+def test_the_cohort_is_checked_as_a_whole_before_any_training(tmp_path):
+    """Two patients, the second with a truncated image and unpaired landmarks: both reported at once, nothing trained."""
+    from monai_cidir.data import RegistrationPairDataset
+    from monai_cidir.engines import run_cohort
+
+    _nifti(tmp_path / "f.nii.gz", _ct())
+    _nifti(tmp_path / "m.nii.gz", _ct(seed=1))
+    bad = _nifti(tmp_path / "cut.nii.gz", _ct(shape=(40, 40, 30), seed=2))
+    bad.write_bytes(bad.read_bytes()[:3000])
+    (tmp_path / "f.csv").write_text("x,y,z\n1,2,3\n4,5,6\n")
+    (tmp_path / "m.csv").write_text("x,y,z\n1,2,3\n")
+    records = [
+        {"name": "good", "fixed_image": "f.nii.gz", "moving_image": "m.nii.gz"},
+        {"name": "bad", "fixed_image": "f.nii.gz", "moving_image": "cut.nii.gz", "fixed_landmarks": "f.csv", "moving_landmarks": "m.csv"},
+    ]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": records}))
+    with pytest.raises(ValueError, match=r"2 input problem\(s\), nothing was trained") as e:
+        run_cohort(RegistrationPairDataset(tmp_path / "datalist.json"), tmp_path / "out", max_iterations=5)
+    assert "2 fixed landmarks" in str(e.value) and "cut.nii.gz is truncated" in str(e.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="selection_mode must be"):
+        run_cohort(RegistrationPairDataset(tmp_path / "datalist.json"), tmp_path / "out", selection_mode="max")
+
+
+def test_a_nan_scan_of_the_last_patient_stops_the_cohort_before_the_first_trains(tmp_path):
+    from monai_cidir.data import RegistrationPairDataset
+    from monai_cidir.engines import run_cohort
+
+    _nifti(tmp_path / "f.nii.gz", _ct())
+    _nifti(tmp_path / "m.nii.gz", _ct(seed=1))
+    data = _ct(seed=3)
+    data[1, 2, 3] = np.nan
+    _mha(tmp_path / "nan.mha", data)
+    records = [{"name": "first", "fixed_image": "f.nii.gz", "moving_image": "m.nii.gz"},
+               {"name": "last", "fixed_image": "f.nii.gz", "moving_image": "nan.mha"}]  # fmt: skip
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": records}))
+    with pytest.raises(ValueError, match=r"last: moving_image: .*nan\.mha has 1 non-finite voxel"):
+        run_cohort(RegistrationPairDataset(tmp_path / "datalist.json"), tmp_path / "out", max_iterations=5)
+    assert not (tmp_path / "out").exists()

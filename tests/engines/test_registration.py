@@ -272,3 +272,42 @@ def _fail_after(monkeypatch, owner, name, calls, error):
 
     monkeypatch.setattr(owner, name, wrapped)
     return None
+
+
+def test_pairs_that_cannot_be_scored_or_do_not_overlap_stop_before_training(phantom_item, tmp_path):
+    from monai.data import MetaTensor
+
+    out = tmp_path / "outputs"
+    with pytest.raises(ValueError, match=r"landmarks must pair up one to one .* \(\d+, 3\) and \(49, 3\)"):
+        register_patient({**phantom_item, "moving_landmarks": phantom_item["moving_landmarks"][:49]}, out, **FAST)
+    with pytest.raises(ValueError, match="selection_mode must be"):
+        register_patient(phantom_item, out, **{**FAST, "selection_mode": "dice"})
+    with pytest.raises(ValueError, match="num_alphas must be"):
+        register_patient(phantom_item, out, **{**FAST, "num_alphas": -3})
+    assert not out.exists()
+    far = phantom_item["moving_image"]
+    affine = torch.as_tensor(far.affine).clone()
+    affine[:3, 3] += torch.tensor([0.0, 0.0, 2000.0])  # the moving scan 2 m away: nothing to register
+    moved_far = {**phantom_item, "moving_image": MetaTensor(far.as_tensor(), affine=affine),
+                 "moving_mask": MetaTensor(phantom_item["moving_mask"].as_tensor(), affine=affine)}  # fmt: skip
+    with pytest.raises(ValueError, match=r"only 0% of the fixed lung lies inside the moving image's field of view"):
+        register_patient(moved_far, out, affine_prealign=False, **FAST)  # (the pre-alignment would find a pure offset)
+    assert not (out / phantom_item["name"] / "checkpoint.pt").exists()  # not trained
+
+
+def test_a_network_gone_non_finite_stops_the_selection(phantom_item):
+    from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator
+    from monai_cidir.engines.model import RegistrationModel
+
+    class NaNField(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, coords, alpha=None):
+            return coords * self.w * float("nan")
+
+    model = RegistrationModel(NaNField(), CoordinateMapping.from_image(phantom_item["fixed_image"]))
+    ev = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=[0.0, 0.5, 1.0])
+    with pytest.raises(FloatingPointError, match="non-finite positions at alpha"):
+        ev.run()

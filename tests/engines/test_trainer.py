@@ -203,3 +203,27 @@ def test_checkpoints_follow_the_clock_as_well_as_the_iterations(pair, tmp_path):
     assert not ckpt.exists()  # neither 1000 iterations nor an hour had passed
     with pytest.raises(ValueError, match="checkpoint_every_s"):
         _trainer(pair, checkpoint_path=ckpt, checkpoint_every_s=-1.0)
+
+
+def test_coarse_to_fine_smoothing_trains_on_smoothed_images_first(pair):
+    """smoothing_mm=(6,): NCC of the 6 mm-smoothed images for the first half of the run, of the images as they are after."""
+    from monai.transforms import GaussianSmooth
+
+    points = make_point_sampler(pair["fixed_mask"], seed=3)(200)
+    fmap, mmap = CoordinateMapping.from_image(pair["fixed_image"]), CoordinateMapping.from_image(pair["moving_image"])
+    losses = []
+    for smoothing in ((6.0,), None):
+        trainer = _trainer(pair, max_iterations=4, sampler=lambda n: points, smoothing_mm=smoothing, alpha_prior=AlphaPrior(0.0, 0.0))
+        before = copy.deepcopy(trainer.network)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda e: losses.append(e.state.output["similarity"]))
+        trainer.run()
+    model = RegistrationModel(before, fmap)  # both runs start from the same weights (seed 0)
+    moved = model(points, 0.0)
+    smooth = lambda img, m: GaussianSmooth(sigma=[6.0 / float(s) for s in m.spacing])(img.as_tensor())  # noqa: E731
+    expect = GlobalNCCLoss()(fmap.sample(smooth(pair["fixed_image"], fmap), points), mmap.sample(smooth(pair["moving_image"], mmap), moved))
+    raw = GlobalNCCLoss()(fmap.sample(pair["fixed_image"], points), mmap.sample(pair["moving_image"], moved))
+    assert losses[0] == pytest.approx(float(expect), rel=1e-4)  # iteration 1 (progress 0) on the smoothed pair
+    assert losses[1] == pytest.approx(float(raw), rel=1e-4)
+    assert abs(float(expect) - float(raw)) > 1e-3  # the two really differ
+    with pytest.raises(ValueError, match="smoothing_mm"):
+        _trainer(pair, smoothing_mm=(0.0,))
