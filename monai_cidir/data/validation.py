@@ -23,8 +23,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
+from monai.utils import convert_to_tensor
 
 __all__ = ["check_pair_names", "check_image_file", "check_image_values", "AIR_LUNG_HU"]
 
@@ -152,7 +152,7 @@ def check_image_values(image: torch.Tensor, key: str = "image", path: str | Path
         ValueError: naming the key, the file, what was expected and what was found.
     """
     where = f"{key}: {path}" if path is not None else key
-    data = torch.as_tensor(image.as_tensor() if hasattr(image, "as_tensor") else image)
+    data = convert_to_tensor(image, track_meta=False)
     finite = torch.isfinite(data)
     if not bool(finite.all()):
         bad = int((~finite).sum())

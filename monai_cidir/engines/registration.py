@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.utils import convert_to_tensor
 
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.data.datalist import PAIR_PATH_KEYS
@@ -269,7 +270,7 @@ def check_overlap(model: RegistrationModel, item: Mapping, name: str = "pair", m
         ValueError: below ``minimum``: the scans do not overlap (another patient, a wrong origin or
             direction), so training could only produce a meaningless field.
     """
-    mask = torch.as_tensor(item["fixed_mask"].as_tensor() if hasattr(item["fixed_mask"], "as_tensor") else item["fixed_mask"])
+    mask = convert_to_tensor(item["fixed_mask"], track_meta=False)
     idx = torch.nonzero(mask.reshape(mask.shape[-3:]) > 0.5)
     if idx.numel() == 0:
         return 1.0
@@ -504,7 +505,7 @@ def _content_hash(tensor) -> str | None:
         return None
     import hashlib
 
-    data = torch.as_tensor(tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor).detach().cpu().contiguous()
+    data = convert_to_tensor(tensor, track_meta=False).detach().cpu().contiguous()
     affine = getattr(tensor, "affine", None)
     h = hashlib.sha1(data.numpy().tobytes())
     if affine is not None:
