@@ -161,6 +161,12 @@ def _engine_options(items: list[str]) -> dict:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             out[key.strip()] = value
+    if isinstance(out.get("network"), dict):  # network={"modulation": "per_neuron"}: ConditionedINR's options
+        import functools
+
+        from monai_cidir.networks import ConditionedINR
+
+        out["network"] = functools.partial(ConditionedINR, **out["network"])
     return out
 
 

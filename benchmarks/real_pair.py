@@ -128,9 +128,9 @@ def main(argv=None) -> int:
     row["cidir_motion_mean"] = float(cidir_u.norm(dim=1).mean())
     args.output.mkdir(parents=True, exist_ok=True)
     stem = f"real_pair_{args.tag}" if args.tag else "real_pair"
-    (args.output / f"{stem}.json").write_text(json.dumps(row, indent=1))
+    (args.output / f"{stem}.json").write_text(json.dumps(row, indent=1, default=repr))
     path = write_report(row, args, stem)
-    print(json.dumps(row, indent=1))
+    print(json.dumps(row, indent=1, default=repr))
     print(f"wrote {path}")
     return 0
 
@@ -144,7 +144,7 @@ def write_report(row: dict, args, stem: str = "real_pair") -> Path:
         "# The real lung CT pair without landmarks: cIDIR against elastix",
         "",
         f"`python benchmarks/real_pair.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
-        f"{args.threads} threads; cIDIR options {json.dumps(row['options'])}, elastix default maps without a mask.",
+        f"{args.threads} threads; cIDIR options {json.dumps(row['options'], default=repr)}, elastix default maps without a mask.",
         "",
         "| method | lung NCC | lung-mask Dice | time (s) |",
         "|---|---|---|---|",

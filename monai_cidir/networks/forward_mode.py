@@ -49,6 +49,7 @@ __all__ = [
     "split_stacked",
     "hessian_adjoint_step",
     "sine_mlp_derivatives",
+    "per_layer_parameters",
 ]
 
 HESSIAN_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
@@ -98,16 +99,22 @@ def _chunk_points(n: int, features: int, device: torch.device) -> int:
 
 
 def _rows(p, sl: slice):
-    """Slice per-point parameters (N, 1); leave floats and (1, 1) tensors as they are."""
+    """Slice per-point parameters (N, 1) or (N, F); leave floats and one-row tensors as they are."""
     if isinstance(p, torch.Tensor) and p.shape[0] != 1:
         return p[sl]
     return p
 
 
-def _sum_rows(total, sl: slice, values: torch.Tensor, like) -> None:
-    """Accumulate a per-point (Nc, 1) gradient into ``total`` (N, 1) or (1, 1)."""
+def _accumulate(total, sl: slice, values: torch.Tensor | None, like) -> None:
+    """Accumulate an element-wise (Nc, F) gradient into ``total``, shaped like the parameter ``like``.
+
+    The parameter is (1, 1) (one value), (N, 1) (per point), (1, F) (per neuron) or (N, F) (per
+    point and neuron): the gradient is summed over the axes the parameter is broadcast along.
+    """
     if total is None:
         return
+    if like.shape[1] == 1:
+        values = values.sum(1, keepdim=True)
     if like.shape[0] != 1:
         total[sl] += values
     else:
@@ -138,21 +145,21 @@ def _activate(z: torch.Tensor, p: _Params, out0: torch.Tensor, sn: torch.Tensor,
 def _scalar_chain(z, sn, cs, g0, gk1, gk2, p: _Params, want_a: bool, want_w: bool):
     """Backward of (value, k1, k2) with respect to s, a and w.
 
-    Returns (g_s, g_a, g_w): g_s (Nc, F) = dL/ds; g_a, g_w (Nc, 1) or None.
+    Returns (g_s, g_a, g_w), each element-wise (Nc, F) (g_a, g_w None when not wanted); reduce
+    them to the parameters' shapes with :func:`_accumulate`.
     """
     # dvalue/ds = a*cos, dk1/ds = -a*w*sin, dk2/ds = -a*w^2*cos
     big_a = g0 if gk2 is None else g0 - gk2 * (p.w * p.w)
     gs = cs * big_a
     gs.sub_(sn * gk1 * p.w)
-    g_a = (sn * big_a + cs * gk1 * p.w).sum(1, keepdim=True) if want_a else None
+    g_a = (sn * big_a + cs * gk1 * p.w) if want_a else None
     g_w = None
     if want_w:
         # ds/dw = z, dk1/dw = a*cos, dk2/dw = -2*a*w*sin
-        gw = z * gs * p.a
-        gw.add_(cs * gk1 * p.a)
+        g_w = z * gs * p.a
+        g_w.add_(cs * gk1 * p.a)
         if gk2 is not None:
-            gw.sub_(sn * gk2 * (2.0 * p.aw))
-        g_w = gw.sum(1, keepdim=True)
+            g_w.sub_(sn * gk2 * (2.0 * p.aw))
     gs.mul_(p.a)
     return gs, g_a, g_w
 
@@ -250,10 +257,10 @@ class _SineLayer(torch.autograd.Function):
                 gzc[1:4].addcmul_(r, k2)
             g0 = gc_in[0]
             gs, g_a, g_w = _scalar_chain(z, sn, cs, g0, gk1, gk2, p, ga is not None, gw is not None)
-            _sum_rows(gc, sl, gs.sum(1, keepdim=True) if gc is not None else None, c)
-            _sum_rows(gd, sl, g0.sum(1, keepdim=True) if gd is not None else None, d)
-            _sum_rows(ga, sl, g_a, a)
-            _sum_rows(gw, sl, g_w, w)
+            _accumulate(gc, sl, gs, c)
+            _accumulate(gd, sl, g0, d)
+            _accumulate(ga, sl, g_a, a)
+            _accumulate(gw, sl, g_w, w)
             torch.mul(gs, p.w, out=gzc[0])
             if gbias is not None:
                 gbias += gzc[0].sum(0)
@@ -326,10 +333,10 @@ class _FirstSineLayer(torch.autograd.Function):
                     ghw -= (gh * (sn * p.aww)).sum(1)
             g0 = gc_in[0]
             gs, g_a, g_w = _scalar_chain(z, sn, cs, g0, gk1, gk2, p, ga is not None, gw is not None)
-            _sum_rows(gc, sl, gs.sum(1, keepdim=True) if gc is not None else None, c)
-            _sum_rows(gd, sl, g0.sum(1, keepdim=True) if gd is not None else None, d)
-            _sum_rows(ga, sl, g_a, a)
-            _sum_rows(gw, sl, g_w, w)
+            _accumulate(gc, sl, gs, c)
+            _accumulate(gd, sl, g0, d)
+            _accumulate(ga, sl, g_a, a)
+            _accumulate(gw, sl, g_w, w)
             torch.mul(gs, p.w, out=gz0[sl])
         return gz0, gjw, ghw, ga, gw, gc, gd, None
 
@@ -340,8 +347,9 @@ def first_sine_layer(coords, weight, bias, a, w, c, d, order: int = 2) -> torch.
     Args:
         coords: input points (N, in_features); the derivatives are taken w.r.t. them (in_features must be 3).
         weight, bias: the layer's parameters (F, in_features), (F,).
-        a, w, c, d: activation parameters, each a float or a tensor of shape (1, 1) or (N, 1);
-            ``w`` is the frequency factor including omega_0 (``b * omega_0``).
+        a, w, c, d: activation parameters, each a float or a tensor of shape (1, 1) (one value),
+            (N, 1) (per point), (1, F) (per neuron) or (N, F) (per point and neuron); ``w`` is the
+            frequency factor including omega_0 (``b * omega_0``).
         order: 1 (value and Jacobian) or 2 (also the Hessian).
 
     Returns:
@@ -542,6 +550,26 @@ def hessian_adjoint_step(delta, jz, k1, k2, weight=None):
     return contribution, linear_layer(g, weight.t())
 
 
+def per_layer_parameters(a, w, c, d, num_layers: int) -> list[tuple]:
+    """``[(a_l, w_l, c_l, d_l)]`` for ``num_layers`` sine layers.
+
+    Each of ``a, w, c, d`` is either one value for every layer (a float or tensor, see
+    :func:`first_sine_layer`) or a list/tuple with one value per layer.
+
+    Raises:
+        ValueError: for a list whose length is not ``num_layers``.
+    """
+    out = []
+    for p in (a, w, c, d):
+        if isinstance(p, (list, tuple)):
+            if len(p) != num_layers:
+                raise ValueError(f"expected one activation parameter per sine layer ({num_layers}), found {len(p)}")
+            out.append(list(p))
+        else:
+            out.append([p] * num_layers)
+    return list(zip(*out))
+
+
 def sine_mlp_derivatives(coords, layers, a, w, c, d, order: int = 2, hessian: str = "adjoint"):
     """Value, Jacobian and Hessian of a sine MLP w.r.t. its input, in closed form.
 
@@ -558,7 +586,8 @@ def sine_mlp_derivatives(coords, layers, a, w, c, d, order: int = 2, hessian: st
     Args:
         coords: (N, 3) input points.
         layers: sequence of :class:`torch.nn.Linear`, the last one the output layer.
-        a, w, c, d: activation parameters (see :func:`first_sine_layer`).
+        a, w, c, d: activation parameters (see :func:`first_sine_layer`), shared by every sine
+            layer, or each a list with one entry per sine layer (see :func:`per_layer_parameters`).
         order: 1 (value and Jacobian) or 2 (also the Hessian).
         hessian: ``"adjoint"`` or ``"forward"``.
 
@@ -572,19 +601,20 @@ def sine_mlp_derivatives(coords, layers, a, w, c, d, order: int = 2, hessian: st
         raise ValueError(f"hessian must be 'adjoint' or 'forward', found {hessian!r}")
     num_slots(order)
     first, hidden, last = layers[0], layers[1:-1], layers[-1]
+    params = per_layer_parameters(a, w, c, d, len(layers) - 1)
     if order == 1 or hessian == "forward":
-        t = first_sine_layer(coords, first.weight, first.bias, a, w, c, d, order=order)
-        for layer in hidden:
-            t = sine_layer(t, layer.weight, layer.bias, a, w, c, d)
+        t = first_sine_layer(coords, first.weight, first.bias, *params[0], order=order)
+        for layer, p in zip(hidden, params[1:]):
+            t = sine_layer(t, layer.weight, layer.bias, *p)
         return split_stacked(linear_layer(t, last.weight), last.bias)
 
     z0 = torch.addmm(first.bias, coords, first.weight.t())
     jw = first.weight.t()
-    t, k1, k2 = _FirstSineLayer.apply(z0, jw.contiguous(), None, a, w, c, d, True)
+    t, k1, k2 = _FirstSineLayer.apply(z0, jw.contiguous(), None, *params[0], True)
     saved = [(jw[:, None, :], k1, k2)]
-    for layer in hidden:
+    for layer, p in zip(hidden, params[1:]):
         z = linear_layer(t, layer.weight)
-        t, k1, k2 = _SineLayer.apply(z, layer.bias, a, w, c, d, True)
+        t, k1, k2 = _SineLayer.apply(z, layer.bias, *p, True)
         saved.append((z, k1, k2))
     u, jacobian, _ = split_stacked(linear_layer(t, last.weight), last.bias)
     delta = last.weight[:, None, :]  # du_i/dh_L: (D, 1, F)

@@ -1,7 +1,9 @@
 """The harmonizer: a small MLP that maps the regularisation weight alpha to the activation parameters.
 
 In cIDIR the main network's activation is ``sigma(z) = a * sin(b * omega_0 * z + c) + d``; the
-harmonizer predicts the four numbers ``(a, b, c, d)`` from alpha, shared by every hidden layer.
+harmonizer predicts the four numbers ``(a, b, c, d)`` from alpha, shared by every hidden layer (the
+paper), or one set of four per layer or per neuron (``out_features = 4 * groups``; see
+:class:`~monai_cidir.networks.ConditionedINR`'s ``modulation``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ __all__ = ["Harmonizer"]
 class Harmonizer(nn.Module):
     """MLP ``alpha -> (a, b, c, d)``; each hidden layer is Linear -> LayerNorm -> SiLU.
 
+    With ``out_features = 4 * G`` it predicts ``G`` sets at once, laid out as four blocks of ``G``
+    columns: ``[a_1..a_G, b_1..b_G, c_1..c_G, d_1..d_G]`` (``G = 1``: the paper's four numbers).
     The last layer predicts raw values ``(ra, rb, rc, rd)`` that are mapped to
     ``a = exp(ra)``, ``b = exp(rb)``, ``c = rc``, ``d = rd`` so that the amplitude ``a`` and the
     frequency factor ``b`` stay positive (as in INCODE). The last layer's weight and bias are
@@ -28,10 +32,10 @@ class Harmonizer(nn.Module):
     Args:
         in_features: number of conditioning inputs (1 for a single alpha).
         hidden_features: widths of the hidden layers; the paper uses (128, 64, 32).
-        out_features: number of activation parameters; must be 4 (a, b, c, d).
+        out_features: number of activation parameters: 4 (a, b, c, d), or ``4 * G`` for ``G`` sets.
 
     Raises:
-        ValueError: if ``out_features`` is not 4 or a width is not positive.
+        ValueError: if ``out_features`` is not a positive multiple of 4 or a width is not positive.
 
     Example::
 
@@ -45,8 +49,11 @@ class Harmonizer(nn.Module):
         self, in_features: int = 1, hidden_features: Sequence[int] = (128, 64, 32), out_features: int = 4
     ) -> None:
         super().__init__()
-        if out_features != 4:
-            raise ValueError(f"the harmonizer predicts (a, b, c, d): out_features must be 4, found {out_features}")
+        if out_features < 4 or out_features % 4:
+            raise ValueError(
+                f"the harmonizer predicts (a, b, c, d) sets: out_features must be 4 or a multiple of 4, found {out_features}"
+            )
+        self.groups = out_features // 4
         widths = [int(in_features), *(int(w) for w in hidden_features)]
         if min(widths) < 1:
             raise ValueError(f"in_features and hidden_features must be positive, found {widths}")
@@ -66,7 +73,7 @@ class Harmonizer(nn.Module):
             alpha: tensor of shape (B, in_features) (or (in_features,) for one alpha).
 
         Returns:
-            tensor (B, 4) whose columns are a, b, c, d (a > 0, b > 0).
+            tensor (B, 4 * G) whose column blocks are a, b, c, d (a > 0, b > 0); (B, 4) for G = 1.
 
         Raises:
             ValueError: if the last dimension of ``alpha`` is not ``in_features``.
@@ -78,4 +85,5 @@ class Harmonizer(nn.Module):
                 f"Harmonizer expects alpha of shape (B, {self.in_features}), found {tuple(alpha.shape)}"
             )
         raw = self.head(self.hidden(alpha))
-        return torch.cat([torch.exp(raw[:, :2]), raw[:, 2:]], dim=1)
+        g = raw.shape[1] // 4
+        return torch.cat([torch.exp(raw[:, : 2 * g]), raw[:, 2 * g :]], dim=1)

@@ -67,6 +67,12 @@ class _SineINR(nn.Module):
         """Return ``(a, b, c, d)``: floats, or tensors of shape (1, 1) (one alpha) or (N, 1) (per point)."""
         raise NotImplementedError
 
+    def layer_parameters(self, coords: torch.Tensor, alpha=None) -> list[tuple]:
+        """``[(a, w, c, d)]`` for every sine layer, ``w = b * omega_0``; each a float or a tensor
+        (1 or N rows; 1 or ``hidden_features`` columns). By default the same set for every layer."""
+        a, b, c, d = self.activation_parameters(coords, alpha)
+        return [(a, b * self.omega_0, c, d)] * (len(self.layers) - 1)
+
     def _check_coords(self, coords) -> torch.Tensor:
         if not isinstance(coords, torch.Tensor):
             raise TypeError(f"coords must be a torch.Tensor of shape (N, {self.in_features}), found {type(coords)}")
@@ -94,12 +100,11 @@ class _SineINR(nn.Module):
         to float rounding).
         """
         coords = self._check_coords(coords)
-        a, b, c, d = self.activation_parameters(coords, alpha)
-        if self._inference(coords, (a, b, c, d)):
-            return self._forward_folded(coords, self.folded_layers(a, b, c, d))
-        w = b * self.omega_0
+        params = self.layer_parameters(coords, alpha)
+        if self._inference(coords, params):
+            return self._forward_folded(coords, self.fold(params))
         h = coords
-        for layer in self.layers[:-1]:
+        for layer, (a, w, c, d) in zip(self.layers[:-1], params):
             s = layer(h) * w
             if not (isinstance(c, float) and c == 0.0):
                 s = s + c
@@ -123,14 +128,34 @@ class _SineINR(nn.Module):
                 :meth:`activation_parameters` for a single alpha.
         """
         a, b, c, d = (float(p.detach().reshape(-1)[0]) if isinstance(p, torch.Tensor) else float(p) for p in (a, b, c, d))
-        w = b * self.omega_0
+        return self.fold([(a, b * self.omega_0, c, d)] * (len(self.layers) - 1))
+
+    @torch.no_grad()
+    def fold(self, params: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`folded_layers` for per-layer parameters ``[(a, w, c, d)]`` (``w = b * omega_0``), as
+        :meth:`layer_parameters` returns them for one alpha: floats, or one-row tensors with one
+        column (one value for the layer) or one per neuron.
+
+        Per neuron ``f``, ``a_f sin(w_f z_f + c_f) + d_f`` folds into row ``f`` of the layer
+        (``w_f`` scales it, ``c_f`` shifts its bias) and column ``f`` of the next one (``a_f``
+        scales it, ``d_f`` adds ``W'[:, f] d_f`` to the next bias).
+        """
+
+        def vector(p):  # a float or (1, 1) / (1, F) tensor -> float or (F,) tensor
+            if not isinstance(p, torch.Tensor):
+                return float(p)
+            p = p.detach().reshape(-1)
+            return float(p[0]) if p.numel() == 1 else p
+
         out, scale, shift = [], 1.0, 0.0
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             weight = layer.weight * scale
-            bias = layer.bias + shift * layer.weight.sum(1)
+            bias = layer.bias + (layer.weight @ shift if isinstance(shift, torch.Tensor) else shift * layer.weight.sum(1))
             if i < last:
-                weight, bias = weight * w, bias * w + c
+                a, w, c, d = (vector(p) for p in params[i])
+                w_col = w[:, None] if isinstance(w, torch.Tensor) else w
+                weight, bias = weight * w_col, bias * w + c
                 scale, shift = a, d
             out.append((weight.t().contiguous(), bias.contiguous()))
         return out
@@ -141,11 +166,12 @@ class _SineINR(nn.Module):
             return max(1, coords.shape[0])
         return max(1, self.inference_block // divisor)
 
-    def _inference(self, coords: torch.Tensor, params) -> bool:
-        """True when no gradient is needed and one alpha serves the whole batch (the folded path)."""
+    def _inference(self, coords: torch.Tensor, params: list[tuple]) -> bool:
+        """True when no gradient is needed and one alpha serves the whole batch (the folded path);
+        ``params`` as :meth:`layer_parameters` returns them."""
         if torch.is_grad_enabled() and (coords.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
-        return all(not isinstance(p, torch.Tensor) or p.shape[0] == 1 for p in params)
+        return all(not isinstance(p, torch.Tensor) or p.shape[0] == 1 for layer in params for p in layer)
 
     def _jacobian_folded(self, coords: torch.Tensor, layers) -> tuple[torch.Tensor, torch.Tensor]:
         """Value and Jacobian ``[n, i, j] = du_i/dx_j`` through the folded layers, forward mode, in blocks.
@@ -218,19 +244,19 @@ class _SineINR(nn.Module):
             hessian_mode = "adjoint" if self.out_features < 6 else "forward"
         if hessian_mode not in ("adjoint", "forward"):
             raise ValueError(f"hessian_mode must be 'adjoint', 'forward' or None, found {hessian_mode!r}")
-        a, b, c, d = self.activation_parameters(coords, alpha)
-        if order == 1 and self._inference(coords, (a, b, c, d)):
-            return self._jacobian_folded(coords, self.folded_layers(a, b, c, d)) + (None,)
-        w = b * self.omega_0
+        params = self.layer_parameters(coords, alpha)
+        if order == 1 and self._inference(coords, params):
+            return self._jacobian_folded(coords, self.fold(params)) + (None,)
         n = coords.shape[0]
         step = fm.block_points(n, self.layers[0].out_features, order, coords.device)
-        if step >= n:
-            return fm.sine_mlp_derivatives(coords, self.layers, a, w, c, d, order, hessian_mode)
         outputs = []
         for n0 in range(0, n, step):
             sl = slice(n0, n0 + step)
-            pa, pw, pc, pd = (p[sl] if isinstance(p, torch.Tensor) and p.shape[0] != 1 else p for p in (a, w, c, d))
-            outputs.append(fm.sine_mlp_derivatives(coords[sl], self.layers, pa, pw, pc, pd, order, hessian_mode))
+            block = [tuple(p[sl] if isinstance(p, torch.Tensor) and p.shape[0] != 1 else p for p in layer) for layer in params]
+            a, w, c, d = (list(p) for p in zip(*block))
+            outputs.append(fm.sine_mlp_derivatives(coords[sl], self.layers, a, w, c, d, order, hessian_mode))
+        if len(outputs) == 1:
+            return outputs[0]
         return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs))
 
 
@@ -287,11 +313,17 @@ class ConditionedINR(_SineINR):
         num_hidden_layers: number of hidden (sine) layers (the paper: 3).
         omega_0: frequency factor multiplying every hidden pre-activation.
         cond_features: number of conditioning values (1: the regularisation weight alpha).
-        harmonizer: module mapping alpha (B, cond_features) to (B, 4) columns (a, b, c, d); default
-            ``Harmonizer(cond_features, (128, 64, 32), 4)``.
+        harmonizer: module mapping alpha (B, cond_features) to (B, 4 * G) activation parameters
+            (column blocks a, b, c, d; see :class:`~monai_cidir.networks.Harmonizer`); default
+            ``Harmonizer(cond_features, (128, 64, 32), 4 * G)``.
+        modulation: how many activation parameter sets alpha controls: ``"shared"`` (the paper:
+            one ``(a, b, c, d)`` for every hidden layer, G = 1), ``"per_layer"`` (one set per hidden
+            layer, G = ``num_hidden_layers``) or ``"per_neuron"`` (one set per hidden neuron, G =
+            ``num_hidden_layers * hidden_features``, FiLM-like). Every mode starts as the same SIREN.
 
     Raises:
-        ValueError: for non-positive sizes or ``omega_0``.
+        ValueError: for non-positive sizes or ``omega_0``, an unknown ``modulation``, or a
+            harmonizer whose output does not match it.
 
     Example::
 
@@ -310,12 +342,22 @@ class ConditionedINR(_SineINR):
         omega_0: float = 32.0,
         cond_features: int = 1,
         harmonizer: nn.Module | None = None,
+        modulation: str = "shared",
     ) -> None:
         super().__init__(in_features, out_features, hidden_features, num_hidden_layers, omega_0)
         if cond_features < 1:
             raise ValueError(f"cond_features must be positive, found {cond_features}")
+        groups = {"shared": 1, "per_layer": int(num_hidden_layers), "per_neuron": int(num_hidden_layers) * int(hidden_features)}
+        if modulation not in groups:
+            raise ValueError(f"modulation must be one of {sorted(groups)}, found {modulation!r}")
         self.cond_features = int(cond_features)
-        self.harmonizer = Harmonizer(self.cond_features) if harmonizer is None else harmonizer
+        self.modulation = modulation
+        self.harmonizer = Harmonizer(self.cond_features, out_features=4 * groups[modulation]) if harmonizer is None else harmonizer
+        found = getattr(self.harmonizer, "groups", 1)
+        if found != groups[modulation]:
+            raise ValueError(
+                f"modulation {modulation!r} needs a harmonizer with {4 * groups[modulation]} outputs, found {4 * found}"
+            )
 
     def _alpha_rows(self, alpha, n: int, like: torch.Tensor) -> torch.Tensor:
         """Validate alpha and return it as (1, cond_features) or (n, cond_features)."""
@@ -336,7 +378,7 @@ class ConditionedINR(_SineINR):
         raise ValueError(f"alpha must be {expected}; found shape {shape}")
 
     def activation_parameters(self, coords: torch.Tensor, alpha=None):
-        """The harmonizer's ``(a, b, c, d)`` for alpha, each (1, 1) (one alpha) or (N, 1) (per point).
+        """The harmonizer's ``(a, b, c, d)`` for alpha, each (1, G) (one alpha) or (N, G) (per point).
 
         Args:
             coords: the points (N, 3) (only their number, dtype and device are used).
@@ -350,9 +392,22 @@ class ConditionedINR(_SineINR):
         """
         rows = self._alpha_rows(alpha, coords.shape[0], self.layers[0].weight)
         params = self.harmonizer(rows)
-        if params.ndim != 2 or params.shape[1] != 4:
-            raise ValueError(f"the harmonizer must return (B, 4) columns a, b, c, d; found {tuple(params.shape)}")
-        return tuple(params[:, i : i + 1] for i in range(4))
+        g = getattr(self.harmonizer, "groups", 1)
+        if params.ndim != 2 or params.shape[1] != 4 * g:
+            raise ValueError(f"the harmonizer must return (B, {4 * g}) columns: blocks a, b, c, d; found {tuple(params.shape)}")
+        return tuple(params[:, i * g : (i + 1) * g] for i in range(4))
+
+    def layer_parameters(self, coords: torch.Tensor, alpha=None) -> list[tuple]:
+        """``[(a, w, c, d)]`` per hidden layer (``w = b * omega_0``): columns 1 (shared, per layer) or
+        ``hidden_features`` (per neuron); rows 1 (one alpha) or N (per point)."""
+        a, b, c, d = self.activation_parameters(coords, alpha)
+        mode = getattr(self, "modulation", "shared")  # networks saved before modulation existed
+        num = len(self.layers) - 1
+        if mode == "shared":
+            return [(a, b * self.omega_0, c, d)] * num
+        width = 1 if mode == "per_layer" else self.layers[0].out_features
+        cols = [slice(i * width, (i + 1) * width) for i in range(num)]
+        return [(a[:, sl], b[:, sl] * self.omega_0, c[:, sl], d[:, sl]) for sl in cols]
 
     def forward(self, coords: torch.Tensor, alpha=None) -> torch.Tensor:
         """Displacement (N, out_features) at ``coords``, conditioned on ``alpha``.

@@ -17,8 +17,9 @@ def _network(kind, dtype, hidden=48, layers=3):
     torch.manual_seed(11)
     if kind == "siren":
         net = SirenINR(hidden_features=hidden, num_hidden_layers=layers)
-    else:
-        net = ConditionedINR(hidden_features=hidden, num_hidden_layers=layers)
+    else:  # "conditioned" (the paper's shared modulation), "per_layer" or "per_neuron"
+        modulation = "shared" if kind == "conditioned" else kind
+        net = ConditionedINR(hidden_features=hidden, num_hidden_layers=layers, modulation=modulation)
         with torch.no_grad():  # away from the (1, 1, 0, 0) start so that a, b, c, d all matter
             net.harmonizer.head.weight.normal_(std=0.2)
             net.harmonizer.head.bias.normal_(std=0.2)
@@ -42,8 +43,11 @@ def small_blocks(monkeypatch):
 MODES = ["adjoint", "forward"]
 
 
+KINDS = ["siren", "conditioned", "per_layer", "per_neuron"]
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("kind", ["siren", "conditioned"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("per_point", [False, True], ids=["batch-alpha", "per-point-alpha"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)], ids=["f64", "f32"])
 def test_values_match_nested_autograd(kind, per_point, dtype, tol, mode, small_blocks):
@@ -62,7 +66,7 @@ def test_values_match_nested_autograd(kind, per_point, dtype, tol, mode, small_b
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("kind", ["siren", "conditioned"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("per_point", [False, True], ids=["batch-alpha", "per-point-alpha"])
 def test_parameter_gradients_match_nested_autograd(kind, per_point, mode, small_blocks):
     net = _network(kind, torch.float64)
@@ -81,7 +85,7 @@ def test_parameter_gradients_match_nested_autograd(kind, per_point, mode, small_
             assert g is None or g.abs().max() == 0
             continue
         assert _rel(g, w) <= 1e-8, p.shape
-    if kind == "conditioned":  # the harmonizer is trained through the derivatives too
+    if kind != "siren":  # the harmonizer is trained through the derivatives too
         head = [i for i, (name, _) in enumerate(net.named_parameters()) if name == "harmonizer.head.weight"][0]
         assert got[head].abs().max() > 0
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from monai_cidir.networks import ConditionedINR, SirenINR, autograd_derivatives
+from monai_cidir.networks import ConditionedINR, Harmonizer, SirenINR, autograd_derivatives
 
 
 class _Constant(nn.Module):
@@ -239,3 +239,37 @@ def test_inference_jacobian_matches_the_training_path(network_cls):
     # and against nested autograd on a few points
     _, jac_ag, _ = autograd_derivatives(net, x[:50], torch.tensor([0.6], dtype=torch.float64), order=1)
     assert float((jac_f[:50] - jac_ag.detach()).abs().max()) <= 1e-9 * float(jac_ag.abs().max())
+
+
+@pytest.mark.parametrize("modulation", ["per_layer", "per_neuron"])
+def test_modulated_networks_fold_and_start_as_the_same_siren(modulation):
+    """Per-layer / per-neuron modulation: a fresh network equals the shared one (same weights), and
+    its inference path (weights folded per neuron) equals the autograd-ready path at any alpha."""
+    torch.manual_seed(5)
+    shared = ConditionedINR(hidden_features=24).double()
+    torch.manual_seed(5)
+    net = ConditionedINR(hidden_features=24, modulation=modulation).double()
+    groups = {"per_layer": 3, "per_neuron": 3 * 24}[modulation]
+    assert net.harmonizer.head.out_features == 4 * groups
+    x = torch.rand(3000, 3, dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, 0.8), shared(x, 0.8), rtol=0, atol=0)
+        net.harmonizer.head.weight.normal_(std=0.3)  # every (a, b, c, d) set now differs
+        net.harmonizer.head.bias.normal_(std=0.3)
+        a = net.activation_parameters(x[:1], 0.8)[0]
+        assert a.shape == (1, groups) and float(a.std()) > 0.05
+    reference = net(x, 0.8)
+    assert reference.requires_grad
+    with torch.no_grad():
+        folded = net(x, 0.8)
+        u, jac, _ = net.forward_with_derivatives(x, 0.8, order=1)
+    torch.testing.assert_close(folded, reference.detach(), rtol=1e-10, atol=1e-12)
+    _, jac_ag, _ = autograd_derivatives(net, x[:40], torch.tensor([0.8], dtype=torch.float64), order=1)
+    torch.testing.assert_close(jac[:40], jac_ag.detach(), rtol=1e-9, atol=1e-11)
+
+
+def test_modulation_errors_name_the_option():
+    with pytest.raises(ValueError, match="modulation must be one of"):
+        ConditionedINR(modulation="per_voxel")
+    with pytest.raises(ValueError, match="needs a harmonizer with 12 outputs, found 4"):
+        ConditionedINR(modulation="per_layer", harmonizer=Harmonizer())
