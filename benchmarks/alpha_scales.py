@@ -37,6 +37,7 @@ def main(argv=None) -> None:
 
     from monai_cidir.engines import AlphaSelectionEvaluator, fit_affine, make_point_sampler
     from monai_cidir.engines.registration import landmark_tre
+    from monai_cidir.losses import RegistrationLoss
 
     alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
     for item in training.load_data(args.data, Path(args.cache)):
@@ -51,7 +52,7 @@ def main(argv=None) -> None:
         print("|---|---|---|---|---|---|")
         for scale, factor in [(s, f) for s in args.scales for f in args.harmonizer_lr_factors]:
             options = dict(
-                training.VARIANTS["fast"][0], regularizer=args.regularizer, regularizer_scales={args.regularizer: scale},
+                training.VARIANTS["fast"][0], loss=RegistrationLoss(args.regularizer, scales={args.regularizer: scale}),
                 harmonizer_lr_factor=factor,
             )
             trainer, _ = training.train_variant(item, affine, options, args.budget, 1e9, args.seed, 100000)

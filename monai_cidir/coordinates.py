@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from monai.utils import convert_to_tensor
 import torch.nn.functional as F
 
 __all__ = ["CoordinateMapping", "lps_to_ras", "ras_to_lps", "affine_from_spacing"]
@@ -290,7 +291,7 @@ class CoordinateMapping:
             )
         if world.ndim != 2 or world.shape[-1] != 3:
             raise ValueError(f"expected world points of shape (N, 3), found {tuple(world.shape)}")
-        vol = vol.as_tensor() if hasattr(vol, "as_tensor") else vol
+        vol = convert_to_tensor(vol, track_meta=False)
         dtype = world.dtype if world.is_floating_point() else torch.float32
         grid = self.world_to_grid_sample(world.to(dtype)).reshape(1, 1, 1, -1, 3)
         out = F.grid_sample(

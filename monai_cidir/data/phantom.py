@@ -30,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.utils import convert_to_tensor
 from monai.data import MetaTensor
 
 from monai_cidir.coordinates import CoordinateMapping, affine_from_spacing, ras_to_lps
+from monai_cidir.utils import atomic_path
 
 __all__ = [
     "BreathingMotion",
@@ -781,9 +783,8 @@ def _write_checked(path: Path, content: bytes, overwrite: bool) -> None:
                 f"{path} exists and differs from what these arguments produce; remove it, pass overwrite=True, "
                 "or choose another output_dir or name"
             )
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(content)
 
 
 def write_registration_pair(item: dict, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -955,7 +956,7 @@ def _pull_back(images, mapping: CoordinateMapping, motion: BreathingMotion, chun
     Trilinear, border values outside the field of view; computed in slabs of about ``chunk`` voxels.
     """
     shape = mapping.spatial_shape
-    volumes = [img[0].as_tensor().float() if hasattr(img, "as_tensor") else torch.as_tensor(img[0]).float() for img in images]
+    volumes = [convert_to_tensor(img[0], track_meta=False).float() for img in images]
     outs = [torch.empty(shape, dtype=torch.float32) for _ in volumes]
     slab = max(1, chunk // (shape[0] * shape[1]))
     for k0 in range(0, shape[2], slab):

@@ -38,7 +38,8 @@ from monai_cidir.engines.registration import (
     select_and_export,
     write_cohort_table,
 )
-from monai_cidir.engines.trainer import REGULARIZER_SCALES, AlphaPrior, CIDIRTrainer, build_lr_scheduler, build_optimizer, build_regularizers, scale_initial_output
+from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer, build_lr_scheduler, build_optimizer, scale_initial_output
+from monai_cidir.losses.registration import REGULARIZER_SCALES
 
 __all__ = [
     "AffinePrealignment",
@@ -55,7 +56,6 @@ __all__ = [
     "assess_registration",
     "build_lr_scheduler",
     "build_optimizer",
-    "build_regularizers",
     "coarse_steps",
     "collect_cohort_metrics",
     "export_registration",

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from monai.utils import convert_to_tensor
 from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 from monai.handlers import MeanDice, from_engine
@@ -96,7 +97,7 @@ def mask_region(mask: torch.Tensor, mapping: CoordinateMapping, margin_mm: float
     Raises:
         ValueError: when the mask is empty.
     """
-    m = torch.as_tensor(mask.as_tensor() if hasattr(mask, "as_tensor") else mask)
+    m = convert_to_tensor(mask, track_meta=False)
     m = m.reshape(m.shape[-3:]) > 0.5
     idx = torch.nonzero(m)
     if idx.numel() == 0:
@@ -242,7 +243,7 @@ class AlphaSelectionEvaluator(Evaluator):
             else tuple(slice(0, n, st) for n, st in zip(fmap.spatial_shape, step))
         )
         self.shape = region_shape(fmap, None, self.region)
-        fm = torch.as_tensor(fixed_mask.as_tensor() if hasattr(fixed_mask, "as_tensor") else fixed_mask)
+        fm = convert_to_tensor(fixed_mask, track_meta=False)
         fm = fm.reshape(fm.shape[-3:])[self.region] > 0.5
         self.fixed_mask_grid = fm
         self.moving_mask = moving_mask
@@ -253,13 +254,13 @@ class AlphaSelectionEvaluator(Evaluator):
             from monai_cidir.transforms import LungMask
 
             self.lung_mask = LungMask(backend=lung_mask_backend, **(lung_mask_kwargs or {}))
-            fimg = torch.as_tensor(fixed_image.as_tensor() if hasattr(fixed_image, "as_tensor") else fixed_image)
+            fimg = convert_to_tensor(fixed_image, track_meta=False)
             fimg = fimg.reshape(fimg.shape[-3:])[self.region].float()
             self.fixed_mask_grid = self._segment(fimg) > 0.5
         self.curve = AlphaCurve()
         self.reference_alpha = float(np.median(alphas)) if alphas else 0.5
         source = self.moving_mask if mode == "warp_mask" else self.moving_image
-        self._source = torch.as_tensor(source.as_tensor() if hasattr(source, "as_tensor") else source).float()
+        self._source = convert_to_tensor(source, track_meta=False).float()
         self._inside = torch.nonzero(self.fixed_mask_grid.reshape(-1)).reshape(-1)
         self._world_cache: torch.Tensor | None = None
         self._band: dict | None = None
@@ -278,7 +279,7 @@ class AlphaSelectionEvaluator(Evaluator):
         from monai.data import MetaTensor
 
         seg = self.lung_mask(MetaTensor(image[None].float(), affine=self._region_affine()))
-        seg = torch.as_tensor(seg.as_tensor() if hasattr(seg, "as_tensor") else seg)
+        seg = convert_to_tensor(seg, track_meta=False)
         return seg.reshape(image.shape)
 
     @torch.no_grad()

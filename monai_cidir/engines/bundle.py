@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from monai_cidir.utils import atomic_path
+
 __all__ = [
     "DEFAULT_PHANTOM_DIR",
     "make_phantom_cohort",
@@ -178,9 +180,9 @@ def make_phantom_cohort(
         sub = make_breathing_phantom(dataset_dir / f"phantom_seed{s}", seed=s, **phantom_kwargs)
         records.extend(load_pair_datalist(sub))
     # written under a temporary name and renamed, so a waiting rank never reads half a file
-    tmp = write_pair_datalist(dataset_dir / f".datalist.json.{os.getpid()}.tmp", records)
     path = dataset_dir / "datalist.json"
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write_pair_datalist(tmp, records)
     logger.info("phantom cohort of %d pair(s) written to %s", len(records), dataset_dir)
     return path
 

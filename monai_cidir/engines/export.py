@@ -25,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.utils import convert_to_tensor
 
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines.model import RegistrationModel
+from monai_cidir.utils import atomic_path
 
 __all__ = [
     "dilate_mask",
@@ -221,7 +223,7 @@ def write_warped_image(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mmap = CoordinateMapping.from_image(moving_image)
-    data = (moving_image.as_tensor() if hasattr(moving_image, "as_tensor") else torch.as_tensor(moving_image)).float()
+    data = convert_to_tensor(moving_image, track_meta=False).float()
 
     def fn(world, moved):
         return mmap.sample(data, moved.float(), mode=mode)[0][:, None]
@@ -363,11 +365,8 @@ def plot_lung_masks(panels: Sequence[tuple[str, object, object]], path: str | os
 def write_json(data: dict, path: str | os.PathLike) -> Path:
     """Write JSON atomically (a temporary file, then a rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
     return path
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from monai_cidir.coordinates import CoordinateMapping
+from monai_cidir.utils import atomic_path
 
 __all__ = [
     "RegistrationModel",
@@ -281,9 +282,8 @@ def save_registration_model(model: RegistrationModel, path: str | os.PathLike, *
         "derivatives": model.derivatives,
         **extra,
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 

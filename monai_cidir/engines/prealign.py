@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+from monai.utils import convert_to_tensor
 
 from monai_cidir.coordinates import CoordinateMapping
 
@@ -68,12 +68,12 @@ def smooth_image(image: torch.Tensor, sigma_mm: float, spacing: Sequence[float])
     """
     from monai.transforms import GaussianSmooth
 
-    data = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+    data = convert_to_tensor(image, track_meta=False)
     if sigma_mm <= 0:
         return data
     sigma = tuple(float(sigma_mm) / float(s) for s in spacing)
     out = GaussianSmooth(sigma=sigma)(data.float())
-    return out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)
+    return convert_to_tensor(out, track_meta=False)
 
 
 def mask_center_of_mass(mask: torch.Tensor, mapping: CoordinateMapping) -> torch.Tensor:
@@ -82,7 +82,7 @@ def mask_center_of_mass(mask: torch.Tensor, mapping: CoordinateMapping) -> torch
     Raises:
         ValueError: when the mask is empty.
     """
-    m = torch.as_tensor(mask.as_tensor() if hasattr(mask, "as_tensor") else mask)
+    m = convert_to_tensor(mask, track_meta=False)
     m = m.reshape(m.shape[-3:]) > 0.5
     idx = torch.nonzero(m).to(torch.float64)
     if idx.numel() == 0:
@@ -106,6 +106,7 @@ def fit_affine(
     learning_rate: float = 0.01,
     min_improvement: float = 0.01,
     rigid_init: bool = True,
+    similarity: torch.nn.Module | None = None,
 ) -> AffinePrealignment:
     """Fit a global affine (12 parameters) on NCC over points of the fixed lung mask.
 
@@ -122,6 +123,10 @@ def fit_affine(
         learning_rate: Adam's learning rate on the normalised parameters.
         min_improvement: keep rule, see the module docstring.
         rigid_init: initialise the translation from the masks' centres of mass.
+        similarity: the loss to minimise, ``f(fixed_values, moving_values)`` (default -NCC,
+            :class:`~monai_cidir.losses.GlobalNCCLoss`; the trainer passes its
+            :class:`~monai_cidir.losses.RegistrationLoss`'s). ``ncc_identity``/``ncc_affine`` report
+            minus its value.
 
     Returns:
         :class:`AffinePrealignment` (``matrix`` is the identity when not kept).
@@ -137,7 +142,7 @@ def fit_affine(
     fmap = CoordinateMapping.from_image(fixed_image)
     mmap = CoordinateMapping.from_image(moving_image)
     c, s = fmap.center.float(), fmap.scale
-    loss_fn = GlobalNCCLoss()
+    loss_fn = GlobalNCCLoss() if similarity is None else similarity
     b = torch.zeros(3, 3, requires_grad=True)
     t = torch.zeros(3)
     if rigid_init and fixed_mask is not None and moving_mask is not None:
@@ -148,8 +153,8 @@ def fit_affine(
         return points + (points - c) @ b.T + s * t
 
     eval_points = sampler(max(num_points, 16384)).float()
-    fixed_full = fixed_image.as_tensor() if hasattr(fixed_image, "as_tensor") else fixed_image
-    moving_full = moving_image.as_tensor() if hasattr(moving_image, "as_tensor") else moving_image
+    fixed_full = convert_to_tensor(fixed_image, track_meta=False)
+    moving_full = convert_to_tensor(moving_image, track_meta=False)
 
     def evaluate(points_fn) -> float:
         with torch.no_grad():

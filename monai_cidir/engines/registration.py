@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -49,6 +48,7 @@ from monai_cidir.engines.model import RegistrationModel, load_registration_model
 from monai_cidir.engines.prealign import fit_affine
 from monai_cidir.engines.quality import mask_entries, prepare_lung_masks, record_status, registration_quality
 from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer, build_optimizer, scale_initial_output
+from monai_cidir.losses.registration import RegistrationLoss
 
 __all__ = [
     "register_patient",
@@ -118,7 +118,7 @@ COHORT_COLUMNS = (
 
 # ---------------------------------------------------------------------------- helpers
 def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+    return convert_to_tensor(x, track_meta=False)
 
 
 def make_point_sampler(mask: torch.Tensor, seed: int = 0, dilation_mm: float = 0.0) -> Callable[[int], torch.Tensor]:
@@ -226,6 +226,8 @@ def check_options(
     device: str | torch.device = "cpu",
     selection_mode: str = "warp_mask",
     num_alphas: int = 21,
+    regularizer: str | Sequence[str] | Mapping[str, float] = "bending",
+    regularizer_scales: Mapping[str, float] | None = None,
     **_,
 ) -> None:
     """The run's options that can be wrong whatever the data: checked once for a cohort, before training.
@@ -233,6 +235,7 @@ def check_options(
     Raises:
         ValueError: naming the option, what was expected and what was found.
     """
+    RegistrationLoss(regularizer, regularizer_scales)  # names, weights and scales
     check_alpha(alpha, alpha_range)
     check_device(device)
     if selection_mode not in ("warp_mask", "segment"):
@@ -661,7 +664,8 @@ def register_patient(
         time_budget_s: stop training after this many seconds even before ``max_iterations`` (the
             learning-rate schedule follows whichever limit is further along; ``None``: no limit).
         regularizer: ``"bending"``, ``"jacobian"``, ``"hyperelastic"``, a list or a weight mapping.
-        regularizer_scales: overrides of :data:`~monai_cidir.engines.trainer.REGULARIZER_SCALES`.
+        regularizer_scales: overrides of :data:`~monai_cidir.losses.REGULARIZER_SCALES` (both build the
+            :class:`~monai_cidir.losses.RegistrationLoss`).
         alpha_range: the prior's range (paper: (0, 1)).
         alpha_distribution: ``"uniform"`` (paper) or ``"log-uniform"``.
         alpha_per_point: one alpha per point (default; converges faster, see README) or one per batch.
@@ -714,7 +718,8 @@ def register_patient(
         if item.get(key) is None:
             raise ValueError(f"the pair has no '{key}': expected a loaded pair with keys {sorted(item)}")
         check_image_values(item[key], f"{item.get('name') or 'pair'}: {key}", ct=False)
-    check_options(alpha=alpha, alpha_range=alpha_range, device=device, selection_mode=selection_mode, num_alphas=num_alphas)
+    check_options(alpha=alpha, alpha_range=alpha_range, device=device, selection_mode=selection_mode, num_alphas=num_alphas,
+                  regularizer=regularizer, regularizer_scales=regularizer_scales)
     check_landmark_pair(item.get("fixed_landmarks"), item.get("moving_landmarks"), str(item.get("name") or "pair"))
     name = str(item.get("name") or "pair")
     pdir = _patient_dir(output_dir, name)
@@ -752,8 +757,7 @@ def register_patient(
             sampler,
             max_iterations=max_iterations,
             num_points=num_points,
-            regularizer=regularizer,
-            regularizer_scales=regularizer_scales,
+            loss=RegistrationLoss(regularizer, regularizer_scales),
             alpha_prior=prior,
             lr_schedule=lr_schedule,
             grad_clip=grad_clip,
@@ -782,6 +786,7 @@ def register_patient(
                 sampler,
                 fixed_mask=item.get("fixed_mask"),
                 moving_mask=item.get("moving_mask"),
+                similarity=trainer.loss_function.similarity,
                 **(affine_kwargs or {}),
             )
             keep = result.kept or affine_prealign is True
@@ -813,6 +818,8 @@ def register_patient(
             name=name,
             alpha_range=list(alpha_range),
             regularizer=regularizer if isinstance(regularizer, str) else list(regularizer),
+            regularizer_weights=trainer.loss_function.spec,
+            regularizer_lambda_scales=trainer.loss_function.scales,
             iterations=trainer.state.iteration,
         )
         previous = {

@@ -11,20 +11,8 @@ pre-alignment + INR residual) and ``R_r`` the bending-energy, Jacobian or hypere
 regularizer of :mod:`monai_cidir.losses`, evaluated on the INR residual's derivatives in
 millimetres (Jacobian unchanged, Hessian / scale).
 
-Regularizer scales (:data:`REGULARIZER_SCALES`). Bending (the default regularizer) was re-derived
-on the realistic cases of ``benchmarks/compare.py`` (real CT, sliding, density change, 15-25 mm
-diaphragm motion, rigid offset; :func:`monai_cidir.data.make_realistic_pair`) with
-``benchmarks/conditioning.py``: networks trained at one lambda each (IDIR mode, 300 iterations x
-2000 points) reach their best TRE at lambda ~100-1000 (real_r0: 0.28 / 0.26 / 0.19 / 0.25 / 0.48 mm
-at lambda 0 / 1e2 / 1e3 / 1e4 / 1e5; real_r3: 0.11 / 0.08 / 0.10 mm at 0 / 1e2 / 1e3). The former
-scale 1e5, calibrated on smooth synthetic motion, put almost the whole prior beyond that (alpha >
-0.01), and the conditioned model then trailed the single-lambda networks by 0.16-0.19 mm at alpha
-0 (real_r3). With 3e3, alpha in [0, 1] spans lambda 0-3000 and the conditioned model is within
-+0.01 mm of the single-alpha networks at alpha 0 / 0.5 / 1 on all four realistic cases (README.md,
-"Realistic motion on real CT"). The Jacobian (5) and hyperelastic (50)
-scales are the earlier calibration (``benchmarks/alpha_scales.py``, smooth motion on the real
-chest CT); bending energy leaves affine-like fields free, so its scale is much larger than those
-of the terms that penalise any local volume change.
+Regularizer scales and lambda(alpha) are owned by :class:`~monai_cidir.losses.RegistrationLoss`
+(:data:`~monai_cidir.losses.REGULARIZER_SCALES`, calibration in :mod:`monai_cidir.losses.registration`).
 """
 
 from __future__ import annotations
@@ -40,30 +28,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.utils import convert_to_tensor
 from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines.model import RegistrationModel
+from monai_cidir.losses.registration import RegistrationLoss
+from monai_cidir.utils import atomic_path
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "REGULARIZER_SCALES",
     "AlphaPrior",
     "CIDIRTrainer",
     "PointStream",
-    "build_regularizers",
     "build_lr_scheduler",
     "scale_initial_output",
     "build_optimizer",
 ]
 
-#: lambda(alpha) = alpha * scale: the per-regularizer scale (see the module docstring).
-REGULARIZER_SCALES: dict[str, float] = {"bending": 3e3, "jacobian": 5.0, "hyperelastic": 50.0}
-
-_REGULARIZER_ORDER = {"bending": 2, "jacobian": 1, "hyperelastic": 1}
 
 
 class AlphaPrior:
@@ -127,46 +112,6 @@ def _smooth(image: torch.Tensor, mapping: CoordinateMapping, sigma_mm: float) ->
 
     sigma = [sigma_mm / float(sp) for sp in mapping.spacing]
     return torch.as_tensor(GaussianSmooth(sigma=sigma)(image.reshape(1, *image.shape[-3:]))).reshape(image.shape).to(image.dtype)
-
-
-def build_regularizers(
-    regularizer: str | Sequence[str] | Mapping[str, float] = "bending",
-    scales: Mapping[str, float] | None = None,
-) -> list[tuple[str, torch.nn.Module, float, int]]:
-    """Resolve a regularizer specification into ``(name, module, lambda scale, derivative order)``.
-
-    Args:
-        regularizer: ``"bending"``, ``"jacobian"``, ``"hyperelastic"``, a list of those (a sum),
-            or a mapping name -> weight (a weighted sum; each weight multiplies the scale).
-        scales: overrides of :data:`REGULARIZER_SCALES`.
-
-    Returns:
-        one tuple per regularizer; ``lambda_r(alpha) = alpha * scale``.
-
-    Raises:
-        ValueError: for an unknown regularizer name.
-    """
-    from monai_cidir import losses
-
-    if isinstance(regularizer, str):
-        spec = {regularizer: 1.0}
-    elif isinstance(regularizer, Mapping):
-        spec = {str(k): float(v) for k, v in regularizer.items()}
-    else:
-        spec = {str(k): 1.0 for k in regularizer}
-    table = dict(REGULARIZER_SCALES)
-    table.update(scales or {})
-    classes = {
-        "bending": "BendingEnergyRegularizer",
-        "jacobian": "JacobianRegularizer",
-        "hyperelastic": "HyperelasticRegularizer",
-    }
-    out = []
-    for name, weight in spec.items():
-        if name not in classes:
-            raise ValueError(f"unknown regularizer {name!r}: expected one of {sorted(classes)}")
-        out.append((name, getattr(losses, classes[name])(), float(table[name]) * weight, _REGULARIZER_ORDER[name]))
-    return out
 
 
 def build_lr_scheduler(
@@ -324,8 +269,9 @@ class CIDIRTrainer(Trainer):
         point_sampler: ``sampler(n) -> (n, 3)`` world points in the fixed lung mask.
         max_iterations: optimisation steps (paper: 50,000).
         num_points: points per step (paper: 10,000).
-        regularizer: see :func:`build_regularizers`.
-        regularizer_scales: overrides of :data:`REGULARIZER_SCALES`.
+        loss: the :class:`~monai_cidir.losses.RegistrationLoss` (similarity, regularizers, their
+            scales and lambda(alpha)), or a regularizer specification it is built from
+            (``"bending"``, ``["bending", "jacobian"]``, ``{"bending": 1.0, "jacobian": 0.5}``).
         alpha_prior: an :class:`AlphaPrior` (default uniform on [0, 1], one per batch).
         lr_schedule: see :func:`build_lr_scheduler`.
         grad_clip: max gradient norm (``None`` disables clipping).
@@ -370,8 +316,7 @@ class CIDIRTrainer(Trainer):
         point_sampler: Callable[[int], torch.Tensor],
         max_iterations: int = 2000,
         num_points: int = 10000,
-        regularizer: str | Sequence[str] | Mapping[str, float] = "bending",
-        regularizer_scales: Mapping[str, float] | None = None,
+        loss: RegistrationLoss | str | Sequence[str] | Mapping[str, float] = "bending",
         alpha_prior: AlphaPrior | None = None,
         lr_schedule: str | Callable | None = "cosine",
         grad_clip: float | None = 1.0,
@@ -405,7 +350,7 @@ class CIDIRTrainer(Trainer):
         self.fixed_mapping = CoordinateMapping.from_image(fixed_image)
         self.moving_mapping = CoordinateMapping.from_image(moving_image)
         self.model = RegistrationModel(self.network, self.fixed_mapping, affine=affine, derivatives=derivatives)
-        as_plain = lambda x: (x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)).float()  # noqa: E731
+        as_plain = lambda x: convert_to_tensor(x, track_meta=False).float()  # noqa: E731
         self.fixed = as_plain(fixed_image).to(self.state.device)
         self.moving = as_plain(moving_image).to(self.state.device)
         self.smoothing_mm = [float(v) for v in (smoothing_mm or [])]
@@ -416,8 +361,8 @@ class CIDIRTrainer(Trainer):
         ] + [(self.fixed, self.moving)]
         self.point_sampler = point_sampler
         self.num_points = int(num_points)
-        self.regularizers = build_regularizers(regularizer, regularizer_scales)
-        self.order = max(o for *_, o in self.regularizers)
+        self.loss_function = loss if isinstance(loss, RegistrationLoss) else RegistrationLoss(loss)
+        self.loss_function.to(self.state.device)
         self.alpha_prior = alpha_prior or AlphaPrior()
         self.time_budget_s = _positive_seconds(time_budget_s)
         self.seconds_spent = 0.0  # training seconds of earlier (resumed) runs
@@ -426,9 +371,6 @@ class CIDIRTrainer(Trainer):
         self.lr_scheduler = build_lr_scheduler(lr_schedule, optimizer, self.max_iterations, progress=self.progress)
         self.grad_clip = grad_clip
         self.regularization_points = regularization_points
-        from monai_cidir.losses import GlobalNCCLoss
-
-        self.similarity = GlobalNCCLoss()
         self.generator = torch.Generator().manual_seed(int(seed))
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self.checkpoint_interval = int(checkpoint_interval)
@@ -473,19 +415,6 @@ class CIDIRTrainer(Trainer):
         return min(1.0, done)
 
     # ------------------------------------------------------------------ one step
-    def _regularization(self, jac, hess, alpha: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        total = torch.zeros((), device=self.state.device)
-        parts: dict[str, float] = {}
-        for name, reg, scale, order in self.regularizers:
-            deriv = hess if order == 2 else jac
-            if alpha.numel() == 1:
-                term = alpha.reshape(()) * scale * reg(deriv)
-            else:
-                term = reg(deriv, weight=alpha.reshape(-1) * scale)
-            total = total + term
-            parts[f"reg_{name}"] = float(term.detach())
-        return total, parts
-
     def _iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict[str, float]:
         points = torch.as_tensor(batchdata["points"]).to(device=self.state.device, dtype=torch.float32)
         n = points.shape[0]
@@ -493,7 +422,7 @@ class CIDIRTrainer(Trainer):
         nr = n if self.regularization_points is None else max(2, min(int(self.regularization_points), n))
         self.network.train()
         alpha_r = alpha if alpha.numel() == 1 else alpha[:nr]
-        moved, jac, hess = self.model.forward_with_derivatives(points[:nr], alpha_r, order=self.order)
+        moved, jac, hess = self.model.forward_with_derivatives(points[:nr], alpha_r, order=self.loss_function.order)
         if nr < n:
             rest = self.model(points[nr:], alpha if alpha.numel() == 1 else alpha[nr:])
             moved = torch.cat([moved, rest])
@@ -502,9 +431,9 @@ class CIDIRTrainer(Trainer):
         with torch.no_grad():
             fixed_values = self.fixed_mapping.sample(fixed_image, points)
         moving_values = self.moving_mapping.sample(moving_image, moved)
-        similarity = self.similarity(fixed_values.reshape(-1), moving_values.reshape(-1))
-        regularization, parts = self._regularization(jac, hess, alpha_r)
-        loss = similarity + regularization
+        terms = self.loss_function(fixed_values, moving_values, jac, hess, alpha_r)
+        loss, similarity, regularization = terms["loss"], terms["similarity"], terms["regularization"]
+        parts = {k: float(v.detach()) for k, v in terms.items() if k.startswith("reg_")}
         if not bool(torch.isfinite(loss)):
             raise FloatingPointError(
                 f"non-finite training loss at iteration {engine.state.iteration}: similarity {float(similarity):.4g}, "
@@ -564,11 +493,8 @@ class CIDIRTrainer(Trainer):
         self.state.epoch = int(state["engine"]["iteration"]) // int(self.state.epoch_length)
 
     def _save_checkpoint(self, engine: Engine | None = None) -> None:
-        path = self.checkpoint_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.checkpoint_state(), tmp)
-        os.replace(tmp, path)
+        with atomic_path(self.checkpoint_path) as tmp:
+            torch.save(self.checkpoint_state(), tmp)
         self._last_checkpoint = time.perf_counter()
 
     def _checkpoint_on_time_or_signal(self, engine: Engine) -> None:

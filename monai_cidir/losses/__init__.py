@@ -1,4 +1,4 @@
-"""Similarity and regularisation losses (MONAI ``_Loss`` style) and their functional core."""
+"""The cIDIR loss (:class:`RegistrationLoss`), its similarity and regularisation terms (MONAI ``_Loss`` style) and their functional core."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from monai_cidir.losses.functional import (
     weighted_reduction,
 )
 from monai_cidir.losses.image_dissimilarity import GlobalNCCLoss
+from monai_cidir.losses.registration import REGULARIZER_SCALES, REGULARIZERS, RegistrationLoss, regularizer_spec
 from monai_cidir.losses.regularization import (
     BendingEnergyRegularizer,
     HyperelasticRegularizer,
@@ -23,6 +24,10 @@ from monai_cidir.losses.regularization import (
 )
 
 __all__ = [
+    "RegistrationLoss",
+    "REGULARIZER_SCALES",
+    "REGULARIZERS",
+    "regularizer_spec",
     "GlobalNCCLoss",
     "BendingEnergyRegularizer",
     "JacobianRegularizer",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from monai.utils import convert_to_tensor
 
 from monai.metrics import CumulativeIterationMetric
 
@@ -65,9 +66,7 @@ class JacobianDeterminantMetric(CumulativeIterationMetric):
     @staticmethod
     def _cases(y_pred: Any) -> list[torch.Tensor]:
         def check(x: Any) -> torch.Tensor:
-            if hasattr(x, "as_tensor"):
-                x = x.as_tensor()
-            x = torch.as_tensor(x).detach()
+            x = convert_to_tensor(x, track_meta=False).detach()
             if x.ndim < 3 or tuple(x.shape[-2:]) != (3, 3):
                 raise ValueError(
                     "expected displacement Jacobians of shape (B, N, 3, 3) or (N, 3, 3), "

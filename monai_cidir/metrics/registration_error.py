@@ -7,6 +7,7 @@ from typing import Any, Union
 
 import numpy as np
 import torch
+from monai.utils import convert_to_tensor
 
 from monai.metrics import CumulativeIterationMetric
 
@@ -126,9 +127,7 @@ def summarize(values: torch.Tensor, statistic: str) -> torch.Tensor:
 
 
 def _as_points(x: Any, name: str) -> torch.Tensor:
-    if hasattr(x, "as_tensor"):
-        x = x.as_tensor()
-    x = torch.as_tensor(x)
+    x = convert_to_tensor(x, track_meta=False)
     if x.ndim < 2 or x.shape[-1] != 3:
         raise ValueError(f"{name}: expected landmark positions of shape (N, 3) or (B, N, 3), found {tuple(x.shape)}")
     return x.detach()

@@ -12,7 +12,7 @@ from monai.utils import set_determinism
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.data import load_pair_datalist
 from monai_cidir.data.phantom import make_breathing_phantom
-from monai_cidir.losses import BendingEnergyRegularizer, GlobalNCCLoss
+from monai_cidir.losses import RegistrationLoss
 from monai_cidir.metrics import TargetRegistrationError
 from monai_cidir.networks import ConditionedINR
 from monai_cidir.transforms import LoadRegistrationPaird, LungMaskd, RandPointsInMaskd
@@ -33,16 +33,21 @@ fixed_grid = CoordinateMapping.from_image(item["fixed_image"])  # defines the ne
 moving_grid = CoordinateMapping.from_image(item["moving_image"])
 net = ConditionedINR()  # u(x, alpha), alpha-conditioned SIREN
 optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
-similarity, regularizer = GlobalNCCLoss(), BendingEnergyRegularizer()
+loss_fn = RegistrationLoss("bending")  # -NCC + alpha * 3e3 * bending energy (lambda(alpha) is the loss's)
 
 for step in range(60):
     points = draw_points(item)["points"]  # (N, 3) world mm inside the fixed lung mask
     alpha = torch.rand(1)  # the regularisation weight, drawn from the prior U[0, 1]
     u, jac, hess = net.forward_with_derivatives(fixed_grid.world_to_normalized(points), alpha)
     moved = points + fixed_grid.displacement_to_world(u)  # fixed point -> moving space (mm)
-    loss = similarity(
-        fixed_grid.sample(item["fixed_image"], points), moving_grid.sample(item["moving_image"], moved)
-    ) + alpha * 100.0 * regularizer(fixed_grid.hessian_to_world(hess))
+    terms = loss_fn(
+        fixed_grid.sample(item["fixed_image"], points),
+        moving_grid.sample(item["moving_image"], moved),
+        fixed_grid.jacobian_to_world(jac),
+        fixed_grid.hessian_to_world(hess),
+        alpha,
+    )  # {"loss", "similarity", "regularization", "reg_bending"}
+    loss = terms["loss"]
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

@@ -32,7 +32,7 @@ def _trainer(pair, seed=0, **kw):
 def test_loss_is_minus_ncc_plus_alpha_times_scaled_regularizers(pair):
     points = make_point_sampler(pair["fixed_mask"], seed=3)(200)
     trainer = _trainer(
-        pair, max_iterations=1, sampler=lambda n: points, regularizer={"bending": 1.0, "jacobian": 0.5},
+        pair, max_iterations=1, sampler=lambda n: points, loss={"bending": 1.0, "jacobian": 0.5},
         alpha_prior=AlphaPrior(0.2, 0.8, per_point=False),
     )
     before = copy.deepcopy(trainer.network)
