@@ -75,7 +75,7 @@ def run_case(case: dict, args, options: dict, cidir_options: dict, cache: dict) 
     from monai_cidir.engines import alpha_grid
 
     item = load_case(case["record"])
-    grid = alpha_grid(0.0, 1.0, args.num_alphas)
+    grid = alpha_grid(0.0, 1.0, args.num_alphas, cidir_options.get("alpha_distribution", options.get("alpha_distribution", "uniform")))
     work = Path(tempfile.mkdtemp(prefix="cidir_conditioning_"))
     t0 = time.perf_counter()
     metrics, model = _train(item, {**options, **cidir_options, "num_alphas": args.num_alphas}, work / "cidir")
@@ -99,8 +99,8 @@ def run_case(case: dict, args, options: dict, cidir_options: dict, cache: dict) 
         "seconds_total": time.perf_counter() - t0,
         "idir": {},
     }
-    print(f"{case['name']} [{args.tag}] cIDIR: TRE {out['tre_before']:.2f} -> {out['tre_selected']:.2f} mm at alpha {out['alpha_selected']:.2f} "
-          f"(oracle {out['tre_oracle']:.2f} at {out['alpha_oracle']:.2f}); curve {' '.join(f'{v:.2f}' for v in curve[::5])}", flush=True)
+    print(f"{case['name']} [{args.tag}] cIDIR: TRE {out['tre_before']:.2f} -> {out['tre_selected']:.2f} mm at alpha {out['alpha_selected']:.3g} "
+          f"(oracle {out['tre_oracle']:.2f} at {out['alpha_oracle']:.3g}); curve {' '.join(f'{v:.2f}' for v in curve[::5])}", flush=True)
     if args.no_idir:
         return out
     for a in [float(v) for v in args.alphas.split(",")]:
@@ -108,9 +108,9 @@ def run_case(case: dict, args, options: dict, cidir_options: dict, cache: dict) 
         if key not in cache:
             m, net = _train(item, {**options, "alpha_range": (a, a), "alpha": a, "num_alphas": 0}, work / f"idir_{a}")
             cache[key] = {"alpha": a, "tre": _tre(net, item, a), "seconds_training": m.get("seconds_training")}
-        out["idir"][str(a)] = cache[key]
-        i = int(np.argmin([abs(g - a) for g in grid]))
-        print(f"  alpha {a:.2f}: IDIR-mode {cache[key]['tre']:.2f} mm, cIDIR {curve[i]:.2f} mm, gap {curve[i] - cache[key]['tre']:+.2f}", flush=True)
+        out["idir"][str(a)] = {**cache[key], "cidir": _tre(model, item, a)}  # the conditioned model queried at a
+        cidir = out["idir"][str(a)]["cidir"]
+        print(f"  alpha {a:.3g}: IDIR-mode {cache[key]['tre']:.2f} mm, cIDIR {cidir:.2f} mm, gap {cidir - cache[key]['tre']:+.2f}", flush=True)
     return out
 
 
@@ -124,8 +124,11 @@ def _plot(row: dict, path: Path) -> None:
     ax.plot(row["grid"], row["cidir_curve"], marker=".", label="cIDIR, one training over alpha")
     if row["idir"]:
         ax.plot([v["alpha"] for v in row["idir"].values()], [v["tre"] for v in row["idir"].values()], "s", color="C3", label="trained at that alpha alone")
-    ax.axvline(row["alpha_selected"], ls="--", color="gray", lw=1, label=f"chosen by lung Dice ({row['alpha_selected']:.2f})")
+    ax.axvline(row["alpha_selected"], ls="--", color="gray", lw=1, label=f"chosen by lung Dice ({row['alpha_selected']:.3g})")
     ax.set_xlabel("alpha")
+    positive = [g for g in row["grid"] if g > 0]
+    if positive and min(positive) < 0.05 * max(positive):  # log-spaced grid
+        ax.set_xscale("symlog", linthresh=min(positive))
     ax.set_ylabel("mean TRE (mm)")
     ax.set_title(f"{row['case']} [{row['tag']}]: TRE vs alpha")
     ax.grid(alpha=0.3)
@@ -151,16 +154,17 @@ def write_report(rows: list[dict], output: Path, command: str) -> Path:
         for key, v in r["idir"].items() or [("-", None)]:
             if v is None:
                 continue
-            i = int(np.argmin([abs(g - v["alpha"]) for g in r["grid"]]))
+            cidir = v.get("cidir", r["cidir_curve"][int(np.argmin([abs(g - v["alpha"]) for g in r["grid"]]))])
             md.append(
-                f"| {r['case']} | {r['tag']} | {v['alpha']:.2f} | {v['tre']:.2f} | {r['cidir_curve'][i]:.2f} | {r['cidir_curve'][i] - v['tre']:+.2f} | "
-                f"{r['alpha_selected']:.2f} ({r['tre_selected']:.2f}) | {r['alpha_oracle']:.2f} ({r['tre_oracle']:.2f}) | "
+                f"| {r['case']} | {r['tag']} | {v['alpha']:.3g} | {v['tre']:.2f} | {cidir:.2f} | {cidir - v['tre']:+.2f} | "
+                f"{r['alpha_selected']:.3g} ({r['tre_selected']:.2f}) | {r['alpha_oracle']:.3g} ({r['tre_oracle']:.2f}) | "
                 f"{r['seconds_training']:.0f} / {v['seconds_training']:.0f} |"
             )
-    md += ["", "## TRE against alpha (cIDIR, one training)", "", "| case | variant | TRE before | " + " | ".join(f"{a:.2f}" for a in allrows[0]["grid"][::2]) + " |",
-           "|---|---|---|" + "---|" * len(allrows[0]["grid"][::2])]  # fmt: skip
-    for r in allrows:
-        md.append(f"| {r['case']} | {r['tag']} | {r['tre_before']:.2f} | " + " | ".join(f"{v:.2f}" for v in r["cidir_curve"][::2]) + " |")
+    md += ["", "## TRE against alpha (cIDIR, one training)", "", "Every other alpha of the selection grid (log-spaced for a log-uniform prior)."]
+    for grid in sorted({tuple(r["grid"]) for r in allrows}):
+        md += ["", "| case | variant | TRE before | " + " | ".join(f"{a:.3g}" for a in grid[::2]) + " |", "|---|---|---|" + "---|" * len(grid[::2])]
+        for r in (r for r in allrows if tuple(r["grid"]) == grid):
+            md.append(f"| {r['case']} | {r['tag']} | {r['tre_before']:.2f} | " + " | ".join(f"{v:.2f}" for v in r["cidir_curve"][::2]) + " |")
     md += ["", "## Commands", ""] + sorted({f"- `{r['command']}`" for r in allrows})
     path = output / "conditioning.md"
     path.write_text("\n".join(md) + "\n")

@@ -290,7 +290,8 @@ def _run_inr(item: dict, method: str, budget: dict, workdir: Path) -> dict:
     from monai_cidir.networks import ConditionedINR, SirenINR
 
     conditioned = method == "cidir"
-    grid = alpha_grid(0.0, 1.0, int(budget.get("num_alphas", 21)))
+    distribution = budget.get("engine_options", {}).get("alpha_distribution", "uniform")
+    grid = alpha_grid(0.0, 1.0, int(budget.get("num_alphas", 21)), distribution)  # the selection's grid
     idir_alpha = float(budget.get("idir_alpha", 0.5))
     handler = TRECurveHandler(
         item.get("fixed_landmarks"),

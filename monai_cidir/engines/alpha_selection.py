@@ -63,15 +63,26 @@ from monai_cidir.engines.model import RegistrationModel, iter_grid_chunks, regio
 __all__ = ["AlphaSelectionEvaluator", "AlphaCurve", "alpha_grid", "coarse_steps", "mask_region"]
 
 
-def alpha_grid(low: float = 0.0, high: float = 1.0, num: int = 21, distribution: str = "uniform") -> list[float]:
-    """The sweep's alphas: ``num`` values over ``[low, high]`` (log-spaced for ``"log-uniform"``)."""
+def alpha_grid(
+    low: float = 0.0, high: float = 1.0, num: int = 21, distribution: str = "uniform", log_floor: float = 1e-3
+) -> list[float]:
+    """The sweep's alphas: ``num`` values over ``[low, high]``, spaced as the training prior samples them.
+
+    ``"uniform"``: evenly spaced. ``"log-uniform"``: evenly spaced in log alpha over
+    ``[max(low, log_floor), high]``; when ``low`` is below ``log_floor`` (e.g. 0) it is the first
+    value and the other ``num - 1`` are log-spaced, so the unregularised end stays on the grid.
+    """
     if num < 1:
         raise ValueError(f"num must be >= 1, found {num}")
+    if distribution not in ("uniform", "log-uniform"):
+        raise ValueError(f"distribution must be 'uniform' or 'log-uniform', found {distribution!r}")
     if num == 1:
         return [float(high)]
-    if distribution == "log-uniform":
-        lo = max(low, 1e-3)
-        return [float(v) for v in np.exp(np.linspace(math.log(lo), math.log(high), num))]
+    if distribution == "log-uniform" and high > max(low, log_floor):
+        lo = max(low, log_floor)
+        head = [float(low)] if low < lo else []
+        logs = np.exp(np.linspace(math.log(lo), math.log(high), num - len(head)))
+        return head + [float(v) for v in logs]
     return [float(v) for v in np.linspace(low, high, num)]
 
 
@@ -147,6 +158,7 @@ class AlphaSelectionEvaluator(Evaluator):
         alphas: the grid (default: :func:`alpha_grid` of ``alpha_range``/``num_alphas``).
         alpha_range: the prior's range.
         num_alphas: grid size (default 21).
+        alpha_distribution: the training prior's distribution, which spaces the grid (see :func:`alpha_grid`).
         golden_section_steps: extra evaluations of a golden-section search between the best
             grid alpha's neighbours (0 disables).
         no_folding: only alphas with zero folding compete.
@@ -184,6 +196,7 @@ class AlphaSelectionEvaluator(Evaluator):
         alphas: Sequence[float] | None = None,
         alpha_range: Sequence[float] = (0.0, 1.0),
         num_alphas: int = 21,
+        alpha_distribution: str = "uniform",
         golden_section_steps: int = 0,
         no_folding: bool = False,
         tie_tolerance: float = 1e-4,
@@ -213,7 +226,7 @@ class AlphaSelectionEvaluator(Evaluator):
             folding_stride = 2 if no_folding else 4
         if int(folding_stride) < 1:
             raise ValueError(f"folding_stride must be >= 1, found {folding_stride}")
-        alphas = list(alphas) if alphas is not None else alpha_grid(alpha_range[0], alpha_range[1], num_alphas)
+        alphas = list(alphas) if alphas is not None else alpha_grid(alpha_range[0], alpha_range[1], num_alphas, alpha_distribution)
         super().__init__(
             device=next(model.network.parameters()).device,
             val_data_loader=[{"alpha": float(a)} for a in alphas],

@@ -267,6 +267,10 @@ def plot_alpha_curve(rows: Sequence[dict], best_alpha: float, path: str | os.Pat
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
     ax.plot(a, [r["dice"] for r in rows], "o-", color="tab:blue", ms=3, label="lung Dice")
     ax.set_xlabel("alpha")
+    positive = [v for v in a if v > 0]
+    if positive and min(positive) < 0.05 * max(positive):  # a log-spaced grid (log-uniform prior)
+        ax.set_xscale("symlog", linthresh=min(positive))
+        ax.set_xlabel("alpha (linear below the smallest positive alpha, logarithmic above)")
     ax.set_ylabel("lung Dice", color="tab:blue")
     ax.axvline(best_alpha, color="k", ls="--", lw=1, label=f"chosen alpha = {best_alpha:.3g}")
     ax2 = ax.twinx()

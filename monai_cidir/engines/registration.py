@@ -82,7 +82,7 @@ OUTPUT_FILES = (
 RESULT_SETTINGS = (
     "network", "optimizer", "learning_rate", "harmonizer_lr_factor", "init_output_scale", "max_iterations",
     "num_points", "time_budget_s", "regularizer", "regularizer_scales", "alpha_range", "alpha_distribution",
-    "alpha_per_point", "lr_schedule", "grad_clip", "derivatives", "regularization_points", "affine_prealign",
+    "alpha_per_point", "alpha_curriculum", "lr_schedule", "grad_clip", "derivatives", "regularization_points", "affine_prealign",
     "affine_kwargs", "num_alphas", "golden_section_steps", "no_folding", "selection_mode", "lung_mask_backend",
     "lung_mask_kwargs", "coarse_spacing_mm", "coarse_factor", "alpha", "export_images", "seed", "smoothing_mm",
 )  # fmt: skip
@@ -375,6 +375,7 @@ def select_and_export(
     chunk_size: int = 65536,
     export_images: bool = True,
     previous: dict | None = None,
+    alpha_distribution: str = "uniform",
     selection_handlers: Sequence | None = None,
     export_coarse_mm: float | None = 6.0,
 ) -> dict:
@@ -386,7 +387,7 @@ def select_and_export(
         patient_dir: where the outputs go.
         alpha: export at this alpha; the sweep still runs (its curve is written) unless
             ``num_alphas=0``.
-        alpha_range, num_alphas, golden_section_steps, no_folding, selection_mode,
+        alpha_range, num_alphas, alpha_distribution, golden_section_steps, no_folding, selection_mode,
             lung_mask_backend, lung_mask_kwargs, coarse_spacing_mm, coarse_factor, chunk_size: see
             :class:`~monai_cidir.engines.alpha_selection.AlphaSelectionEvaluator`.
         export_images: write ``displacement.nii.gz`` and ``warped_moving.nii.gz``.
@@ -424,6 +425,7 @@ def select_and_export(
             item.get("moving_mask"),
             alpha_range=alpha_range,
             num_alphas=num_alphas,
+            alpha_distribution=alpha_distribution,
             golden_section_steps=golden_section_steps,
             no_folding=no_folding,
             val_handlers=selection_handlers,
@@ -617,6 +619,7 @@ def register_patient(
     alpha_range: Sequence[float] = (0.0, 1.0),
     alpha_distribution: str = "uniform",
     alpha_per_point: bool = True,
+    alpha_curriculum: float | None = None,
     lr_schedule: str | Callable | None = "cosine",
     grad_clip: float | None = 1.0,
     derivatives: str = "forward",
@@ -669,6 +672,7 @@ def register_patient(
         alpha_range: the prior's range (paper: (0, 1)).
         alpha_distribution: ``"uniform"`` (paper) or ``"log-uniform"``.
         alpha_per_point: one alpha per point (default; converges faster, see README) or one per batch.
+        alpha_curriculum: see :class:`~monai_cidir.engines.trainer.AlphaPrior` ``curriculum``.
         lr_schedule: ``"cosine"``, ``"step"``, ``"constant"`` or a callable.
         grad_clip: gradient-norm clipping (``None``: off).
         derivatives: ``"forward"`` (exact forward-mode) or ``"autograd"`` (nested autograd baseline).
@@ -747,7 +751,7 @@ def register_patient(
         net = scale_initial_output(_build(network, default=ConditionedINR), init_output_scale)
         opt = build_optimizer(net, optimizer, learning_rate=learning_rate, harmonizer_lr_factor=harmonizer_lr_factor)
         sampler = make_point_sampler(item["fixed_mask"], seed=seed)
-        prior = AlphaPrior(alpha_range[0], alpha_range[1], alpha_distribution, per_point=alpha_per_point)
+        prior = AlphaPrior(alpha_range[0], alpha_range[1], alpha_distribution, per_point=alpha_per_point, curriculum=alpha_curriculum)
         trainer_handlers = handlers() if callable(handlers) else handlers
         trainer = CIDIRTrainer(
             net,
@@ -812,16 +816,16 @@ def register_patient(
         trainer.run()
         seconds_training = time.perf_counter() - start
         model = trainer.model
-        save_registration_model(
-            model,
-            pdir / "model.pt",
-            name=name,
-            alpha_range=list(alpha_range),
-            regularizer=regularizer if isinstance(regularizer, str) else list(regularizer),
-            regularizer_weights=trainer.loss_function.spec,
-            regularizer_lambda_scales=trainer.loss_function.scales,
-            iterations=trainer.state.iteration,
-        )
+        model_info = {
+            "name": name,
+            "alpha_range": list(alpha_range),
+            "alpha_distribution": alpha_distribution,
+            "regularizer": regularizer if isinstance(regularizer, str) else list(regularizer),
+            "regularizer_weights": trainer.loss_function.spec,
+            "regularizer_lambda_scales": trainer.loss_function.scales,
+            "iterations": trainer.state.iteration,
+        }
+        save_registration_model(model, pdir / "model.pt", **model_info)  # before selection: re-export can resume
         previous = {
             "iterations": int(trainer.state.iteration),
             "num_points": int(num_points),
@@ -838,6 +842,7 @@ def register_patient(
             pdir,
             alpha=alpha,
             alpha_range=alpha_range,
+            alpha_distribution=alpha_distribution,
             num_alphas=num_alphas,
             golden_section_steps=golden_section_steps,
             no_folding=no_folding,
@@ -851,10 +856,7 @@ def register_patient(
             previous=previous,
             selection_handlers=selection_handlers,
         )
-        save_registration_model(
-            model, pdir / "model.pt", name=name, alpha=metrics["alpha"], alpha_range=list(alpha_range),
-            iterations=trainer.state.iteration,
-        )
+        save_registration_model(model, pdir / "model.pt", alpha=metrics["alpha"], **model_info)
         logger.info(
             "%s: alpha %.3f, Dice %.4f, folding %.2g, TRE %s -> %s mm",
             name,
@@ -914,8 +916,9 @@ def export_registration(
             previous = {k: v for k, v in old.items() if k in ("iterations", "num_points", "regularizer", "seed", "seconds_affine", "seconds_training", "affine_prealign")}
         item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
         previous.update(mask_entries(mask_reports))
-        if "alpha_range" not in selection_kwargs and "alpha_range" in model.info:
-            selection_kwargs["alpha_range"] = model.info["alpha_range"]
+        for key in ("alpha_range", "alpha_distribution"):  # the prior the model was trained with
+            if key not in selection_kwargs and key in model.info:
+                selection_kwargs[key] = model.info[key]
         metrics = select_and_export(
             model,
             item,

@@ -11,6 +11,7 @@ import torch
 
 from monai_cidir.coordinates import CoordinateMapping, lps_to_ras, ras_to_lps
 from monai_cidir.engines import (
+    REGULARIZER_SCALES,
     export_registration,
     format_summary_table,
     load_registration_model,
@@ -311,3 +312,20 @@ def test_a_network_gone_non_finite_stops_the_selection(phantom_item):
     ev = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=[0.0, 0.5, 1.0])
     with pytest.raises(FloatingPointError, match="non-finite positions at alpha"):
         ev.run()
+
+
+def test_model_pt_keeps_the_prior_and_reexport_sweeps_its_grid(trained, phantom_item, tmp_path):
+    """model.pt records the training prior once (range, distribution, loss); re-export sweeps the grid
+    that prior implies: log-spaced from 0 for a log-uniform prior."""
+    out, m = trained
+    state = torch.load(out / phantom_item["name"] / "model.pt", weights_only=False)
+    assert state["alpha_range"] == [0.0, 1.0] and state["alpha_distribution"] == "uniform"
+    assert state["alpha"] == pytest.approx(m["alpha"]) and state["regularizer"] == "bending"
+    assert state["regularizer_lambda_scales"] == {"bending": REGULARIZER_SCALES["bending"]}
+    state["alpha_distribution"] = "log-uniform"
+    (tmp_path / phantom_item["name"]).mkdir()
+    torch.save(state, tmp_path / phantom_item["name"] / "model.pt")
+    export_registration(phantom_item, tmp_path, num_alphas=5, export_images=False)
+    with open(tmp_path / phantom_item["name"] / "alpha_curve.csv") as f:
+        alphas = sorted(float(r["alpha"]) for r in csv.DictReader(f))
+    assert alphas[:5] == pytest.approx([0.0, 1e-3, 1e-2, 1e-1, 1.0])
