@@ -82,7 +82,7 @@ OUTPUT_FILES = (
 RESULT_SETTINGS = (
     "network", "optimizer", "learning_rate", "harmonizer_lr_factor", "init_output_scale", "max_iterations",
     "num_points", "time_budget_s", "regularizer", "regularizer_scales", "alpha_range", "alpha_distribution",
-    "alpha_per_point", "alpha_curriculum", "lr_schedule", "grad_clip", "derivatives", "regularization_points", "affine_prealign",
+    "alpha_per_point", "lr_schedule", "grad_clip", "derivatives", "regularization_points", "affine_prealign",
     "affine_kwargs", "num_alphas", "golden_section_steps", "no_folding", "selection_mode", "lung_mask_backend",
     "lung_mask_kwargs", "coarse_spacing_mm", "coarse_factor", "alpha", "export_images", "seed", "smoothing_mm",
 )  # fmt: skip
@@ -619,7 +619,6 @@ def register_patient(
     alpha_range: Sequence[float] = (0.0, 1.0),
     alpha_distribution: str = "uniform",
     alpha_per_point: bool = True,
-    alpha_curriculum: float | None = None,
     lr_schedule: str | Callable | None = "cosine",
     grad_clip: float | None = 1.0,
     derivatives: str = "forward",
@@ -672,7 +671,6 @@ def register_patient(
         alpha_range: the prior's range (paper: (0, 1)).
         alpha_distribution: ``"uniform"`` (paper) or ``"log-uniform"``.
         alpha_per_point: one alpha per point (default; converges faster, see README) or one per batch.
-        alpha_curriculum: see :class:`~monai_cidir.engines.trainer.AlphaPrior` ``curriculum``.
         lr_schedule: ``"cosine"``, ``"step"``, ``"constant"`` or a callable.
         grad_clip: gradient-norm clipping (``None``: off).
         derivatives: ``"forward"`` (exact forward-mode) or ``"autograd"`` (nested autograd baseline).
@@ -751,7 +749,7 @@ def register_patient(
         net = scale_initial_output(_build(network, default=ConditionedINR), init_output_scale)
         opt = build_optimizer(net, optimizer, learning_rate=learning_rate, harmonizer_lr_factor=harmonizer_lr_factor)
         sampler = make_point_sampler(item["fixed_mask"], seed=seed)
-        prior = AlphaPrior(alpha_range[0], alpha_range[1], alpha_distribution, per_point=alpha_per_point, curriculum=alpha_curriculum)
+        prior = AlphaPrior(alpha_range[0], alpha_range[1], alpha_distribution, per_point=alpha_per_point)
         trainer_handlers = handlers() if callable(handlers) else handlers
         trainer = CIDIRTrainer(
             net,

@@ -63,9 +63,6 @@ class AlphaPrior:
         per_point: draw one alpha per point (one batch then covers the whole prior) instead
             of one per batch.
         log_floor: lower end used by the log-uniform prior when ``low`` is 0.
-        curriculum: fraction of the run over which the upper end grows linearly from ``low`` to
-            ``high`` (``None`` or 0: the whole range from the start). The network first fits the
-            least-regularised fields and then learns to smooth them as larger alphas come in.
 
     Example::
 
@@ -81,7 +78,6 @@ class AlphaPrior:
         distribution: str = "uniform",
         per_point: bool = False,
         log_floor: float = 1e-3,
-        curriculum: float | None = None,
     ) -> None:
         if distribution not in ("uniform", "log-uniform"):
             raise ValueError(f"distribution must be 'uniform' or 'log-uniform', found {distribution!r}")
@@ -91,9 +87,6 @@ class AlphaPrior:
         self.distribution = distribution
         self.per_point = bool(per_point)
         self.log_floor = float(log_floor)
-        if curriculum is not None and not 0 <= curriculum <= 1:
-            raise ValueError(f"curriculum must be a fraction of the run in [0, 1] or None, found {curriculum}")
-        self.curriculum = float(curriculum or 0.0)
 
     @property
     def range(self) -> tuple[float, float]:
@@ -107,19 +100,15 @@ class AlphaPrior:
 
         return alpha_grid(self.low, self.high, num, self.distribution, self.log_floor)
 
-    def sample(self, num_points: int, generator: torch.Generator | None = None, progress: float = 1.0) -> torch.Tensor:
-        """``(1,)`` (one per batch) or ``(num_points, 1)`` (per point) alphas; ``progress`` (fraction of
-        the run done) sets the upper end under a curriculum."""
+    def sample(self, num_points: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(1,)`` (one per batch) or ``(num_points, 1)`` (per point) alphas."""
         n = num_points if self.per_point else 1
         r = torch.rand(n, generator=generator, dtype=torch.float64)
-        high = self.high
-        if self.curriculum > 0:
-            high = self.low + (self.high - self.low) * min(1.0, max(0.0, progress) / self.curriculum)
-        if self.distribution == "uniform" or high <= self.log_floor:
-            a = self.low + (high - self.low) * r
+        if self.distribution == "uniform" or self.high <= self.log_floor:
+            a = self.low + (self.high - self.low) * r
         else:
             lo = math.log(max(self.low, self.log_floor))
-            a = torch.exp(lo + (math.log(high) - lo) * r)
+            a = torch.exp(lo + (math.log(self.high) - lo) * r)
         a = a.float()
         return a.reshape(n, 1) if self.per_point else a.reshape(1)
 
@@ -436,7 +425,7 @@ class CIDIRTrainer(Trainer):
     def _iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict[str, float]:
         points = torch.as_tensor(batchdata["points"]).to(device=self.state.device, dtype=torch.float32)
         n = points.shape[0]
-        alpha = self.alpha_prior.sample(n, self.generator, self.progress()).to(self.state.device)
+        alpha = self.alpha_prior.sample(n, self.generator).to(self.state.device)
         nr = n if self.regularization_points is None else max(2, min(int(self.regularization_points), n))
         self.network.train()
         alpha_r = alpha if alpha.numel() == 1 else alpha[:nr]

@@ -111,13 +111,6 @@ def test_alpha_prior():
     fixed = AlphaPrior(0.5, 0.5, per_point=True).sample(100, g)
     assert torch.equal(fixed, torch.full((100, 1), 0.5))
     assert torch.equal(AlphaPrior(0.5, 0.5, "log-uniform").sample(1, g), torch.tensor([0.5]))
-    # curriculum: the upper end grows linearly over the first half of the run
-    early = AlphaPrior(0.0, 1.0, per_point=True, curriculum=0.5).sample(20000, g, progress=0.1)
-    assert float(early.max()) <= 0.2 and float(early.mean()) == pytest.approx(0.1, abs=0.005)
-    late = AlphaPrior(0.0, 1.0, per_point=True, curriculum=0.5).sample(20000, g, progress=0.7)
-    assert float(late.mean()) == pytest.approx(0.5, abs=0.01)
-    with pytest.raises(ValueError, match="curriculum must be a fraction"):
-        AlphaPrior(curriculum=1.5)
 
 
 def test_time_budget_stops_training_and_anneals_the_schedule(pair, tmp_path):
