@@ -129,6 +129,7 @@ def _plot(row: dict, path: Path) -> None:
     positive = [g for g in row["grid"] if g > 0]
     if positive and min(positive) < 0.05 * max(positive):  # log-spaced grid
         ax.set_xscale("symlog", linthresh=min(positive))
+        ax.set_xlim(-0.5 * min(positive), 1.2 * max(positive))  # no empty negative half
     ax.set_ylabel("mean TRE (mm)")
     ax.set_title(f"{row['case']} [{row['tag']}]: TRE vs alpha")
     ax.grid(alpha=0.3)

@@ -270,6 +270,7 @@ def plot_alpha_curve(rows: Sequence[dict], best_alpha: float, path: str | os.Pat
     positive = [v for v in a if v > 0]
     if positive and min(positive) < 0.05 * max(positive):  # a log-spaced grid (log-uniform prior)
         ax.set_xscale("symlog", linthresh=min(positive))
+        ax.set_xlim(-0.5 * min(positive), 1.2 * max(positive))
         ax.set_xlabel("alpha (linear below the smallest positive alpha, logarithmic above)")
     ax.set_ylabel("lung Dice", color="tab:blue")
     ax.axvline(best_alpha, color="k", ls="--", lw=1, label=f"chosen alpha = {best_alpha:.3g}")

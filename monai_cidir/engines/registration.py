@@ -81,7 +81,7 @@ OUTPUT_FILES = (
 #: register_patient arguments that define a result: a rerun skips or resumes only when they match
 RESULT_SETTINGS = (
     "network", "optimizer", "learning_rate", "harmonizer_lr_factor", "init_output_scale", "max_iterations",
-    "num_points", "time_budget_s", "regularizer", "regularizer_scales", "alpha_range", "alpha_distribution",
+    "num_points", "time_budget_s", "regularizer", "regularizer_scales", "loss_balance", "alpha_range", "alpha_distribution",
     "alpha_per_point", "lr_schedule", "grad_clip", "derivatives", "regularization_points", "affine_prealign",
     "affine_kwargs", "num_alphas", "golden_section_steps", "no_folding", "selection_mode", "lung_mask_backend",
     "lung_mask_kwargs", "coarse_spacing_mm", "coarse_factor", "alpha", "export_images", "seed", "smoothing_mm",
@@ -228,6 +228,7 @@ def check_options(
     num_alphas: int = 21,
     regularizer: str | Sequence[str] | Mapping[str, float] = "bending",
     regularizer_scales: Mapping[str, float] | None = None,
+    alpha_distribution: str = "log-uniform",
     **_,
 ) -> None:
     """The run's options that can be wrong whatever the data: checked once for a cohort, before training.
@@ -236,6 +237,8 @@ def check_options(
         ValueError: naming the option, what was expected and what was found.
     """
     RegistrationLoss(regularizer, regularizer_scales)  # names, weights and scales
+    if alpha_distribution not in ("uniform", "log-uniform"):
+        raise ValueError(f"alpha_distribution must be 'uniform' or 'log-uniform', found {alpha_distribution!r}")
     check_alpha(alpha, alpha_range)
     check_device(device)
     if selection_mode not in ("warp_mask", "segment"):
@@ -616,8 +619,9 @@ def register_patient(
     time_budget_s: float | None = None,
     regularizer: str | Sequence[str] | Mapping[str, float] = "bending",
     regularizer_scales: Mapping[str, float] | None = None,
+    loss_balance: float | None = None,
     alpha_range: Sequence[float] = (0.0, 1.0),
-    alpha_distribution: str = "uniform",
+    alpha_distribution: str = "log-uniform",
     alpha_per_point: bool = True,
     lr_schedule: str | Callable | None = "cosine",
     grad_clip: float | None = 1.0,
@@ -668,8 +672,13 @@ def register_patient(
         regularizer: ``"bending"``, ``"jacobian"``, ``"hyperelastic"``, a list or a weight mapping.
         regularizer_scales: overrides of :data:`~monai_cidir.losses.REGULARIZER_SCALES` (both build the
             :class:`~monai_cidir.losses.RegistrationLoss`).
+        loss_balance: :class:`~monai_cidir.losses.RegistrationLoss` ``balance`` (``None``: the paper's sum).
         alpha_range: the prior's range (paper: (0, 1)).
-        alpha_distribution: ``"uniform"`` (paper) or ``"log-uniform"``.
+        alpha_distribution: ``"log-uniform"`` (default: log alpha uniform on [1e-3, 1], the selection
+            grid 0 then log-spaced) or ``"uniform"`` (the paper). Log-uniform trains more at small
+            lambda, where real motion needs it: on the real pair lung NCC 0.864 at alpha 0 against
+            0.820 (uniform), and lower TRE at the chosen alpha on three of the four realistic cases
+            (README, "Realistic motion on real CT").
         alpha_per_point: one alpha per point (default; converges faster, see README) or one per batch.
         lr_schedule: ``"cosine"``, ``"step"``, ``"constant"`` or a callable.
         grad_clip: gradient-norm clipping (``None``: off).
@@ -721,7 +730,7 @@ def register_patient(
             raise ValueError(f"the pair has no '{key}': expected a loaded pair with keys {sorted(item)}")
         check_image_values(item[key], f"{item.get('name') or 'pair'}: {key}", ct=False)
     check_options(alpha=alpha, alpha_range=alpha_range, device=device, selection_mode=selection_mode, num_alphas=num_alphas,
-                  regularizer=regularizer, regularizer_scales=regularizer_scales)
+                  regularizer=regularizer, regularizer_scales=regularizer_scales, alpha_distribution=alpha_distribution)
     check_landmark_pair(item.get("fixed_landmarks"), item.get("moving_landmarks"), str(item.get("name") or "pair"))
     name = str(item.get("name") or "pair")
     pdir = _patient_dir(output_dir, name)
@@ -759,7 +768,7 @@ def register_patient(
             sampler,
             max_iterations=max_iterations,
             num_points=num_points,
-            loss=RegistrationLoss(regularizer, regularizer_scales),
+            loss=RegistrationLoss(regularizer, regularizer_scales, balance=loss_balance),
             alpha_prior=prior,
             lr_schedule=lr_schedule,
             grad_clip=grad_clip,

@@ -438,7 +438,7 @@ class CIDIRTrainer(Trainer):
         with torch.no_grad():
             fixed_values = self.fixed_mapping.sample(fixed_image, points)
         moving_values = self.moving_mapping.sample(moving_image, moved)
-        terms = self.loss_function(fixed_values, moving_values, jac, hess, alpha_r)
+        terms = self.loss_function(fixed_values, moving_values, jac, hess, alpha)
         loss, similarity, regularization = terms["loss"], terms["similarity"], terms["regularization"]
         parts = {k: float(v.detach()) for k, v in terms.items() if k.startswith("reg_")}
         if not bool(torch.isfinite(loss)):

@@ -89,6 +89,13 @@ class RegistrationLoss(nn.Module):
             ``"per_regularizer"`` (alpha has one column per regularizer, in the order of :attr:`names`).
         regularizer_kwargs: optional ``{name: kwargs}`` for the regularizers' constructors (e.g.
             ``{"hyperelastic": {"alpha_volume": 2.0}}``).
+        balance: ``None`` (the paper's sum) or ``lambda_ref > 0``: each point's share of the loss is
+            divided by ``1 + lambda(alpha) / lambda_ref`` (``lambda`` summed over the regularizers),
+            i.e. its similarity gradient is weighted by ``s = lambda_ref / (lambda_ref + lambda)`` and
+            its regularizer by ``s * lambda``. For one alpha this only rescales the loss (the same
+            optimum); over a prior it keeps the strongly regularised alphas from dominating the
+            shared network's gradients (bounded by ``lambda_ref``), as HyperMorph's
+            ``(1 - t) sim + t reg`` does. The reported ``similarity`` keeps its unweighted value.
 
     Raises:
         ValueError: for an unknown regularizer, conditioning, scale name or a negative scale.
@@ -112,6 +119,7 @@ class RegistrationLoss(nn.Module):
         similarity: nn.Module | None = None,
         conditioning: str = "shared",
         regularizer_kwargs: Mapping[str, Mapping] | None = None,
+        balance: float | None = None,
     ) -> None:
         super().__init__()
         if conditioning not in _CONDITIONING:
@@ -129,6 +137,9 @@ class RegistrationLoss(nn.Module):
         if unknown:
             raise ValueError(f"regularizer_kwargs names {unknown}, which are not among the regularizers {list(self.spec)}")
         self.conditioning = conditioning
+        if balance is not None and not float(balance) > 0:
+            raise ValueError(f"balance must be a positive reference lambda or None, found {balance}")
+        self.balance = None if balance is None else float(balance)
         self.similarity = GlobalNCCLoss() if similarity is None else similarity
         self.regularizers = nn.ModuleDict({name: REGULARIZERS[name][0](**kwargs.get(name, {})) for name in self.spec})
         #: lambda_r(alpha) = alpha_r * scales[r] (the weight of the specification included)
@@ -170,6 +181,12 @@ class RegistrationLoss(nn.Module):
             out[name] = column.reshape(()) if rows.shape[0] == 1 else column
         return out
 
+    def shares(self, lambdas: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """Each point's loss share ``lambda_ref / (lambda_ref + sum_r lambda_r)`` (``None`` without ``balance``)."""
+        if self.balance is None:
+            return None
+        return self.balance / (self.balance + sum(lambdas.values()))
+
     def regularization(
         self, jacobian: torch.Tensor | None, hessian: torch.Tensor | None, alpha: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -178,16 +195,21 @@ class RegistrationLoss(nn.Module):
         Args:
             jacobian: displacement Jacobians ``(N, 3, 3)`` (1/1).
             hessian: displacement Hessians ``(N, 3, 3, 3)`` (1/mm), needed when :attr:`order` is 2.
-            alpha: see :meth:`lambdas`; a per-point alpha must have the derivatives' N rows.
+            alpha: see :meth:`lambdas`; with a per-point alpha the derivatives are those of its
+                first rows (all of them, or fewer when the regularizers see a subset of the points).
         """
         total = None
         parts: dict[str, torch.Tensor] = {}
-        for name, lam in self.lambdas(alpha).items():
+        lambdas = self.lambdas(alpha)
+        share = self.shares(lambdas)
+        for name, lam in lambdas.items():
+            if share is not None:
+                lam = lam * share
             deriv = hessian if REGULARIZERS[name][1] == 2 else jacobian
             if deriv is None:
                 raise ValueError(f"the {name} regularizer needs the {'Hessian' if REGULARIZERS[name][1] == 2 else 'Jacobian'}, found None")
             reg = self.regularizers[name]
-            term = lam * reg(deriv) if lam.ndim == 0 else reg(deriv, weight=lam)
+            term = lam * reg(deriv) if lam.ndim == 0 else reg(deriv, weight=lam[: deriv.shape[0]])
             parts[f"reg_{name}"] = term
             total = term if total is None else total + term
         return total, parts
@@ -212,6 +234,17 @@ class RegistrationLoss(nn.Module):
         Returns:
             ``{"loss", "similarity", "regularization", "reg_<name>"...}``, 0-d tensors.
         """
-        similarity = self.similarity(fixed_values.reshape(-1), moving_values.reshape(-1))
+        fixed_values, moving_values = fixed_values.reshape(-1), moving_values.reshape(-1)
+        similarity = self.similarity(fixed_values, moving_values)
         regularization, parts = self.regularization(jacobian, hessian, alpha)
-        return {"loss": similarity + regularization, "similarity": similarity, "regularization": regularization, **parts}
+        share = self.shares(self.lambdas(alpha))
+        if share is None:
+            return {"loss": similarity + regularization, "similarity": similarity, "regularization": regularization, **parts}
+        if share.ndim == 0:  # one alpha: the whole similarity term is scaled
+            weighted = share * similarity
+        else:  # per point: same value, gradient through each moving value scaled by its share
+            s = share.reshape(-1).to(moving_values.dtype)
+            if s.numel() != moving_values.numel():
+                raise ValueError(f"balance with per-point alpha needs one alpha per similarity point: {s.numel()} vs {moving_values.numel()}")
+            weighted = self.similarity(fixed_values, moving_values * s + moving_values.detach() * (1 - s))
+        return {"loss": weighted + regularization, "similarity": similarity, "regularization": regularization, **parts}

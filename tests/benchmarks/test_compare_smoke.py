@@ -15,6 +15,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.peers.elastix import elastix_available  # noqa: E402
+from monai_cidir.engines import alpha_grid  # noqa: E402
 
 
 @pytest.mark.slow
@@ -44,7 +45,9 @@ def test_compare_tiny_phantom(tmp_path):
         assert float(r["tre_p95"]) >= float(r["tre_mean"])
     c = rows["cidir"]
     assert int(c["iterations"]) == 12 and float(c["seconds_per_step"]) > 0
-    assert float(c["alpha_oracle"]) in (0.0, 0.5, 1.0) and float(c["alpha"]) in (0.0, 0.5, 1.0)
+    grid = alpha_grid(0.0, 1.0, 3, "log-uniform")  # the default prior's selection grid: 0, 1e-3, 1
+    assert float(c["alpha_oracle"]) == pytest.approx(min(grid, key=lambda a: abs(a - float(c["alpha_oracle"]))))
+    assert float(c["alpha"]) == pytest.approx(min(grid, key=lambda a: abs(a - float(c["alpha"]))))
     assert float(c["tre_loss_dice_choice"]) >= 0.0
     assert float(c["tre_oracle_mean"]) <= float(c["tre_mean"]) + 1e-9
     md = (out / "compare.md").read_text()

@@ -319,13 +319,15 @@ def test_model_pt_keeps_the_prior_and_reexport_sweeps_its_grid(trained, phantom_
     that prior implies: log-spaced from 0 for a log-uniform prior."""
     out, m = trained
     state = torch.load(out / phantom_item["name"] / "model.pt", weights_only=False)
-    assert state["alpha_range"] == [0.0, 1.0] and state["alpha_distribution"] == "uniform"
+    assert state["alpha_range"] == [0.0, 1.0] and state["alpha_distribution"] == "log-uniform"  # the default
     assert state["alpha"] == pytest.approx(m["alpha"]) and state["regularizer"] == "bending"
     assert state["regularizer_lambda_scales"] == {"bending": REGULARIZER_SCALES["bending"]}
-    state["alpha_distribution"] = "log-uniform"
-    (tmp_path / phantom_item["name"]).mkdir()
-    torch.save(state, tmp_path / phantom_item["name"] / "model.pt")
-    export_registration(phantom_item, tmp_path, num_alphas=5, export_images=False)
-    with open(tmp_path / phantom_item["name"] / "alpha_curve.csv") as f:
-        alphas = sorted(float(r["alpha"]) for r in csv.DictReader(f))
-    assert alphas[:5] == pytest.approx([0.0, 1e-3, 1e-2, 1e-1, 1.0])
+    for distribution, expected in (("log-uniform", [0.0, 1e-3, 1e-2, 1e-1, 1.0]), ("uniform", [0.0, 0.25, 0.5, 0.75, 1.0])):
+        state["alpha_distribution"] = distribution
+        pdir = tmp_path / distribution / phantom_item["name"]
+        pdir.mkdir(parents=True)
+        torch.save(state, pdir / "model.pt")
+        export_registration(phantom_item, tmp_path / distribution, num_alphas=5, export_images=False)
+        with open(pdir / "alpha_curve.csv") as f:
+            alphas = sorted(float(r["alpha"]) for r in csv.DictReader(f))
+        assert alphas == pytest.approx(expected)  # golden section is off: the grid only

@@ -76,3 +76,28 @@ def test_bad_specifications_are_named():
         loss(fixed, moving, jac, hess, torch.rand(4, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="needs the Hessian"):
         RegistrationLoss("bending")(fixed, moving, jac, None, torch.tensor([0.5]))
+
+
+def test_balance_divides_each_points_share_by_one_plus_lambda_over_reference():
+    fixed, moving, jac, hess = _derivatives(n=8)
+    loss = RegistrationLoss("bending", scales={"bending": 100.0}, balance=50.0)
+    # one alpha: the whole loss is scaled by 50 / (50 + 100 alpha); the optimum is unchanged
+    plain = RegistrationLoss("bending", scales={"bending": 100.0})
+    one = loss(fixed, moving, jac, hess, torch.tensor([0.5], dtype=torch.float64))
+    ref = plain(fixed, moving, jac, hess, torch.tensor([0.5], dtype=torch.float64))
+    torch.testing.assert_close(one["loss"], ref["loss"] * 50.0 / 100.0)
+    torch.testing.assert_close(one["similarity"], ref["similarity"])  # reported unweighted
+    # per point: similarity gradient through moving value n scaled by s_n, regularizer by s_n * lambda_n
+    alpha = torch.linspace(0, 1, 8, dtype=torch.float64)[:, None]
+    share = 50.0 / (50.0 + 100.0 * alpha[:, 0])
+    m = moving.clone().requires_grad_(True)
+    terms = loss(fixed, m, jac, hess, alpha)
+    torch.testing.assert_close(terms["similarity"], GlobalNCCLoss()(fixed, moving))
+    per_point = BendingEnergyRegularizer(reduction="none")(hess)
+    torch.testing.assert_close(terms["reg_bending"], (share * 100.0 * alpha[:, 0] * per_point).mean())
+    (grad,) = torch.autograd.grad(terms["loss"], m)
+    m0 = moving.clone().requires_grad_(True)
+    (plain_grad,) = torch.autograd.grad(GlobalNCCLoss()(fixed, m0), m0)
+    torch.testing.assert_close(grad, share * plain_grad)
+    with pytest.raises(ValueError, match="balance must be a positive"):
+        RegistrationLoss(balance=0.0)
