@@ -172,7 +172,8 @@ class RegistrationLoss(nn.Module):
         """
         alpha = torch.as_tensor(alpha)
         k = self.cond_features
-        rows = alpha.reshape(-1, k) if alpha.numel() % k == 0 else None
+        last = alpha.shape[-1] if alpha.ndim else 1
+        rows = alpha.reshape(-1, k) if alpha.numel() % k == 0 and (k == 1 or last == k) else None
         if rows is None or (alpha.ndim == 2 and alpha.shape[1] != k):
             raise ValueError(f"alpha must have {k} value(s) per row ({self.conditioning} conditioning of {self.names}), found shape {tuple(alpha.shape)}")
         out = {}

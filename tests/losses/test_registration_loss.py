@@ -74,6 +74,8 @@ def test_bad_specifications_are_named():
     fixed, moving, jac, hess = _derivatives(n=4)
     with pytest.raises(ValueError, match="2 value\\(s\\) per row"):
         loss(fixed, moving, jac, hess, torch.rand(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="2 value\\(s\\) per row"):  # 4 alphas are not 2 rows of 2
+        loss(fixed, moving, jac, hess, torch.rand(4, dtype=torch.float64))
     with pytest.raises(ValueError, match="needs the Hessian"):
         RegistrationLoss("bending")(fixed, moving, jac, None, torch.tensor([0.5]))
 
