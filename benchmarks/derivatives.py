@@ -108,12 +108,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per method (default 7)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per method after the first (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modulation", default="shared", choices=("shared", "per_layer", "per_neuron"), help="ConditionedINR modulation (default shared, the paper)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the results as a markdown table")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    network = ConditionedINR()  # 3-256-256-256-3, omega_0 = 32
+    network = ConditionedINR(modulation=args.modulation)  # 3-256-256-256-3, omega_0 = 32
     # move the harmonizer away from its (a, b, c, d) = (1, 1, 0, 0) start, as after some training
     with torch.no_grad():
         torch.nn.init.normal_(network.harmonizer.head.weight, std=0.05)
