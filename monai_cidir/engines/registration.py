@@ -81,7 +81,7 @@ OUTPUT_FILES = (
 #: register_patient arguments that define a result: a rerun skips or resumes only when they match
 RESULT_SETTINGS = (
     "network", "optimizer", "learning_rate", "harmonizer_lr_factor", "init_output_scale", "max_iterations",
-    "num_points", "time_budget_s", "regularizer", "regularizer_scales", "loss_balance", "alpha_range", "alpha_distribution",
+    "num_points", "time_budget_s", "regularizer", "regularizer_scales", "loss_balance", "loss", "alpha_range", "alpha_distribution",
     "alpha_per_point", "lr_schedule", "grad_clip", "derivatives", "regularization_points", "affine_prealign",
     "affine_kwargs", "num_alphas", "golden_section_steps", "no_folding", "selection_mode", "lung_mask_backend",
     "lung_mask_kwargs", "coarse_spacing_mm", "coarse_factor", "alpha", "export_images", "seed", "smoothing_mm",
@@ -229,6 +229,8 @@ def check_options(
     regularizer: str | Sequence[str] | Mapping[str, float] = "bending",
     regularizer_scales: Mapping[str, float] | None = None,
     alpha_distribution: str = "log-uniform",
+    loss_balance: float | None = None,
+    loss: RegistrationLoss | None = None,
     **_,
 ) -> None:
     """The run's options that can be wrong whatever the data: checked once for a cohort, before training.
@@ -236,7 +238,7 @@ def check_options(
     Raises:
         ValueError: naming the option, what was expected and what was found.
     """
-    RegistrationLoss(regularizer, regularizer_scales)  # names, weights and scales
+    _registration_loss(loss, regularizer, regularizer_scales, loss_balance)  # names, weights, scales; not two losses
     if alpha_distribution not in ("uniform", "log-uniform"):
         raise ValueError(f"alpha_distribution must be 'uniform' or 'log-uniform', found {alpha_distribution!r}")
     check_alpha(alpha, alpha_range)
@@ -245,6 +247,27 @@ def check_options(
         raise ValueError(f"selection_mode must be 'warp_mask' or 'segment', found {selection_mode!r}")
     if isinstance(num_alphas, bool) or not isinstance(num_alphas, int) or num_alphas < 0:
         raise ValueError(f"num_alphas must be a whole number >= 0 (0: export at the given alpha), found {num_alphas!r}")
+
+
+def _registration_loss(loss, regularizer, regularizer_scales, loss_balance) -> RegistrationLoss:
+    """The run's loss: the given object, or one built from the regularizer options (not both)."""
+    if loss is None:
+        return RegistrationLoss(regularizer, regularizer_scales, balance=loss_balance)
+    if not isinstance(loss, RegistrationLoss):
+        raise TypeError(f"loss must be a monai_cidir.losses.RegistrationLoss, found {type(loss).__name__}")
+    if regularizer != "bending" or regularizer_scales is not None or loss_balance is not None:
+        raise ValueError(
+            "pass either loss (a RegistrationLoss) or regularizer / regularizer_scales / loss_balance, not both: "
+            f"found loss={loss!r} and regularizer={regularizer!r}, regularizer_scales={regularizer_scales!r}, "
+            f"loss_balance={loss_balance!r}"
+        )
+    return loss
+
+
+def _regularizer_name(loss: RegistrationLoss) -> str | dict[str, float]:
+    """``"bending"`` for one regularizer at weight 1 (as the option was given), else ``{name: weight}``."""
+    (name, weight), *rest = loss.spec.items()
+    return name if not rest and weight == 1.0 else dict(loss.spec)
 
 
 def check_landmark_pair(fixed, moving, name: str = "pair") -> None:
@@ -620,6 +643,7 @@ def register_patient(
     regularizer: str | Sequence[str] | Mapping[str, float] = "bending",
     regularizer_scales: Mapping[str, float] | None = None,
     loss_balance: float | None = None,
+    loss: RegistrationLoss | None = None,
     alpha_range: Sequence[float] = (0.0, 1.0),
     alpha_distribution: str = "log-uniform",
     alpha_per_point: bool = True,
@@ -673,6 +697,8 @@ def register_patient(
         regularizer_scales: overrides of :data:`~monai_cidir.losses.REGULARIZER_SCALES` (both build the
             :class:`~monai_cidir.losses.RegistrationLoss`).
         loss_balance: :class:`~monai_cidir.losses.RegistrationLoss` ``balance`` (``None``: the paper's sum).
+        loss: a ready :class:`~monai_cidir.losses.RegistrationLoss` (the bundle's ``loss`` id) instead of
+            ``regularizer`` / ``regularizer_scales`` / ``loss_balance``; giving both is an error.
         alpha_range: the prior's range (paper: (0, 1)).
         alpha_distribution: ``"log-uniform"`` (default: log alpha uniform on [1e-3, 1], the selection
             grid 0 then log-spaced) or ``"uniform"`` (the paper). Log-uniform trains more at small
@@ -729,8 +755,10 @@ def register_patient(
         if item.get(key) is None:
             raise ValueError(f"the pair has no '{key}': expected a loaded pair with keys {sorted(item)}")
         check_image_values(item[key], f"{item.get('name') or 'pair'}: {key}", ct=False)
+    loss = _registration_loss(loss, regularizer, regularizer_scales, loss_balance)
+    regularizer = _regularizer_name(loss)
     check_options(alpha=alpha, alpha_range=alpha_range, device=device, selection_mode=selection_mode, num_alphas=num_alphas,
-                  regularizer=regularizer, regularizer_scales=regularizer_scales, alpha_distribution=alpha_distribution)
+                  alpha_distribution=alpha_distribution)
     check_landmark_pair(item.get("fixed_landmarks"), item.get("moving_landmarks"), str(item.get("name") or "pair"))
     name = str(item.get("name") or "pair")
     pdir = _patient_dir(output_dir, name)
@@ -768,7 +796,7 @@ def register_patient(
             sampler,
             max_iterations=max_iterations,
             num_points=num_points,
-            loss=RegistrationLoss(regularizer, regularizer_scales, balance=loss_balance),
+            loss=loss,
             alpha_prior=prior,
             lr_schedule=lr_schedule,
             grad_clip=grad_clip,
@@ -827,7 +855,7 @@ def register_patient(
             "name": name,
             "alpha_range": list(alpha_range),
             "alpha_distribution": alpha_distribution,
-            "regularizer": regularizer if isinstance(regularizer, str) else list(regularizer),
+            "regularizer": regularizer,
             "regularizer_weights": trainer.loss_function.spec,
             "regularizer_lambda_scales": trainer.loss_function.scales,
             "iterations": trainer.state.iteration,
@@ -836,7 +864,7 @@ def register_patient(
         previous = {
             "iterations": int(trainer.state.iteration),
             "num_points": int(num_points),
-            "regularizer": regularizer if isinstance(regularizer, str) else list(regularizer),
+            "regularizer": regularizer,
             "seed": seed,
             **prealign_info,
             **mask_entries(mask_reports),

@@ -145,6 +145,10 @@ class RegistrationLoss(nn.Module):
         #: lambda_r(alpha) = alpha_r * scales[r] (the weight of the specification included)
         self.scales = {name: table[name] * weight for name, weight in self.spec.items()}
 
+    def extra_repr(self) -> str:
+        """The specification, scales, conditioning and balance (``repr`` identifies the loss in ``settings.json``)."""
+        return f"spec={self.spec}, scales={self.scales}, conditioning={self.conditioning!r}, balance={self.balance}"
+
     @property
     def names(self) -> list[str]:
         """The regularizers' names, in order (the column order of a per-regularizer alpha)."""

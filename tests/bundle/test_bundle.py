@@ -123,6 +123,24 @@ def test_configs_expose_the_documented_keys(names, run_id):
         assert "\n" not in expr, expr  # longer logic belongs in monai_cidir.engines.bundle
 
 
+def test_the_loss_is_a_config_component_built_from_the_regularizer_key():
+    """train.json's `loss` id is a RegistrationLoss the training call receives; --regularizer and
+    --loss#... overrides reach it, and nothing else builds a second loss."""
+    from monai_cidir.losses import REGULARIZER_SCALES, RegistrationLoss
+
+    parser = _config("train.json")
+    loss = parser.get_parsed_content("loss")
+    assert isinstance(loss, RegistrationLoss) and loss.names == ["bending"] and loss.balance is None
+    assert loss.scales == {"bending": REGULARIZER_SCALES["bending"]}
+    call = parser["training"][1]
+    assert call["loss"] == "@loss" and "regularizer" not in call  # one owner
+    parser["regularizer"] = "hyperelastic"
+    parser["loss#balance"] = 100.0
+    loss = parser.get_parsed_content("loss", lazy=False)
+    assert loss.names == ["hyperelastic"] and loss.balance == 100.0 and loss.order == 1
+    assert _config("train.json", "paper_dirlab.json").get_parsed_content("loss").names == ["bending"]
+
+
 def test_paper_settings_layer_on_train():
     parser = _config("train.json", "paper_dirlab.json")
     assert parser.get_parsed_content("max_iterations") == 50000
@@ -336,7 +354,8 @@ def test_command_line_overrides_that_nothing_reads_are_refused(tmp_path, monkeyp
     assert not any(tmp_path.iterdir())  # no phantom generated, no outputs
     # the same check accepts what the configs read, nested ids and expressions included
     good = [argv[0], "run", "training", "--config_file", config, "--max_iterations", "5", "--network#hidden_features", "16",
-            "--overwrite", "true", "--alpha_range", "[0, 0.5]", "--dataset_dir", "/data/x", "--alpha_range", "$[0, 1]"]  # fmt: skip
+            "--overwrite", "true", "--alpha_range", "[0, 0.5]", "--dataset_dir", "/data/x", "--alpha_range", "$[0, 1]",
+            "--loss#balance", "100", "--alpha_distribution", "uniform"]  # fmt: skip
     from monai_cidir.engines.bundle import check_cli_overrides
 
     check_cli_overrides(good)

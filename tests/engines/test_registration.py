@@ -331,3 +331,13 @@ def test_model_pt_keeps_the_prior_and_reexport_sweeps_its_grid(trained, phantom_
         with open(pdir / "alpha_curve.csv") as f:
             alphas = sorted(float(r["alpha"]) for r in csv.DictReader(f))
         assert alphas == pytest.approx(expected)  # golden section is off: the grid only
+
+
+def test_a_loss_object_and_regularizer_options_together_are_refused_before_training(phantom_item, tmp_path):
+    from monai_cidir.losses import RegistrationLoss
+
+    with pytest.raises(ValueError, match="pass either loss .* or regularizer / regularizer_scales / loss_balance, not both"):
+        register_patient(phantom_item, tmp_path, loss=RegistrationLoss("jacobian"), regularizer="hyperelastic")
+    with pytest.raises(TypeError, match="loss must be a monai_cidir.losses.RegistrationLoss"):
+        register_patient(phantom_item, tmp_path, loss="jacobian")
+    assert not any(tmp_path.iterdir())
