@@ -50,7 +50,6 @@ __all__ = [
 ]
 
 
-
 class AlphaPrior:
     """The prior alpha is drawn from during training (and the range alpha selection sweeps).
 

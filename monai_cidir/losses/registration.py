@@ -203,10 +203,12 @@ class RegistrationLoss(nn.Module):
             alpha: see :meth:`lambdas`; with a per-point alpha the derivatives are those of its
                 first rows (all of them, or fewer when the regularizers see a subset of the points).
         """
+        lambdas = self.lambdas(alpha)
+        return self._regularization(jacobian, hessian, lambdas, self.shares(lambdas))
+
+    def _regularization(self, jacobian, hessian, lambdas: Mapping[str, torch.Tensor], share: torch.Tensor | None):
         total = None
         parts: dict[str, torch.Tensor] = {}
-        lambdas = self.lambdas(alpha)
-        share = self.shares(lambdas)
         for name, lam in lambdas.items():
             if share is not None:
                 lam = lam * share
@@ -241,8 +243,9 @@ class RegistrationLoss(nn.Module):
         """
         fixed_values, moving_values = fixed_values.reshape(-1), moving_values.reshape(-1)
         similarity = self.similarity(fixed_values, moving_values)
-        regularization, parts = self.regularization(jacobian, hessian, alpha)
-        share = self.shares(self.lambdas(alpha))
+        lambdas = self.lambdas(alpha)
+        share = self.shares(lambdas)
+        regularization, parts = self._regularization(jacobian, hessian, lambdas, share)
         if share is None:
             return {"loss": similarity + regularization, "similarity": similarity, "regularization": regularization, **parts}
         if share.ndim == 0:  # one alpha: the whole similarity term is scaled
