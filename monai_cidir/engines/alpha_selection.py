@@ -63,8 +63,12 @@ from monai_cidir.engines.model import RegistrationModel, iter_grid_chunks, regio
 __all__ = ["AlphaSelectionEvaluator", "AlphaCurve", "alpha_grid", "coarse_steps", "mask_region"]
 
 
+#: the smallest positive alpha of a log-uniform prior and of its grid (lambda = 3 for bending)
+LOG_FLOOR = 1e-3
+
+
 def alpha_grid(
-    low: float = 0.0, high: float = 1.0, num: int = 21, distribution: str = "uniform", log_floor: float = 1e-3
+    low: float = 0.0, high: float = 1.0, num: int = 21, distribution: str = "uniform", log_floor: float = LOG_FLOOR
 ) -> list[float]:
     """The sweep's alphas: ``num`` values over ``[low, high]``, spaced as the training prior samples them.
 

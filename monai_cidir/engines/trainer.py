@@ -34,6 +34,7 @@ from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 
 from monai_cidir.coordinates import CoordinateMapping
+from monai_cidir.engines.alpha_selection import LOG_FLOOR, alpha_grid
 from monai_cidir.engines.model import RegistrationModel
 from monai_cidir.losses.registration import RegistrationLoss
 from monai_cidir.utils import atomic_path
@@ -76,7 +77,7 @@ class AlphaPrior:
         high: float = 1.0,
         distribution: str = "uniform",
         per_point: bool = False,
-        log_floor: float = 1e-3,
+        log_floor: float = LOG_FLOOR,
     ) -> None:
         if distribution not in ("uniform", "log-uniform"):
             raise ValueError(f"distribution must be 'uniform' or 'log-uniform', found {distribution!r}")
@@ -95,8 +96,6 @@ class AlphaPrior:
     def grid(self, num: int) -> list[float]:
         """``num`` alphas spaced as this prior samples them: the alpha selection's grid
         (:func:`~monai_cidir.engines.alpha_selection.alpha_grid`)."""
-        from monai_cidir.engines.alpha_selection import alpha_grid
-
         return alpha_grid(self.low, self.high, num, self.distribution, self.log_floor)
 
     def sample(self, num_points: int, generator: torch.Generator | None = None) -> torch.Tensor:
