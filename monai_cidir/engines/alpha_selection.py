@@ -44,6 +44,7 @@ Measured (``benchmarks/compare.py``, 2 threads): see README.md, "Performance".
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -60,7 +61,7 @@ from monai.metrics import DiceMetric
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines.model import RegistrationModel, iter_grid_chunks, region_shape
 
-__all__ = ["AlphaSelectionEvaluator", "AlphaCurve", "alpha_grid", "coarse_steps", "mask_region"]
+__all__ = ["AlphaSelectionEvaluator", "AlphaCurve", "alpha_grid", "coarse_steps", "format_alpha", "mask_region"]
 
 
 #: the smallest positive alpha of a log-uniform prior and of its grid (lambda = 3 for bending)
@@ -132,7 +133,7 @@ class AlphaCurve:
     """The sweep's results, one row per evaluated alpha (sorted by alpha).
 
     Attributes:
-        rows: dicts with ``alpha``, ``dice``, ``folding`` (fraction), ``seconds`` and ``points``
+        rows: dicts with ``alpha`` (a float, or a tuple of K weights), ``dice``, ``folding`` (fraction), ``seconds`` and ``points``
             (grid points the network mapped for that alpha).
         best: the selected row.
     """
@@ -141,15 +142,18 @@ class AlphaCurve:
     best: dict | None = None
 
     @property
-    def alpha(self) -> float:
-        """The selected alpha."""
-        return float(self.best["alpha"])
+    def alpha(self) -> float | list[float]:
+        """The selected alpha (a list of K weights for a vector-conditioned model)."""
+        a = self.best["alpha"]
+        return list(a) if isinstance(a, tuple) else float(a)
 
 
 class AlphaSelectionEvaluator(Evaluator):
     """Ignite evaluator that sweeps alpha and selects the best by lung Dice.
 
-    Each iteration scores one alpha; ``engine.state.output`` holds ``pred`` (warped mask,
+    Each iteration scores one alpha (a float, or a tuple of K weights for a model conditioned on
+    one weight per regularizer; ties then go to the larger ``sum_r alpha_r / high_r``);
+    ``engine.state.output`` holds ``pred`` (warped mask,
     ``(1, 1, X, Y, Z)``), ``label`` (fixed mask), ``alpha``, ``dice``, ``folding`` and
     ``seconds``. MONAI's ``MeanDice`` handler is attached (key metric ``mean_dice``: the
     sweep's mean Dice). After :meth:`run`, ``self.curve`` is an :class:`AlphaCurve`
@@ -184,6 +188,15 @@ class AlphaSelectionEvaluator(Evaluator):
         folding_stride: count folding on every this-many-th lung point per axis during the sweep
             (1: all); the chosen alpha is always counted on all of them. Default: 2 with
             ``no_folding`` (the sweep's folding then decides), else 4 (it is only reported).
+        prior: the training prior (:class:`~monai_cidir.engines.trainer.AlphaPrior`): it spaces the
+            grid (instead of ``alpha_range`` / ``alpha_distribution``). Required for a model
+            conditioned on ``K > 1`` weights: the search then starts on a grid of
+            ``max(3, round(num_alphas ** (1 / K)))`` values per weight (5 x 5 for the default 21 and
+            ``K = 2``), each spaced as the prior samples that weight.
+        refine_rounds: ``K > 1`` only: rounds of refinement around the best vector. Each scores, per
+            weight, the best value and the midpoints towards its evaluated neighbours (geometric
+            means on a log-uniform axis), so the step halves every round; at most ``3^K - 1`` new
+            vectors per round, each through the engine (handlers see them).
 
     Example::
 
@@ -217,6 +230,8 @@ class AlphaSelectionEvaluator(Evaluator):
         val_handlers: Sequence | None = None,
         band_mm: float | None = 0.1,
         folding_stride: int | None = None,
+        prior=None,
+        refine_rounds: int = 2,
     ) -> None:
         if mode not in ("warp_mask", "segment"):
             raise ValueError(f"mode must be 'warp_mask' or 'segment', found {mode!r}")
@@ -230,10 +245,22 @@ class AlphaSelectionEvaluator(Evaluator):
             folding_stride = 2 if no_folding else 4
         if int(folding_stride) < 1:
             raise ValueError(f"folding_stride must be >= 1, found {folding_stride}")
-        alphas = list(alphas) if alphas is not None else alpha_grid(alpha_range[0], alpha_range[1], num_alphas, alpha_distribution)
+        self.num_weights = int(getattr(model, "num_weights", 1))
+        self.axis_distributions = list(getattr(prior, "distributions", [alpha_distribution] * self.num_weights))
+        if alphas is not None:
+            alphas = [_alpha_key(a, self.num_weights) for a in alphas]
+        elif self.num_weights == 1:
+            alphas = prior.grid(num_alphas) if prior is not None else alpha_grid(alpha_range[0], alpha_range[1], num_alphas, alpha_distribution)
+        else:  # K weights: a coarse grid, refined around the best (refine_rounds)
+            if prior is None:
+                raise ValueError(f"the model is conditioned on {self.num_weights} weights: give the training prior (prior=AlphaPrior(...)) or the alpha vectors to score")
+            per_axis = max(3, int(round(num_alphas ** (1.0 / self.num_weights))))
+            alphas = [tuple(v) for v in itertools.product(*prior.axis_grids(per_axis))]
+        self.highs = [max(1e-12, max(_alpha_list(a)[i] for a in alphas)) for i in range(self.num_weights)] if alphas else [1.0] * self.num_weights
+        self.refine_rounds = int(refine_rounds)
         super().__init__(
             device=next(model.network.parameters()).device,
-            val_data_loader=[{"alpha": float(a)} for a in alphas],
+            val_data_loader=[{"alpha": a} for a in alphas],
             epoch_length=len(alphas),
             key_val_metric={"mean_dice": MeanDice(include_background=True, output_transform=from_engine(["pred", "label"]))},
             val_handlers=val_handlers,
@@ -275,7 +302,10 @@ class AlphaSelectionEvaluator(Evaluator):
             fimg = fimg.reshape(fimg.shape[-3:])[self.region].float()
             self.fixed_mask_grid = self._segment(fimg) > 0.5
         self.curve = AlphaCurve()
-        self.reference_alpha = float(np.median(alphas)) if alphas else 0.5
+        if self.num_weights == 1:
+            self.reference_alpha = float(np.median(alphas)) if alphas else 0.5
+        else:
+            self.reference_alpha = tuple(float(np.median([a[i] for a in alphas])) for i in range(self.num_weights))
         source = self.moving_mask if mode == "warp_mask" else self.moving_image
         self._source = convert_to_tensor(source, track_meta=False).float()
         self._inside = torch.nonzero(self.fixed_mask_grid.reshape(-1)).reshape(-1)
@@ -347,7 +377,7 @@ class AlphaSelectionEvaluator(Evaluator):
             sel = torch.arange(b, min(n, b + self.chunk_size)) if flat is None else flat[b : b + self.chunk_size]
             out[b : b + len(sel)] = self.model(self._world_at(sel), alpha).float().cpu()
         if not bool(torch.isfinite(out).all()):  # a NaN position would read as "outside the lung", silently
-            raise FloatingPointError(f"the trained network gives non-finite positions at alpha {alpha:g}: the model is unusable, retrain it")
+            raise FloatingPointError(f"the trained network gives non-finite positions at alpha {format_alpha(alpha)}: the model is unusable, retrain it")
         return out
 
     def _sample(self, moved: torch.Tensor) -> torch.Tensor:
@@ -500,7 +530,7 @@ class AlphaSelectionEvaluator(Evaluator):
         stride = self.folding_stride if folding_stride is None else int(folding_stride)
         folding = self.folding(alpha, stride)
         return {
-            "alpha": float(alpha),
+            "alpha": _alpha_key(alpha, self.num_weights),
             "dice": dice,
             "folding": folding,
             "seconds": time.perf_counter() - start,
@@ -510,7 +540,10 @@ class AlphaSelectionEvaluator(Evaluator):
         }
 
     def _iteration(self, engine, batchdata: dict) -> dict:
-        alpha = float(batchdata["alpha"][0] if isinstance(batchdata["alpha"], (list, tuple)) else batchdata["alpha"])
+        alpha = batchdata["alpha"]
+        if self.num_weights == 1 and isinstance(alpha, (list, tuple)):
+            alpha = alpha[0]
+        alpha = _alpha_key(alpha, self.num_weights)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         out = self.score(alpha)
         self.curve.rows.append({k: out[k] for k in ("alpha", "dice", "folding", "seconds", "points")})
@@ -528,7 +561,45 @@ class AlphaSelectionEvaluator(Evaluator):
                 least = min(r["folding"] for r in rows)
                 pool = [r for r in rows if r["folding"] <= least]
         top = max(r["dice"] for r in pool)
-        return max((r for r in pool if r["dice"] >= top - self.tie_tolerance), key=lambda r: r["alpha"])
+        return max((r for r in pool if r["dice"] >= top - self.tie_tolerance), key=self._smoothness)
+
+    def _smoothness(self, row: dict):
+        """The tie rule's order: the larger alpha (for K weights, the larger sum of ``alpha_r / high_r``)."""
+        if self.num_weights == 1:
+            return row["alpha"]
+        return (sum(a / h for a, h in zip(row["alpha"], self.highs)), row["alpha"])
+
+    def _midpoint(self, a: float, b: float, axis: int) -> float:
+        """Between two alphas of one weight, as its prior spaces them (geometric for log-uniform)."""
+        if self.axis_distributions[axis] == "log-uniform" and a > 0:
+            return math.sqrt(a * b)
+        return 0.5 * (a + b)
+
+    def _run_round(self, alphas: list) -> None:
+        """Score more alphas through the engine (so handlers and the key metric see them too)."""
+        self.data_loader = [{"alpha": a} for a in alphas]
+        self.state.epoch_length = len(alphas)
+        Evaluator.run(self)
+
+    def _refine_vectors(self) -> int:
+        """One round around the best vector: per weight, the best value and the midpoints towards
+        its evaluated neighbours; every new combination is scored. Returns how many were new."""
+        best = self._best(self.curve.rows)["alpha"]
+        candidates = []
+        for i, b in enumerate(best):
+            values = sorted({r["alpha"][i] for r in self.curve.rows})
+            j = values.index(b)
+            axis = [b]
+            if j > 0:
+                axis.append(self._midpoint(values[j - 1], b, i))
+            if j + 1 < len(values):
+                axis.append(self._midpoint(b, values[j + 1], i))
+            candidates.append(axis)
+        seen = {r["alpha"] for r in self.curve.rows}
+        new = [v for v in itertools.product(*candidates) if v not in seen]
+        if new:
+            self._run_round(new)
+        return len(new)
 
     def _refine(self) -> None:
         rows = sorted(self.curve.rows, key=lambda r: r["alpha"])
@@ -567,7 +638,11 @@ class AlphaSelectionEvaluator(Evaluator):
         """Sweep the grid (Ignite run), refine, select; returns :attr:`curve`."""
         self.curve = AlphaCurve()
         super().run()
-        if self.golden_section_steps > 0 and len(self.curve.rows) > 1:
+        if self.num_weights > 1 and self.curve.rows:
+            for _ in range(self.refine_rounds):
+                if not self._refine_vectors():
+                    break
+        elif self.golden_section_steps > 0 and len(self.curve.rows) > 1:
             self._refine()
         self.curve.rows.sort(key=lambda r: r["alpha"])
         best = dict(self._best(self.curve.rows))
@@ -576,6 +651,27 @@ class AlphaSelectionEvaluator(Evaluator):
                 best["folding"] = self.folding(best["alpha"], 1)
         self.curve.best = best
         return self.curve
+
+
+def _alpha_list(alpha) -> list[float]:
+    if torch.is_tensor(alpha):
+        return [float(v) for v in alpha.detach().reshape(-1).cpu()]
+    return [float(v) for v in np.asarray(alpha, dtype=np.float64).reshape(-1)]
+
+
+def _alpha_key(alpha, num_weights: int = 1):
+    """An alpha as the curve's rows keep it: a float for one weight, a tuple of floats for several."""
+    values = _alpha_list(alpha)
+    if len(values) != num_weights:
+        raise ValueError(f"expected {num_weights} weight(s) per alpha, found {alpha!r}")
+    return values[0] if num_weights == 1 else tuple(values)
+
+
+def format_alpha(alpha, spec: str = ".3g") -> str:
+    """``0.1`` or ``[0.1, 0.03]``: an alpha (one weight, or a vector) for messages and titles."""
+    values = _alpha_list(alpha)
+    text = [format(v, spec) for v in values]
+    return text[0] if len(text) == 1 else "[" + ", ".join(text) + "]"
 
 
 def _folding_fraction(metric) -> float:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from monai_cidir.engines.alpha_selection import format_alpha
 from monai_cidir.utils import atomic_path
 
 __all__ = [
@@ -458,14 +459,33 @@ def _normalise_options(kwargs: dict) -> dict:
     for key in ("alpha", "time_budget_s", "checkpoint_every_s"):
         if isinstance(out.get(key), str) and out[key].strip().lower() in ("none", "null", ""):
             out[key] = None
+    for key in ("alpha", "alpha_range"):  # "[0.1, 0.03]": one weight per regularizer, as a JSON list
+        if isinstance(out.get(key), str) and out[key].strip().startswith("["):
+            try:
+                out[key] = json.loads(out[key])
+            except ValueError:
+                raise ValueError(f"--{key} expects a number or a JSON list such as [0.1, 0.03]; found {out[key]!r}") from None
     if "alpha_range" in out and out["alpha_range"] is None:
         del out["alpha_range"]  # the engines' default (or, in inference, the range stored in model.pt)
     if "alpha_range" in out:
-        rng = [float(a) for a in out["alpha_range"]]
-        if len(rng) != 2 or not rng[0] <= rng[1]:
-            raise ValueError(f"--alpha_range expects [low, high] with low <= high; found {out['alpha_range']!r}")
-        out["alpha_range"] = rng
+        out["alpha_range"] = _alpha_range_option(out["alpha_range"])
     return out
+
+
+def _alpha_range_option(value) -> list:
+    """``[low, high]``, or one such pair per weight, as floats with ``low <= high``."""
+    nested = isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value)
+    pairs = value if nested else [value]
+    out = []
+    for pair in pairs:
+        try:
+            rng = [float(a) for a in pair]
+        except (TypeError, ValueError):
+            rng = []
+        if len(rng) != 2 or not rng[0] <= rng[1]:
+            raise ValueError(f"--alpha_range expects [low, high] with low <= high (or one such pair per weight); found {value!r}")
+        out.append(rng)
+    return out if nested else out[0]
 
 
 # ---------------------------------------------------------------------------- handlers
@@ -622,7 +642,7 @@ def infer_cohort(
             logger.warning("%s: no %s, skipped (train it first)", name, output_dir / name / "model.pt")
             continue
         rows.append(export_registration(item, output_dir, alpha=alpha, **kwargs))
-        logger.info("%s: exported at alpha %.3f (Dice %.4f, %s)", name, rows[-1]["alpha"], rows[-1]["dice"], rows[-1]["status"])
+        logger.info("%s: exported at alpha %s (Dice %.4f, %s)", name, format_alpha(rows[-1]["alpha"]), rows[-1]["dice"], rows[-1]["status"])
     if not rows:
         raise FileNotFoundError(
             f"no model.pt for any patient of the dataset under {output_dir}/<name>/: run the training "
@@ -726,10 +746,13 @@ def evaluate_cohort(
             raise ValueError(f"{name}: no alpha given and none stored in {pdir / 'metrics.json'} or model.pt")
         item, _ = prepare_lung_masks(item, "threshold")
         best = AlphaSelectionEvaluator(
-            model, item["fixed_mask"], item.get("moving_mask"), alphas=[float(a)], coarse_factor=coarse_factor
+            model, item["fixed_mask"], item.get("moving_mask"), alphas=[a], coarse_factor=coarse_factor
         ).run().best
-        row = {"alpha": float(a), "dice": float(best["dice"]), "folding": float(best["folding"])}
-        before, after = landmark_tre(None, None, item), landmark_tre(model, float(a), item)
+        weights = np.atleast_1d(np.asarray(a, dtype=np.float64)).tolist()
+        names_k = model.info.get("regularizer_names") or [str(i) for i in range(len(weights))]
+        row = {"alpha": weights[0]} if len(weights) == 1 else {f"alpha_{n}": v for n, v in zip(names_k, weights)}
+        row.update(dice=float(best["dice"]), folding=float(best["folding"]))
+        before, after = landmark_tre(None, None, item), landmark_tre(model, a, item)
         if after:
             row.update(
                 tre_before=before["mean"],

@@ -38,6 +38,7 @@ __all__ = [
     "write_warped_image",
     "write_alpha_curve",
     "plot_alpha_curve",
+    "plot_alpha_map",
     "write_json",
     "lps_geometry",
     "plot_lung_masks",
@@ -242,15 +243,77 @@ def write_warped_image(
     return path
 
 
-def write_alpha_curve(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Write ``alpha_curve.csv`` (columns alpha, dice, folding, seconds)."""
+def write_alpha_curve(rows: Sequence[dict], path: str | os.PathLike, names: Sequence[str] | None = None) -> Path:
+    """Write ``alpha_curve.csv``: columns alpha, dice, folding, seconds, one row per evaluated alpha.
+
+    For a model conditioned on K weights (rows whose ``alpha`` is a tuple) the alpha column is
+    replaced by one column per weight, ``alpha_<name>`` (``names``: the regularizers in order;
+    default ``alpha_0``, ``alpha_1``, ...): a table over the evaluated vectors.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: r["alpha"])
+    k = len(rows[0]["alpha"]) if rows and isinstance(rows[0]["alpha"], tuple) else 1
+    names = list(names) if names is not None and len(names) == k else [str(i) for i in range(k)]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["alpha", "dice", "folding", "seconds"])
-        for r in sorted(rows, key=lambda r: r["alpha"]):
-            w.writerow([f"{r['alpha']:.6g}", f"{r['dice']:.6f}", f"{r['folding']:.6g}", f"{r['seconds']:.4f}"])
+        w.writerow((["alpha"] if k == 1 else [f"alpha_{n}" for n in names]) + ["dice", "folding", "seconds"])
+        for r in rows:
+            alphas = [r["alpha"]] if k == 1 else list(r["alpha"])
+            w.writerow([f"{a:.6g}" for a in alphas] + [f"{r['dice']:.6f}", f"{r['folding']:.6g}", f"{r['seconds']:.4f}"])
+    return path
+
+
+def _symlog_axis(ax, values: Sequence[float], axis: str = "x") -> bool:
+    """A symlog axis when the values are log-spaced (a log-uniform prior's grid); True if set."""
+    positive = [v for v in values if v > 0]
+    if not positive or min(positive) >= 0.05 * max(positive):
+        return False
+    set_scale, set_lim = (ax.set_xscale, ax.set_xlim) if axis == "x" else (ax.set_yscale, ax.set_ylim)
+    set_scale("symlog", linthresh=min(positive))
+    set_lim(-0.5 * min(positive), 1.2 * max(positive))
+    return True
+
+
+def plot_alpha_map(rows: Sequence[dict], best_alpha: Sequence[float], path: str | os.PathLike, names: Sequence[str], title: str = "") -> Path:
+    """Write ``alpha_curve.png`` for two weights: the evaluated vectors coloured by lung Dice, the choice marked.
+
+    Points with folding are drawn as crosses. More than two weights: Dice against the evaluation order.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(5.5, 4.6), dpi=100)
+    dice = np.array([r["dice"] for r in rows])
+    if len(best_alpha) == 2:
+        x = [r["alpha"][0] for r in rows]
+        y = [r["alpha"][1] for r in rows]
+        folds = np.array([r["folding"] > 0 for r in rows])
+        art = ax.scatter(np.array(x)[~folds], np.array(y)[~folds], c=dice[~folds], cmap="viridis", s=60,
+                         vmin=dice.min(), vmax=dice.max(), edgecolors="k", linewidths=0.3, label="no folding")
+        if folds.any():
+            ax.scatter(np.array(x)[folds], np.array(y)[folds], c=dice[folds], cmap="viridis", s=60, marker="X",
+                       vmin=dice.min(), vmax=dice.max(), label="folding > 0")
+        ax.plot([best_alpha[0]], [best_alpha[1]], marker="*", color="tab:red", ms=18, mec="k", ls="none",
+                label=f"chosen [{best_alpha[0]:.3g}, {best_alpha[1]:.3g}]")
+        fig.colorbar(art, ax=ax, label="lung Dice")
+        log_x = _symlog_axis(ax, x, "x")
+        log_y = _symlog_axis(ax, y, "y")
+        ax.set_xlabel(f"alpha {names[0]}" + (" (symlog)" if log_x else ""))
+        ax.set_ylabel(f"alpha {names[1]}" + (" (symlog)" if log_y else ""))
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=7, frameon=False)
+    else:
+        ax.plot(range(len(rows)), dice, "o-", ms=3)
+        ax.set_xlabel("evaluated alpha vector")
+        ax.set_ylabel("lung Dice")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
     return path
 
 
@@ -267,10 +330,7 @@ def plot_alpha_curve(rows: Sequence[dict], best_alpha: float, path: str | os.Pat
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
     ax.plot(a, [r["dice"] for r in rows], "o-", color="tab:blue", ms=3, label="lung Dice")
     ax.set_xlabel("alpha")
-    positive = [v for v in a if v > 0]
-    if positive and min(positive) < 0.05 * max(positive):  # a log-spaced grid (log-uniform prior)
-        ax.set_xscale("symlog", linthresh=min(positive))
-        ax.set_xlim(-0.5 * min(positive), 1.2 * max(positive))
+    if _symlog_axis(ax, a, "x"):  # a log-spaced grid (log-uniform prior)
         ax.set_xlabel("alpha (linear below the smallest positive alpha, logarithmic above)")
     ax.set_ylabel("lung Dice", color="tab:blue")
     ax.axvline(best_alpha, color="k", ls="--", lw=1, label=f"chosen alpha = {best_alpha:.3g}")

@@ -41,22 +41,35 @@ __all__ = [
 MODEL_FORMAT_VERSION = 1
 
 
-def as_alpha_tensor(alpha, num_points: int | None = None, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Bring alpha to a network-ready tensor: ``(1,)`` for one value, ``(N, 1)`` per point.
+def as_alpha_tensor(alpha, num_points: int | None = None, dtype=torch.float32, device=None, num_weights: int = 1) -> torch.Tensor:
+    """Bring alpha to a network-ready tensor: ``(1,)`` for one value, ``(N, 1)`` per point;
+    with ``num_weights = K > 1`` (one weight per regularizer), ``(1, K)`` or ``(N, K)``.
 
     Args:
-        alpha: a float, a 0-d/1-element tensor, or ``N`` values (``(N,)`` or ``(N, 1)``).
+        alpha: a float, a 0-d/1-element tensor, or ``N`` values (``(N,)`` or ``(N, 1)``); for
+            ``K > 1`` a K-vector (list, tuple or tensor) or ``(N, K)`` rows.
         num_points: the number of points (to check per-point alpha).
         dtype: output dtype.
         device: output device.
+        num_weights: ``K``, the network's ``cond_features``.
 
     Returns:
-        ``(1,)`` or ``(N, 1)`` tensor.
+        ``(1,)``, ``(N, 1)``, ``(1, K)`` or ``(N, K)`` tensor.
 
     Raises:
-        ValueError: when a per-point alpha does not match ``num_points``.
+        ValueError: when a per-point alpha does not match ``num_points`` or a vector has the wrong length.
     """
     a = torch.as_tensor(alpha, dtype=dtype, device=device)
+    k = int(num_weights)
+    if k > 1:
+        if a.numel() == k and (a.ndim <= 1 or a.shape[0] == 1):
+            return a.reshape(1, k)
+        if a.ndim != 2 or a.shape[1] != k or (num_points is not None and a.shape[0] != num_points):
+            raise ValueError(
+                f"alpha must be {k} weights (one per regularizer), or ({num_points if num_points is not None else 'N'}, {k}) "
+                f"rows per point; found shape {tuple(a.shape)}"
+            )
+        return a
     if a.numel() == 1:
         return a.reshape(1)
     a = a.reshape(-1, 1)
@@ -161,6 +174,11 @@ class RegistrationModel(nn.Module):
         return (self.affine[:3, :3] - torch.eye(3, dtype=torch.float64)).to(dtype=dtype, device=device)
 
     # ------------------------------------------------------------------ evaluation
+    @property
+    def num_weights(self) -> int:
+        """How many weights alpha has (the network's ``cond_features``; 1 for one shared alpha)."""
+        return int(getattr(self.network, "cond_features", 1))
+
     def _param(self) -> torch.Tensor:
         return next(self.network.parameters())
 
@@ -169,7 +187,8 @@ class RegistrationModel(nn.Module):
 
         Args:
             points: fixed-space world points (N, 3) mm.
-            alpha: one value or N values (per-point alpha).
+            alpha: one value or N values (per-point alpha); with :attr:`num_weights` ``K > 1``
+                a K-vector or ``(N, K)`` rows.
             order: 0 (no derivatives), 1 (Jacobian) or 2 (Jacobian and Hessian).
 
         Returns:
@@ -180,7 +199,7 @@ class RegistrationModel(nn.Module):
         p = self._param()
         points = points.to(dtype=p.dtype, device=p.device)
         coords = self.mapping.world_to_normalized(points)
-        a = as_alpha_tensor(alpha, points.shape[0], dtype=p.dtype, device=p.device)
+        a = as_alpha_tensor(alpha, points.shape[0], dtype=p.dtype, device=p.device, num_weights=self.num_weights)
         jac = hess = None
         if order == 0:
             u = self.network(coords, a)

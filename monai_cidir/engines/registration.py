@@ -34,11 +34,12 @@ from monai.utils import convert_to_tensor
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.data.datalist import PAIR_PATH_KEYS
 from monai_cidir.data.validation import check_image_file, check_image_values, check_pair_names
-from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator
+from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator, format_alpha
 from monai_cidir.engines.export import (
     dilate_mask,
     map_displacement,
     plot_alpha_curve,
+    plot_alpha_map,
     write_alpha_curve,
     write_displacement_field,
     write_json,
@@ -168,7 +169,24 @@ def _build(factory, *args, default: Callable, **kwargs):
             "network must be a factory (a class or a callable returning a fresh module, e.g. a bundle "
             "'_mode_: callable' partial), found a module instance: one network would be shared by all patients"
         )
-    return factory(*args) if args else factory()
+    if kwargs and not _accepts(factory, kwargs):
+        raise TypeError(
+            f"the network factory {factory!r} does not take {sorted(kwargs)}: with one alpha per regularizer the network "
+            f"needs {kwargs}; use a partial of ConditionedINR (the bundle's 'network' with '_mode_': 'callable') or a "
+            "factory that accepts these keywords"
+        )
+    return factory(*args, **kwargs)
+
+
+def _accepts(factory, kwargs: Mapping) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return True  # not introspectable: let the call decide
+    names = {p.name for p in params}
+    return any(p.kind is p.VAR_KEYWORD for p in params) or set(kwargs) <= names
 
 
 def landmark_tre(
@@ -203,21 +221,69 @@ def _patient_dir(output_dir, name: str) -> Path:
     return Path(output_dir) / str(name)
 
 
-def check_alpha(alpha: float | None, alpha_range: Sequence[float]) -> None:
-    """A requested alpha must lie in the range the model was (or will be) trained on.
+def weight_ranges(alpha_range: Sequence, num_weights: int = 1) -> list[tuple[float, float]]:
+    """``alpha_range`` as one ``(low, high)`` per weight: ``[low, high]`` applies to every weight,
+    ``[[low_1, high_1], ..., [low_K, high_K]]`` gives each its own.
+
+    Raises:
+        ValueError: for a range that is not two numbers, or per-weight ranges of another count.
+    """
+    values = list(alpha_range)
+    if values and all(isinstance(v, (list, tuple)) for v in values):
+        if len(values) != num_weights:
+            raise ValueError(f"alpha_range gives {len(values)} ranges for {num_weights} weight(s): expected [low, high] or {num_weights} pairs, found {alpha_range!r}")
+        pairs = values
+    else:
+        pairs = [values] * num_weights
+    for pair in pairs:
+        if len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair):
+            raise ValueError(f"alpha_range must be [low, high] (or one such pair per weight), found {alpha_range!r}")
+    return [(float(lo), float(hi)) for lo, hi in pairs]
+
+
+def alpha_values(alpha) -> list[float]:
+    """A float, a list or a tensor of alphas as a list of floats (one per weight)."""
+    return [float(v) for v in np.asarray(convert_to_tensor(alpha, track_meta=False) if torch.is_tensor(alpha) else alpha, dtype=np.float64).reshape(-1)]
+
+
+def plain_alpha(alpha) -> float | list[float]:
+    """An alpha as stored in ``metrics.json`` and ``model.pt``: a float for one weight, a list for several."""
+    values = alpha_values(alpha)
+    return values[0] if len(values) == 1 else values
+
+
+def check_alpha(alpha, alpha_range: Sequence, num_weights: int = 1) -> None:
+    """A requested alpha must lie in the range the model was (or will be) trained on, one value per weight.
 
     Raises:
         ValueError: naming the alpha and the range.
     """
     if alpha is None:
         return
-    lo, hi = float(alpha_range[0]), float(alpha_range[1])
-    a = float(alpha)
-    if not (math.isfinite(a) and lo - 1e-9 <= a <= hi + 1e-9):
-        raise ValueError(
-            f"alpha {alpha} is outside the range the network is trained on, [{lo:g}, {hi:g}]: it was never conditioned "
-            "there, so its field would be an extrapolation. Choose an alpha in that range (or train with a wider alpha_range)."
-        )
+    try:
+        values = alpha_values(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a number (or one number per weight), found {alpha!r}") from None
+    if len(values) != num_weights:
+        raise ValueError(f"alpha {alpha!r} has {len(values)} value(s), but the network is conditioned on {num_weights} weight(s): give one per regularizer")
+    for a, (lo, hi) in zip(values, weight_ranges(alpha_range, num_weights)):
+        if not (math.isfinite(a) and lo - 1e-9 <= a <= hi + 1e-9):
+            raise ValueError(
+                f"alpha {alpha} is outside the range the network is trained on, [{lo:g}, {hi:g}]: it was never conditioned "
+                "there, so its field would be an extrapolation. Choose an alpha in that range (or train with a wider alpha_range)."
+            )
+
+
+def make_alpha_prior(alpha_range: Sequence, alpha_distribution: str | Sequence[str], num_weights: int = 1, per_point: bool = True) -> AlphaPrior:
+    """The training prior of the bundle options: ``alpha_range`` (see :func:`weight_ranges`) and
+    ``alpha_distribution`` (one name, or one per weight) for ``num_weights`` weights."""
+    ranges = weight_ranges(alpha_range, num_weights)
+    names = [alpha_distribution] if isinstance(alpha_distribution, str) else list(alpha_distribution)
+    if any(d not in ("uniform", "log-uniform") for d in names) or len(names) not in (1, num_weights):
+        raise ValueError(f"alpha_distribution must be 'uniform' or 'log-uniform' (or one of those per weight), found {alpha_distribution!r}")
+    if num_weights == 1:
+        return AlphaPrior(ranges[0][0], ranges[0][1], alpha_distribution, per_point=per_point)
+    return AlphaPrior([r[0] for r in ranges], [r[1] for r in ranges], alpha_distribution, per_point=per_point, num_weights=num_weights)
 
 
 def check_options(
@@ -238,10 +304,9 @@ def check_options(
     Raises:
         ValueError: naming the option, what was expected and what was found.
     """
-    _registration_loss(loss, regularizer, regularizer_scales, loss_balance)  # names, weights, scales; not two losses
-    if alpha_distribution not in ("uniform", "log-uniform"):
-        raise ValueError(f"alpha_distribution must be 'uniform' or 'log-uniform', found {alpha_distribution!r}")
-    check_alpha(alpha, alpha_range)
+    k = _registration_loss(loss, regularizer, regularizer_scales, loss_balance).cond_features  # names, scales; not two losses
+    make_alpha_prior(alpha_range, alpha_distribution, k)  # ranges and distributions, one per weight or for all
+    check_alpha(alpha, alpha_range, k)
     check_device(device)
     if selection_mode not in ("warp_mask", "segment"):
         raise ValueError(f"selection_mode must be 'warp_mask' or 'segment', found {selection_mode!r}")
@@ -253,6 +318,8 @@ def _registration_loss(loss, regularizer, regularizer_scales, loss_balance) -> R
     """The run's loss: the given object, or one built from the regularizer options (not both)."""
     if loss is None:
         return RegistrationLoss(regularizer, regularizer_scales, balance=loss_balance)
+    if isinstance(loss, Mapping):  # a plain-data specification: RegistrationLoss's keyword arguments
+        loss = RegistrationLoss(**loss)
     if not isinstance(loss, RegistrationLoss):
         raise TypeError(f"loss must be a monai_cidir.losses.RegistrationLoss, found {type(loss).__name__}")
     if regularizer != "bending" or regularizer_scales is not None or loss_balance is not None:
@@ -427,7 +494,9 @@ def select_and_export(
     Returns:
         the metrics dict written to ``metrics.json``.
     """
-    check_alpha(alpha, alpha_range)
+    k = model.num_weights
+    check_alpha(alpha, alpha_range, k)
+    names = list(getattr(model, "info", {}).get("regularizer_names") or [str(i) for i in range(k)])
     patient_dir = Path(patient_dir)
     name = str(item.get("name", patient_dir.name))
     start = time.perf_counter()
@@ -449,9 +518,8 @@ def select_and_export(
             model,
             item["fixed_mask"],
             item.get("moving_mask"),
-            alpha_range=alpha_range,
+            prior=make_alpha_prior(alpha_range, alpha_distribution, k),
             num_alphas=num_alphas,
-            alpha_distribution=alpha_distribution,
             golden_section_steps=golden_section_steps,
             no_folding=no_folding,
             val_handlers=selection_handlers,
@@ -463,10 +531,10 @@ def select_and_export(
     if alpha is None:
         if best is None:
             raise ValueError("no alpha to export: give alpha=... or num_alphas > 0")
-        alpha, chosen = best["alpha"], best
+        alpha, chosen = plain_alpha(best["alpha"]), best
     else:
-        alpha = float(alpha)
-        chosen = next((r for r in rows if abs(r["alpha"] - alpha) < 1e-12), None)
+        alpha = plain_alpha(alpha)
+        chosen = next((r for r in rows if np.allclose(alpha_values(r["alpha"]), alpha_values(alpha), rtol=0, atol=1e-12)), None)
         if chosen is not None and evaluator.folding_stride > 1:  # the sweep's folding was thinned
             with torch.no_grad():
                 chosen = dict(chosen, folding=evaluator.folding(alpha, 1))
@@ -474,8 +542,11 @@ def select_and_export(
             evaluator = AlphaSelectionEvaluator(model, item["fixed_mask"], item.get("moving_mask"), alphas=[alpha], **options)
             chosen = evaluator.run().best
     if rows:
-        write_alpha_curve(rows, patient_dir / "alpha_curve.csv")
-        plot_alpha_curve(rows, alpha, patient_dir / "alpha_curve.png", title=name)
+        write_alpha_curve(rows, patient_dir / "alpha_curve.csv", names)
+        if k == 1:
+            plot_alpha_curve(rows, alpha, patient_dir / "alpha_curve.png", title=name)
+        else:
+            plot_alpha_map(rows, alpha_values(alpha), patient_dir / "alpha_curve.png", names, title=name)
     export_seconds = time.perf_counter()
     export_info: dict[str, float] = {}
     if export_images:
@@ -489,14 +560,16 @@ def select_and_export(
     metrics.update(
         {
             "name": name,
-            "alpha": float(alpha),
+            "alpha": plain_alpha(alpha),
             "dice": float(chosen["dice"]),
             "dice_before": evaluator.score_identity(),
             "folding": float(chosen["folding"]),
-            "alpha_selection": "fixed" if not rows or alpha != (best or {}).get("alpha") else "max_dice",
+            "alpha_selection": "fixed" if not rows or best is None or alpha_values(alpha) != alpha_values(best["alpha"]) else "max_dice",
             "num_alphas_evaluated": len(rows),
         }
     )
+    if k > 1:
+        metrics["alpha_names"] = names
     if rows:
         metrics["dice_at_alpha_min"] = float(rows[0]["dice"])
         metrics["seconds_per_alpha"] = float(sum(r["seconds"] for r in rows) / len(rows))
@@ -643,7 +716,7 @@ def register_patient(
     regularizer: str | Sequence[str] | Mapping[str, float] = "bending",
     regularizer_scales: Mapping[str, float] | None = None,
     loss_balance: float | None = None,
-    loss: RegistrationLoss | None = None,
+    loss: RegistrationLoss | Mapping | None = None,
     alpha_range: Sequence[float] = (0.0, 1.0),
     alpha_distribution: str = "log-uniform",
     alpha_per_point: bool = True,
@@ -697,9 +770,14 @@ def register_patient(
         regularizer_scales: overrides of :data:`~monai_cidir.losses.REGULARIZER_SCALES` (both build the
             :class:`~monai_cidir.losses.RegistrationLoss`).
         loss_balance: :class:`~monai_cidir.losses.RegistrationLoss` ``balance`` (``None``: the paper's sum).
-        loss: a ready :class:`~monai_cidir.losses.RegistrationLoss` (the bundle's ``loss`` id) instead of
-            ``regularizer`` / ``regularizer_scales`` / ``loss_balance``; giving both is an error.
-        alpha_range: the prior's range (paper: (0, 1)).
+        loss: a ready :class:`~monai_cidir.losses.RegistrationLoss` (the bundle's ``loss`` id), or its
+            keyword arguments as a dict, instead of ``regularizer`` / ``regularizer_scales`` /
+            ``loss_balance``; giving both is an error. With ``conditioning="per_regularizer"`` alpha
+            is a vector of one weight per regularizer: the network gets ``cond_features=K``, the
+            prior draws K weights, the selection searches the K-dimensional space and
+            ``metrics.json`` / ``model.pt`` store the chosen vector as a list (with the names in order).
+        alpha_range: the prior's range (paper: (0, 1)): ``[low, high]`` for every weight, or one
+            ``[low, high]`` per weight.
         alpha_distribution: ``"log-uniform"`` (default: log alpha uniform on [1e-3, 1], the selection
             grid 0 then log-spaced) or ``"uniform"`` (the paper). Log-uniform trains more at small
             lambda, where real motion needs it: on the real pair lung NCC 0.864 at alpha 0 against
@@ -783,10 +861,11 @@ def register_patient(
         set_determinism(seed=seed)
         from monai_cidir.networks import ConditionedINR
 
-        net = scale_initial_output(_build(network, default=ConditionedINR), init_output_scale)
+        k = loss.cond_features  # one weight per regularizer: the network takes K conditioning values
+        net = scale_initial_output(_build(network, default=ConditionedINR, **({"cond_features": k} if k > 1 else {})), init_output_scale)
         opt = build_optimizer(net, optimizer, learning_rate=learning_rate, harmonizer_lr_factor=harmonizer_lr_factor)
         sampler = make_point_sampler(item["fixed_mask"], seed=seed)
-        prior = AlphaPrior(alpha_range[0], alpha_range[1], alpha_distribution, per_point=alpha_per_point)
+        prior = make_alpha_prior(alpha_range, alpha_distribution, k, per_point=alpha_per_point)
         trainer_handlers = handlers() if callable(handlers) else handlers
         trainer = CIDIRTrainer(
             net,
@@ -858,8 +937,13 @@ def register_patient(
             "regularizer": regularizer,
             "regularizer_weights": trainer.loss_function.spec,
             "regularizer_lambda_scales": trainer.loss_function.scales,
+            "regularizer_names": trainer.loss_function.names,
+            "conditioning": trainer.loss_function.conditioning,
+            "cond_features": k,
+            "alpha_prior": prior.state_dict(),
             "iterations": trainer.state.iteration,
         }
+        model.info = dict(model_info)
         save_registration_model(model, pdir / "model.pt", **model_info)  # before selection: re-export can resume
         previous = {
             "iterations": int(trainer.state.iteration),
@@ -893,9 +977,9 @@ def register_patient(
         )
         save_registration_model(model, pdir / "model.pt", alpha=metrics["alpha"], **model_info)
         logger.info(
-            "%s: alpha %.3f, Dice %.4f, folding %.2g, TRE %s -> %s mm",
+            "%s: alpha %s, Dice %.4f, folding %.2g, TRE %s -> %s mm",
             name,
-            metrics["alpha"],
+            format_alpha(metrics["alpha"]),
             metrics["dice"],
             metrics["folding"],
             _fmt(metrics.get("tre_before_mean")),
@@ -944,7 +1028,7 @@ def export_registration(
     model_path = Path(model_path) if model_path is not None else pdir / "model.pt"
     with PatientDirLock(pdir):  # not while a training run writes this patient
         model = load_registration_model(model_path, device=device)
-        check_alpha(alpha, model.info.get("alpha_range", selection_kwargs.get("alpha_range", (0.0, 1.0))))
+        check_alpha(alpha, model.info.get("alpha_range", selection_kwargs.get("alpha_range", (0.0, 1.0))), model.num_weights)
         previous = {}
         if (pdir / "metrics.json").is_file():
             old = json.loads((pdir / "metrics.json").read_text())
@@ -1007,6 +1091,13 @@ def _triple(r: Mapping, keys: Sequence[str], fmt: str) -> str:
     return "/".join("n/a" if v is None else format(v, fmt) for v in values)
 
 
+def _alpha_cell(alpha) -> str:
+    """The summary table's alpha: ``0.316`` for one weight, ``[0.1, 0.03]`` for a vector."""
+    if alpha is None:
+        return "nan"
+    return format(float(alpha), ".3f") if np.ndim(alpha) == 0 else format_alpha(alpha, ".2g")
+
+
 def format_summary_table(rows: Sequence[dict]) -> str:
     """The summary table printed after a cohort, then one WARNING line per problem.
 
@@ -1028,7 +1119,7 @@ def format_summary_table(rows: Sequence[dict]) -> str:
         volumes = f"{_fmt(r.get('fixed_lung_ml'), '.0f')}/{_fmt(r.get('moving_lung_ml'), '.0f')}"
         tre = f"{_fmt(r.get('tre_before_mean'))} -> {_fmt(r.get('tre_after_mean'))}"
         lines.append(
-            f"{name:<16} {status:<8} {r.get('alpha', float('nan')):>6.3f} {100 * r.get('folding', float('nan')):>9.3f} "
+            f"{name:<16} {status:<8} {_alpha_cell(r.get('alpha')):>6} {100 * r.get('folding', float('nan')):>9.3f} "
             f"{volumes:>12}  {_triple(r, ('ncc_before', 'ncc_affine', 'ncc_after'), '.3f'):>23}  "
             f"{_triple(r, ('dice_before', 'dice_affine', 'dice'), '.3f'):>24}  {tre:>24}"
         )

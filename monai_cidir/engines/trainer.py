@@ -52,63 +52,133 @@ __all__ = [
 
 
 class AlphaPrior:
-    """The prior alpha is drawn from during training (and the range alpha selection sweeps).
+    """The prior alpha is drawn from during training (and the grid alpha selection sweeps).
+
+    One alpha (the paper), or a vector of ``K`` weights, one per regularizer (the loss's
+    ``conditioning="per_regularizer"``), each drawn independently from its own range and
+    distribution.
 
     Args:
-        low: lower end of the range (paper: 0).
-        high: upper end of the range (paper: 1). ``high == low`` trains at that one alpha, as IDIR
-            does (IDIR's default: 0.5 for the SIREN baseline of the benchmark).
+        low: lower end of the range (paper: 0); one value, or one per weight.
+        high: upper end of the range (paper: 1); one value, or one per weight. ``high == low``
+            trains at that one alpha, as IDIR does (IDIR's default: 0.5 for the SIREN baseline of
+            the benchmark).
         distribution: ``"uniform"`` (paper) or ``"log-uniform"`` (uniform in log alpha on
-            ``[max(low, log_floor), high]``).
+            ``[max(low, log_floor), high]``); one name, or one per weight.
         per_point: draw one alpha per point (one batch then covers the whole prior) instead
             of one per batch.
         log_floor: lower end used by the log-uniform prior when ``low`` is 0.
+        num_weights: ``K``; default: the length of the longest of ``low``, ``high`` and
+            ``distribution`` given as a list, else 1.
+
+    Raises:
+        ValueError: for an unknown distribution, a range with ``low > high`` or ``low < 0``, or lists
+            whose lengths disagree with ``num_weights``.
 
     Example::
 
         >>> prior = AlphaPrior(0.0, 1.0, per_point=True)
         >>> prior.sample(4, torch.Generator().manual_seed(0)).shape
         torch.Size([4, 1])
+        >>> AlphaPrior(0.0, [1.0, 0.5], "log-uniform", per_point=True).sample(4).shape
+        torch.Size([4, 2])
     """
 
     def __init__(
         self,
-        low: float = 0.0,
-        high: float = 1.0,
-        distribution: str = "uniform",
+        low: float | Sequence[float] = 0.0,
+        high: float | Sequence[float] = 1.0,
+        distribution: str | Sequence[str] = "uniform",
         per_point: bool = False,
         log_floor: float = LOG_FLOOR,
+        num_weights: int | None = None,
     ) -> None:
-        if distribution not in ("uniform", "log-uniform"):
-            raise ValueError(f"distribution must be 'uniform' or 'log-uniform', found {distribution!r}")
-        if not high >= low or low < 0:
-            raise ValueError(f"expected 0 <= low <= high, found low={low}, high={high}")
-        self.low, self.high = float(low), float(high)
-        self.distribution = distribution
+        given = [v for v in (low, high, distribution) if not isinstance(v, (str, int, float))]
+        k = int(num_weights) if num_weights is not None else max([len(v) for v in given], default=1)
+        if k < 1:
+            raise ValueError(f"num_weights must be >= 1, found {num_weights}")
+        lows, highs, dists = (_per_weight(v, k, name) for v, name in ((low, "low"), (high, "high"), (distribution, "distribution")))
+        for i, (lo, hi, dist) in enumerate(zip(lows, highs, dists)):
+            where = "" if k == 1 else f" (weight {i})"
+            if dist not in ("uniform", "log-uniform"):
+                raise ValueError(f"distribution must be 'uniform' or 'log-uniform'{where}, found {dist!r}")
+            if not float(hi) >= float(lo) or float(lo) < 0:
+                raise ValueError(f"expected 0 <= low <= high{where}, found low={lo}, high={hi}")
+        self.num_weights = k
+        self.lows, self.highs = [float(v) for v in lows], [float(v) for v in highs]
+        self.distributions = [str(v) for v in dists]
+        #: the first weight's range and distribution (all of it when K = 1)
+        self.low, self.high, self.distribution = self.lows[0], self.highs[0], self.distributions[0]
         self.per_point = bool(per_point)
         self.log_floor = float(log_floor)
 
     @property
     def range(self) -> tuple[float, float]:
-        """``(low, high)``."""
+        """``(low, high)`` of the first weight."""
         return self.low, self.high
 
     def grid(self, num: int) -> list[float]:
-        """``num`` alphas spaced as this prior samples them: the alpha selection's grid
-        (:func:`~monai_cidir.engines.alpha_selection.alpha_grid`)."""
+        """``num`` alphas spaced as this prior samples them (the first weight's): the alpha
+        selection's grid (:func:`~monai_cidir.engines.alpha_selection.alpha_grid`)."""
         return alpha_grid(self.low, self.high, num, self.distribution, self.log_floor)
 
+    def axis_grids(self, num: int) -> list[list[float]]:
+        """One grid of ``num`` values per weight, each spaced as that weight is sampled."""
+        return [alpha_grid(lo, hi, num, d, self.log_floor) for lo, hi, d in zip(self.lows, self.highs, self.distributions)]
+
+    def state_dict(self) -> dict:
+        """Plain data that rebuilds the prior (``AlphaPrior(**state)``), as stored in ``model.pt``."""
+        one = self.num_weights == 1
+        return {
+            "low": self.low if one else list(self.lows),
+            "high": self.high if one else list(self.highs),
+            "distribution": self.distribution if one else list(self.distributions),
+            "per_point": self.per_point,
+            "log_floor": self.log_floor,
+            "num_weights": self.num_weights,
+        }
+
+    def _transform(self, r: torch.Tensor, i: int) -> torch.Tensor:
+        lo, hi = self.lows[i], self.highs[i]
+        if self.distributions[i] == "uniform" or hi <= self.log_floor:
+            return lo + (hi - lo) * r
+        floor = math.log(max(lo, self.log_floor))
+        return torch.exp(floor + (math.log(hi) - floor) * r)
+
     def sample(self, num_points: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(1,)`` (one per batch) or ``(num_points, 1)`` (per point) alphas."""
+        """``(1,)`` (one per batch) or ``(num_points, 1)`` (per point) alphas; ``(1, K)`` or
+        ``(num_points, K)`` for ``K > 1`` weights."""
         n = num_points if self.per_point else 1
-        r = torch.rand(n, generator=generator, dtype=torch.float64)
-        if self.distribution == "uniform" or self.high <= self.log_floor:
-            a = self.low + (self.high - self.low) * r
-        else:
-            lo = math.log(max(self.low, self.log_floor))
-            a = torch.exp(lo + (math.log(self.high) - lo) * r)
-        a = a.float()
-        return a.reshape(n, 1) if self.per_point else a.reshape(1)
+        if self.num_weights == 1:
+            a = self._transform(torch.rand(n, generator=generator, dtype=torch.float64), 0).float()
+            return a.reshape(n, 1) if self.per_point else a.reshape(1)
+        r = torch.rand(n, self.num_weights, generator=generator, dtype=torch.float64)
+        return torch.stack([self._transform(r[:, i], i) for i in range(self.num_weights)], dim=1).float()
+
+
+def _check_weight_counts(network: torch.nn.Module, loss: RegistrationLoss, prior: AlphaPrior) -> None:
+    """The network, the loss and the prior must agree on how many weights alpha has.
+
+    Raises:
+        ValueError: naming the three counts and how to make them agree.
+    """
+    net_k = int(getattr(network, "cond_features", loss.cond_features))  # a plain SIREN takes any alpha and ignores it
+    if not net_k == loss.cond_features == prior.num_weights:
+        raise ValueError(
+            f"alpha has {loss.cond_features} weight(s) in the loss ({loss.conditioning} conditioning of {loss.names}), "
+            f"{prior.num_weights} in the prior and {net_k} in the network (cond_features): they must agree. For one weight "
+            "per regularizer use ConditionedINR(cond_features=len(regularizers)) and an AlphaPrior with that many weights."
+        )
+
+
+def _per_weight(value, k: int, name: str) -> list:
+    """``value`` repeated ``k`` times, or the given list when it has ``k`` entries."""
+    if isinstance(value, (str, int, float)):
+        return [value] * k
+    values = list(value)
+    if len(values) != k:
+        raise ValueError(f"{name} has {len(values)} entries for {k} weights: expected one value or {k}, found {value!r}")
+    return values
 
 
 def _smooth(image: torch.Tensor, mapping: CoordinateMapping, sigma_mm: float) -> torch.Tensor:
@@ -368,7 +438,8 @@ class CIDIRTrainer(Trainer):
         self.num_points = int(num_points)
         self.loss_function = loss if isinstance(loss, RegistrationLoss) else RegistrationLoss(loss)
         self.loss_function.to(self.state.device)
-        self.alpha_prior = alpha_prior or AlphaPrior()
+        self.alpha_prior = alpha_prior or AlphaPrior(num_weights=self.loss_function.cond_features)
+        _check_weight_counts(self.network, self.loss_function, self.alpha_prior)
         self.time_budget_s = _positive_seconds(time_budget_s)
         self.seconds_spent = 0.0  # training seconds of earlier (resumed) runs
         self._run_start: float | None = None

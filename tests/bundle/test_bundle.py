@@ -334,7 +334,7 @@ def test_lung_mask_weights_reach_the_lungmask_backend(tmp_path):
     "flags, message",
     [
         (["--max_iteration", "50000"], r"--max_iteration: no config id 'max_iteration' .* closest: --max_iterations"),
-        (["--conditioning", "x"], r"--conditioning: no config id 'conditioning'"),
+        (["--regulariser", "jacobian"], r"--regulariser: no config id 'regulariser' .* closest: --regularizer"),
         (["--max_iterations", "abc"], r"--max_iterations abc: expected int like the default 300, found str"),
         (["--network#hidden_feature", "64"], r"no config id 'network#hidden_feature'"),
     ],

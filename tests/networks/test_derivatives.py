@@ -261,3 +261,38 @@ def test_gradient_with_respect_to_coordinates(mode):
     got = torch.autograd.grad(loss(*net.forward_with_derivatives(x, alpha, hessian_mode=mode)), x)[0]
     want = torch.autograd.grad(loss(*autograd_derivatives(net, x, alpha)), x)[0]
     assert _rel(got, want) <= 1e-10
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("per_point", [False, True], ids=["batch-alpha", "per-point-alpha"])
+@pytest.mark.parametrize("modulation", ["shared", "per_neuron"])
+def test_two_weights_match_nested_autograd(modulation, per_point, mode, small_blocks):
+    """K = 2 conditioning values (one weight per regularizer): values and parameter gradients."""
+    torch.manual_seed(5)
+    net = ConditionedINR(hidden_features=48, num_hidden_layers=3, modulation=modulation, cond_features=2).double()
+    with torch.no_grad():
+        net.harmonizer.head.weight.normal_(std=0.2)
+        net.harmonizer.head.bias.normal_(std=0.2)
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(40, 3, generator=g, dtype=torch.float64) * 2 - 1
+    alpha = torch.rand(40, 2, generator=g, dtype=torch.float64) if per_point else torch.tensor([0.3, 0.05], dtype=torch.float64)
+    want = autograd_derivatives(net, x, alpha, order=2)
+    got = net.forward_with_derivatives(x, alpha, order=2, hessian_mode=mode)
+    for a, b in zip(got, want):
+        assert _rel(a, b) <= 1e-8
+    params = list(net.parameters())
+
+    def loss(u, jac, hess):
+        return (u**2).sum() + ((jac - 0.1) ** 2).sum() + 1e-3 * (hess**2).sum((1, 2, 3)).mean()
+
+    g_want = torch.autograd.grad(loss(*want), params, allow_unused=True)
+    g_got = torch.autograd.grad(loss(*net.forward_with_derivatives(x, alpha, hessian_mode=mode)), params, allow_unused=True)
+    for p, a, b in zip(params, g_got, g_want):
+        if b is None:
+            assert a is None or a.abs().max() == 0
+            continue
+        assert _rel(a, b) <= 1e-8, p.shape
+    # both weights reach the harmonizer: its first layer's two input columns get gradients
+    first = net.harmonizer.hidden[0].weight
+    grad = torch.autograd.grad(loss(*net.forward_with_derivatives(x, alpha)), first)[0]
+    assert grad.shape[-1] == 2 and bool((grad.abs().sum(0) > 0).all())
