@@ -127,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra register_patient option for the INR methods, e.g. affine_prealign=false or regularization_points=1000 (repeatable)",
     )
     p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="an extra cIDIR method NAME (starting with cidir_) with these register_patient options on top of --engine-option, "
+        'e.g. cidir_jacobian=\'{"regularizer": "jacobian"}\' or cidir_two=\'{"loss": {"regularizer": {"bending": 1, "jacobian": 1}, '
+        '"conditioning": "per_regularizer"}}\' (repeatable; add NAME to --methods)',
+    )
+    p.add_argument(
         "--autograd-cases",
         default="first",
         choices=("first", "groups", "all"),
@@ -151,23 +160,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _engine_options(items: list[str]) -> dict:
+def _engine_options(items: list[str], flag: str = "--engine-option", partial: bool = True) -> dict:
+    """``KEY=JSON`` items as register_patient options; ``partial``: a ``network`` dict becomes a ConditionedINR
+    partial (in-process callers; the worker processes get plain JSON and convert it themselves)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise SystemExit(f"--engine-option expects KEY=VALUE (VALUE in JSON), found {item!r}")
+            raise SystemExit(f"{flag} expects KEY=VALUE (VALUE in JSON), found {item!r}")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             out[key.strip()] = value
-    if isinstance(out.get("network"), dict):  # network={"modulation": "per_neuron"}: ConditionedINR's options
+    return _network_partial(out) if partial else out
+
+
+def _network_partial(options: dict) -> dict:
+    """``network={"modulation": "per_neuron"}`` (JSON) becomes a partial of ConditionedINR with those options."""
+    if isinstance(options.get("network"), dict):
         import functools
 
         from monai_cidir.networks import ConditionedINR
 
-        out["network"] = functools.partial(ConditionedINR, **out["network"])
+        options = {**options, "network": functools.partial(ConditionedINR, **options["network"])}
+    return options
+
+
+def _variants(items: list[str]) -> dict[str, dict]:
+    """``--variant NAME=JSON``: extra cIDIR methods, each with its own register_patient options."""
+    out = _engine_options(items, "--variant", partial=False)
+    for name, options in out.items():
+        if not name.startswith("cidir_") or name in METHODS or not isinstance(options, dict):
+            raise SystemExit(f"--variant expects cidir_<name>={{options as a JSON object}}, found {name}={options!r}")
     return out
+
+
+def _alpha(value) -> str:
+    """An alpha for the report: ``0.32``, or ``[0.01, 0.1]`` for one weight per regularizer."""
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(f"{float(v):.3g}" for v in value) + "]"
+    return f"{float(value):.2f}"
 
 
 def _split(text: str) -> list[str]:
@@ -258,7 +292,8 @@ def _realistic_cases(args, data_dir: Path, selected, cases: list, skipped: list)
 
 def _methods(args) -> tuple[list[str], list[str]]:
     methods = _split(args.methods)
-    bad = [m for m in methods if m not in METHODS]
+    variants = _variants(args.variant)
+    bad = [m for m in methods if m not in METHODS and m not in variants]
     if bad:
         raise SystemExit(f"unknown method(s) {bad}: expected a subset of {','.join(METHODS)}")
     skipped = []
@@ -315,9 +350,9 @@ def _estimate(plan, args) -> tuple[float, float]:
     expected = bound = 0.0
     for case, method in plan:
         size = "phantom" if case["group"] == "phantom" else "other"
-        if method in INR_METHODS:
+        if method in INR_METHODS or method.startswith("cidir_"):
             step = _COST["step"] * args.num_points / 4000 * (_COST["autograd_factor"] if method == "idir_autograd" else 1.0)
-            select = args.num_alphas * _COST["per_alpha"][size] if method == "cidir" else 0.0
+            select = args.num_alphas * _COST["per_alpha"][size] if method.startswith("cidir") else 0.0
             train = args.iterations * step if method == "idir_autograd" else min(args.iterations * step, args.time_limit)
             expected += train + select + _COST["overhead"]
             bound += (args.iterations * step * 2 if method == "idir_autograd" else args.time_limit) + 2 * select + 2 * _COST["overhead"]
@@ -524,7 +559,7 @@ def _realistic_targets(case: str, by: dict) -> list[str]:
     if c and c.get("tre_loss_dice_choice") is not None:
         loss = float(c["tre_loss_dice_choice"])
         lines.append(
-            f"- selected alpha within 0.05 mm of the oracle, {case}: alpha {c['alpha']:.2f} vs {c['alpha_oracle']:.2f}, "
+            f"- selected alpha within 0.05 mm of the oracle, {case}: alpha {_alpha(c['alpha'])} vs {_alpha(c['alpha_oracle'])}, "
             f"{loss:.3f} mm lost: **{'met' if loss <= 0.05 else 'MISSED'}**"
         )
     if c and c.get("tre_per_alpha"):
@@ -553,7 +588,7 @@ def _plot_curves(rows: list[dict], output: Path) -> list[Path]:
         for r in runs:
             t = [p[0] for p in r["curve"]]
             tre = [p[2] for p in r["curve"]]
-            ax.plot(t, tre, marker=".", label=f"{LABELS.get(r['method'], r['method'])} (alpha {r['alpha']:.2f})")
+            ax.plot(t, tre, marker=".", label=f"{LABELS.get(r['method'], r['method'])} (alpha {_alpha(r['alpha'])})")
         for r in rows:
             if r["case"] == case and r["method"] in ELASTIX_METHODS and not r.get("error"):
                 ax.axhline(r["tre_mean"], ls="--", lw=1, color="gray" if r["method"] == "elastix_default" else "black")
@@ -625,9 +660,9 @@ def write_reports(rows: list[dict], args, command: str, skipped: list[str], seco
         if r.get("error"):
             md.append(f"| {r['case']} | {r['method']} | failed: {r['error'][:120]} |" + " |" * 11)
             continue
-        alpha = "-" if r.get("alpha") is None else f"{r['alpha']:.2f}"
+        alpha = "-" if r.get("alpha") is None else _alpha(r["alpha"])
         if r.get("alpha_oracle") is not None:
-            alpha += f" ({r['alpha_oracle']:.2f})"
+            alpha += f" ({_alpha(r['alpha_oracle'])})"
         limit = " (time limit)" if r.get("stopped_by_time_limit") else ""
         md.append(
             f"| {r['case']} | {r['method']} | {_f(r.get('tre_before_mean'))} | {_f(r.get('tre_mean'))} | {_f(r.get('tre_sd'))} | "
@@ -641,10 +676,10 @@ def write_reports(rows: list[dict], args, command: str, skipped: list[str], seco
         md += ["", "## cIDIR alpha selection", "", "| case | s per alpha | chosen alpha | oracle alpha | TRE chosen | TRE oracle |", "|---|---|---|---|---|---|"]
         for r in sweep:
             md.append(
-                f"| {r['case']} | {r['seconds_per_alpha']:.3f} | {r['alpha']:.2f} | {_f(r.get('alpha_oracle'))} | "
+                f"| {r['case']} | {r['seconds_per_alpha']:.3f} | {_alpha(r['alpha'])} | {_alpha(r.get('alpha_oracle'))} | "
                 f"{r['tre_mean']:.2f} | {_f(r.get('tre_oracle_mean'))} |"
             )
-    inr = [r for r in rows if r["method"] in INR_METHODS and not r.get("error")]
+    inr = [r for r in rows if (r["method"] in INR_METHODS or r["method"].startswith("cidir_")) and not r.get("error")]
     if inr:
         md += [
             "",
@@ -675,7 +710,8 @@ def main(argv: list[str] | None = None) -> int:
         return worker(args.worker)
     command = "python benchmarks/compare.py" + ("" if not argv and len(sys.argv) <= 1 else " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
     methods, skipped_methods = _methods(args)
-    engine_options = _engine_options(args.engine_option)
+    engine_options = _engine_options(args.engine_option, partial=False)  # JSON for the workers
+    variants = _variants(args.variant)
     cases, skipped = prepare_cases(args)
     skipped += [f"{m}: itk-elastix is not installed (pip install 'monai_cidir[bench]')" for m in skipped_methods]
     plan = _plan(cases, methods, args.autograd_cases)
@@ -699,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         "elastix_threads": args.threads if args.elastix_threads is None else (args.elastix_threads or None),
         "elastix_max_iterations": args.elastix_max_iterations,
         "engine_options": engine_options,
+        "variants": variants,
     }
     timeout = args.run_timeout or 3 * args.time_limit + 300
     rows = []

@@ -21,6 +21,12 @@ Methods (``METHODS``):
     :func:`monai_cidir.engines.register_patient`, alpha chosen afterwards by lung Dice (no landmarks
     used). The 21-value grid is also scored by TRE to report the oracle alpha and what the Dice
     choice loses.
+``cidir_<variant>``
+    cIDIR with the register_patient options of ``budget["variants"][name]`` on top of the run's
+    engine options, e.g. another regularizer, or two regularizers each with its own weight
+    (``loss={"regularizer": {"bending": 1, "jacobian": 1}, "conditioning": "per_regularizer"}``).
+    For a vector-conditioned model the oracle is the best vector the selection evaluated
+    (``alpha_curve.csv``).
 ``idir``
     :class:`monai_cidir.networks.SirenINR` (IDIR's network) trained at one fixed alpha
     (``--idir-alpha``), forward-mode derivatives, same iterations and points as cIDIR.
@@ -223,7 +229,7 @@ class TRECurveHandler:
     ) -> None:
         self.fixed = None if fixed_landmarks is None else torch.as_tensor(fixed_landmarks, dtype=torch.float64)
         self.moving = None if moving_landmarks is None else torch.as_tensor(moving_landmarks, dtype=torch.float64)
-        self.alphas = [float(a) for a in alphas]
+        self.alphas = [a if isinstance(a, (list, tuple)) else float(a) for a in alphas]
         self.every = float(every_seconds)
         self.time_limit = time_limit
         self.rows: list[dict] = []
@@ -281,17 +287,37 @@ class TRECurveHandler:
 
     def curve(self, alpha: float) -> list[tuple[float, int, float]]:
         """``(training seconds, iteration, mean TRE)`` at the evaluated alpha nearest ``alpha``."""
-        i = int(np.argmin([abs(a - alpha) for a in self.alphas]))
+        i = int(np.argmin([np.abs(np.subtract(a, alpha)).sum() for a in self.alphas]))
         return [(r["seconds"], r["iteration"], r["tre"][i]) for r in self.rows]
 
 
+def _weights(options: dict) -> int:
+    """How many weights alpha has under these register_patient options (the loss's ``cond_features``)."""
+    from monai_cidir.losses import RegistrationLoss
+
+    loss = options.get("loss")
+    return RegistrationLoss(**loss).cond_features if isinstance(loss, dict) else 1
+
+
 def _run_inr(item: dict, method: str, budget: dict, workdir: Path) -> dict:
+    import itertools
+
     from monai_cidir.engines import alpha_grid, register_patient
     from monai_cidir.networks import ConditionedINR, SirenINR
 
-    conditioned = method == "cidir"
-    distribution = budget.get("engine_options", {}).get("alpha_distribution", "uniform")
+    variant = dict(budget.get("variants", {}).get(method, {}))
+    conditioned = method == "cidir" or method in budget.get("variants", {})
+    engine_options = {**budget.get("engine_options", {}), **variant}
+    if isinstance(engine_options.get("network"), dict):  # network={"modulation": "per_neuron"} (JSON): ConditionedINR's options
+        import functools
+
+        engine_options["network"] = functools.partial(ConditionedINR, **engine_options["network"])
+    distribution = engine_options.get("alpha_distribution", "uniform")
+    k = _weights(engine_options)
     grid = alpha_grid(0.0, 1.0, int(budget.get("num_alphas", 21)), distribution)  # the selection's grid
+    if k > 1:  # the search's coarse grid: ~num_alphas^(1/K) values per weight
+        per_axis = max(3, int(round(int(budget.get("num_alphas", 21)) ** (1.0 / k))))
+        grid = [list(v) for v in itertools.product(alpha_grid(0.0, 1.0, per_axis, distribution), repeat=k)]
     idir_alpha = float(budget.get("idir_alpha", 0.5))
     handler = TRECurveHandler(
         item.get("fixed_landmarks"),
@@ -312,7 +338,7 @@ def _run_inr(item: dict, method: str, budget: dict, workdir: Path) -> dict:
         resume=False,
         checkpoint_interval=10**9,
     )
-    options.update(budget.get("engine_options", {}))
+    options.update(engine_options)
     if conditioned:
         options.update(num_alphas=len(grid))
     else:
@@ -322,7 +348,7 @@ def _run_inr(item: dict, method: str, budget: dict, workdir: Path) -> dict:
     metrics = register_patient(item, workdir, **options)
     wall = time.perf_counter() - start
     model = handler.engine.model
-    alpha = float(metrics["alpha"])
+    alpha = metrics["alpha"]
     predicted = model.transform_points(item["fixed_landmarks"], alpha) if item.get("fixed_landmarks") is not None else None
     fmap = CoordinateMapping.from_image(item["fixed_image"])
     field = torch.from_numpy(model.map_grid(alpha, fmap))
@@ -343,6 +369,8 @@ def _run_inr(item: dict, method: str, budget: dict, workdir: Path) -> dict:
         "curve": handler.curve(alpha),
     }
     if conditioned and predicted is not None:
+        if k > 1:  # the oracle among the vectors the selection evaluated
+            grid = _evaluated_vectors(workdir / str(item.get("name") or "pair") / "alpha_curve.csv")
         target = torch.as_tensor(item["moving_landmarks"], dtype=torch.float64)
         per_alpha = [float((model.transform_points(item["fixed_landmarks"], a) - target).norm(dim=1).mean()) for a in grid]
         best = int(np.argmin(per_alpha))
@@ -355,6 +383,15 @@ def _run_inr(item: dict, method: str, budget: dict, workdir: Path) -> dict:
             alpha_grid=grid,
         )
     return {"predicted": predicted, "field": field, **out}
+
+
+def _evaluated_vectors(path: Path) -> list[list[float]]:
+    """The alpha vectors of a vector-conditioned model's ``alpha_curve.csv`` (its ``alpha_<name>`` columns)."""
+    import csv
+
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return [[float(r[c]) for c in r if c.startswith("alpha_")] for r in rows]
 
 
 # ---------------------------------------------------------------------------- elastix
@@ -395,11 +432,12 @@ def run_method(item: dict, method: str, budget: dict, workdir: str | Path) -> di
     Raises:
         ValueError: for an unknown method.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
+    variants = budget.get("variants", {})
+    if method not in METHODS and method not in variants:
+        raise ValueError(f"unknown method {method!r}: expected one of {METHODS} or a variant {sorted(variants)}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    run = _run_inr if method in INR_METHODS else _run_elastix
+    run = _run_inr if method in INR_METHODS or method in variants else _run_elastix
     res = run(item, method, budget, workdir)
     predicted, field = res.pop("predicted"), res.pop("field")
     start = time.perf_counter()
