@@ -316,7 +316,7 @@ def _run_inr(item: dict, method: str, budget: dict, workdir: Path) -> dict:
     k = _weights(engine_options)
     grid = alpha_grid(0.0, 1.0, int(budget.get("num_alphas", 21)), distribution)  # the selection's grid
     if k > 1:  # the search's coarse grid: ~num_alphas^(1/K) values per weight
-        per_axis = max(3, int(round(int(budget.get("num_alphas", 21)) ** (1.0 / k))))
+        per_axis = max(3, int(math.floor(int(budget.get("num_alphas", 21)) ** (1.0 / k) + 1e-9)))
         grid = [list(v) for v in itertools.product(alpha_grid(0.0, 1.0, per_axis, distribution), repeat=k)]
     idir_alpha = float(budget.get("idir_alpha", 0.5))
     handler = TRECurveHandler(

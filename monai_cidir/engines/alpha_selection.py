@@ -191,7 +191,7 @@ class AlphaSelectionEvaluator(Evaluator):
         prior: the training prior (:class:`~monai_cidir.engines.trainer.AlphaPrior`): it spaces the
             grid (instead of ``alpha_range`` / ``alpha_distribution``). Required for a model
             conditioned on ``K > 1`` weights: the search then starts on a grid of
-            ``max(3, round(num_alphas ** (1 / K)))`` values per weight (5 x 5 for the default 21 and
+            ``max(3, floor(num_alphas ** (1 / K)))`` values per weight (4 x 4 for the default 21 and
             ``K = 2``), each spaced as the prior samples that weight.
         refine_rounds: ``K > 1`` only: rounds of refinement around the best vector. Each scores, per
             weight, the best value and the midpoints towards its evaluated neighbours (geometric
@@ -231,7 +231,7 @@ class AlphaSelectionEvaluator(Evaluator):
         band_mm: float | None = 0.1,
         folding_stride: int | None = None,
         prior=None,
-        refine_rounds: int = 2,
+        refine_rounds: int = 1,
     ) -> None:
         if mode not in ("warp_mask", "segment"):
             raise ValueError(f"mode must be 'warp_mask' or 'segment', found {mode!r}")
@@ -254,7 +254,7 @@ class AlphaSelectionEvaluator(Evaluator):
         else:  # K weights: a coarse grid, refined around the best (refine_rounds)
             if prior is None:
                 raise ValueError(f"the model is conditioned on {self.num_weights} weights: give the training prior (prior=AlphaPrior(...)) or the alpha vectors to score")
-            per_axis = max(3, int(round(num_alphas ** (1.0 / self.num_weights))))
+            per_axis = max(3, int(math.floor(num_alphas ** (1.0 / self.num_weights) + 1e-9)))
             alphas = [tuple(v) for v in itertools.product(*prior.axis_grids(per_axis))]
         self.highs = [max(1e-12, max(_alpha_list(a)[i] for a in alphas)) for i in range(self.num_weights)] if alphas else [1.0] * self.num_weights
         self.refine_rounds = int(refine_rounds)

@@ -1082,8 +1082,15 @@ def write_cohort_table(rows: Sequence[dict], path: str | os.PathLike) -> Path:
         w = csv.DictWriter(f, fieldnames=list(COHORT_COLUMNS), extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: " | ".join(v) if isinstance(v := r.get(k, ""), list) else v for k in COHORT_COLUMNS})
+            w.writerow({k: _cell(k, r.get(k, "")) for k in COHORT_COLUMNS})
     return path
+
+
+def _cell(key: str, value):
+    """A cohort-table cell: warnings joined by ``|``, an alpha vector as ``[a1, a2]`` (JSON)."""
+    if isinstance(value, list):
+        return json.dumps(value) if key == "alpha" else " | ".join(str(v) for v in value)
+    return value
 
 
 def _triple(r: Mapping, keys: Sequence[str], fmt: str) -> str:
