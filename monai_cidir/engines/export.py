@@ -271,7 +271,7 @@ def _symlog_axis(ax, values: Sequence[float], axis: str = "x") -> bool:
         return False
     set_scale, set_lim = (ax.set_xscale, ax.set_xlim) if axis == "x" else (ax.set_yscale, ax.set_ylim)
     set_scale("symlog", linthresh=min(positive))
-    set_lim(-0.5 * min(positive), 1.2 * max(positive))
+    set_lim(-0.5 * min(positive), 1.6 * max(positive))  # room for the chosen-alpha marker at the top end
     return True
 
 
