@@ -177,6 +177,29 @@ class CoordinateMapping:
         """Voxel size (mm) along each array axis."""
         return torch.linalg.norm(self.affine[:3, :3], dim=0)
 
+    def itk_geometry(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(origin, spacing, direction)`` of this grid in ITK's convention (LPS world), float64.
+
+        ``origin`` (3,) and ``direction`` (3, 3; columns are the array axes) are the RAS affine's,
+        flipped by :func:`ras_to_lps`; ``spacing`` (3,) is the voxel size. The one place that turns a
+        grid into the geometry of an ITK / SimpleITK image (exported fields, segmentation backends).
+
+        Raises:
+            ValueError: when the direction is not orthonormal (ITK cannot represent it).
+
+        Example::
+
+            >>> origin, spacing, direction = CoordinateMapping(affine_from_spacing((2.0, 2.0, 3.0)), (4, 4, 4)).itk_geometry()
+            >>> direction.diagonal()
+            array([-1., -1.,  1.])
+        """
+        aff = self.affine.numpy().astype(np.float64)
+        spacing = np.linalg.norm(aff[:3, :3], axis=0)
+        direction = ras_to_lps((aff[:3, :3] / spacing).T).T  # flip the rows: world axes RAS -> LPS
+        if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+            raise ValueError(f"the image's direction is not orthonormal, which ITK cannot represent:\n{direction}")
+        return ras_to_lps(aff[:3, 3]), spacing, direction
+
     def __repr__(self) -> str:
         sp = ", ".join(f"{s:.3g}" for s in self.spacing.tolist())
         ce = ", ".join(f"{c:.4g}" for c in self.center.tolist())

@@ -614,9 +614,8 @@ class AlphaSelectionEvaluator(Evaluator):
 
         def f(a: float) -> float:
             if a not in cache:
-                out = self.score(a)
-                cache[a] = {k: out[k] for k in ("alpha", "dice", "folding", "seconds", "points")}
-                self.curve.rows.append(cache[a])
+                self._run_round([a])  # through the engine: handlers and the key metric see it too
+                cache[a] = self.curve.rows[-1]
             r = cache[a]
             ok = (not self.no_folding) or r["folding"] <= 0.0
             return r["dice"] if ok else -1.0

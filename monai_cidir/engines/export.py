@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from monai.utils import convert_to_tensor
 
-from monai_cidir.coordinates import CoordinateMapping
+from monai_cidir.coordinates import CoordinateMapping, ras_to_lps
 from monai_cidir.engines.model import RegistrationModel
 from monai_cidir.utils import atomic_path
 
@@ -44,21 +44,13 @@ __all__ = [
     "plot_lung_masks",
 ]
 
-_FLIP = np.array([-1.0, -1.0, 1.0])
-
-
 def lps_geometry(mapping: CoordinateMapping) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(origin, spacing, direction)`` of a grid in ITK's LPS convention.
+    """``(origin, spacing, direction)`` of a grid in ITK's LPS convention (:meth:`CoordinateMapping.itk_geometry`).
 
     Raises:
         ValueError: when the direction is not orthonormal (ITK cannot represent it).
     """
-    aff = mapping.affine.numpy()
-    spacing = np.linalg.norm(aff[:3, :3], axis=0)
-    direction = _FLIP[:, None] * (aff[:3, :3] / spacing)
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
-        raise ValueError(f"the fixed image's direction is not orthonormal:\n{direction}")
-    return _FLIP * aff[:3, 3], spacing, direction
+    return mapping.itk_geometry()
 
 
 def dilate_mask(mask, mapping: CoordinateMapping, margin_mm: float) -> np.ndarray:
@@ -185,8 +177,8 @@ def write_displacement_field(
         field = model.map_grid(alpha, chunk_size=chunk_size)  # (X, Y, Z, 3) RAS mm, float32
     # RAS -> LPS vectors (ras_to_lps) while laying the array out as ITK's (z, y, x, c)
     array = np.ascontiguousarray(field.transpose(2, 1, 0, 3))
-    array *= _FLIP.astype(np.float32)
-    origin, spacing, direction = lps_geometry(model.mapping)
+    array *= ras_to_lps(np.ones(3)).astype(np.float32)  # RAS -> LPS vectors, in place (no float64 copy)
+    origin, spacing, direction = model.mapping.itk_geometry()
     image = itk.image_view_from_array(array, is_vector=True)
     image.SetOrigin([float(v) for v in origin])
     image.SetSpacing([float(v) for v in spacing])

@@ -43,7 +43,6 @@ __all__ = [
 #: the backends of :class:`LungMask`.
 LUNGMASK_BACKENDS = ("lungmask", "threshold")
 
-_LPS_FLIP = np.diag([-1.0, -1.0, 1.0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,9 +92,7 @@ def _to_sitk(image: np.ndarray, affine: np.ndarray):
     """(X, Y, Z) array + RAS affine -> a SimpleITK image with the same world geometry (ITK is LPS)."""
     import SimpleITK as sitk
 
-    spacing = CoordinateMapping(affine, image.shape).spacing.numpy()
-    direction = _LPS_FLIP @ (affine[:3, :3] / spacing)
-    origin = _LPS_FLIP @ affine[:3, 3]
+    origin, spacing, direction = CoordinateMapping(affine, image.shape).itk_geometry()
     img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(image, (2, 1, 0))))
     img.SetSpacing([float(s) for s in spacing])
     img.SetOrigin([float(o) for o in origin])

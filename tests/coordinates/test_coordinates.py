@@ -107,3 +107,27 @@ def test_lps_ras():
     np.testing.assert_allclose(ras_to_lps(lps_to_ras(p)), p)
     t = torch.tensor([[1.0, -2.0, 3.0]])
     torch.testing.assert_close(lps_to_ras(t), torch.tensor([[-1.0, 2.0, 3.0]]))
+
+
+def test_itk_geometry_matches_what_itk_reads(tmp_path):
+    """The grid's ITK geometry (LPS) equals what ITK itself reads from a NIfTI file with that RAS affine."""
+    import itk
+    import nibabel as nib
+
+    from monai_cidir.coordinates import CoordinateMapping
+
+    c, s = np.cos(0.3), np.sin(0.3)
+    rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([1.5, 0.8, 2.5])
+    affine[:3, 3] = [-40.0, 12.5, 7.0]
+    nib.save(nib.Nifti1Image(np.zeros((5, 6, 7), dtype=np.float32), affine), str(tmp_path / "grid.nii.gz"))
+    image = itk.imread(str(tmp_path / "grid.nii.gz"))
+    origin, spacing, direction = CoordinateMapping(affine, (5, 6, 7)).itk_geometry()
+    np.testing.assert_allclose(origin, np.asarray(image.GetOrigin()), atol=1e-4)
+    np.testing.assert_allclose(spacing, np.asarray(image.GetSpacing()), atol=1e-5)
+    np.testing.assert_allclose(direction, itk.array_from_matrix(image.GetDirection()), atol=1e-5)
+    sheared = affine.copy()
+    sheared[0, 1] += 0.5
+    with pytest.raises(ValueError, match="not orthonormal"):
+        CoordinateMapping(sheared, (5, 6, 7)).itk_geometry()

@@ -100,8 +100,13 @@ def test_grid_and_golden_section_refinement(phantom_item):
     ev = AlphaSelectionEvaluator(
         model, phantom_item["fixed_mask"], phantom_item["fixed_mask"], num_alphas=5, golden_section_steps=4, tie_tolerance=0.0
     )
+    from ignite.engine import Events
+
+    seen = []
+    ev.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.output["alpha"]))
     curve = ev.run()
     assert len(curve.rows) == 5 + 4
+    assert sorted(seen) == sorted(r["alpha"] for r in curve.rows)  # the refinement too went through the engine
     refined = [r["alpha"] for r in curve.rows if r["alpha"] not in (0.0, 0.25, 0.5, 0.75, 1.0)]
     assert len(refined) == 4 and all(0.75 <= a <= 1.0 for a in refined)
     assert curve.best["dice"] == max(r["dice"] for r in curve.rows)
