@@ -61,7 +61,7 @@ from monai.metrics import DiceMetric
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines.model import RegistrationModel, iter_grid_chunks, region_shape
 
-__all__ = ["AlphaSelectionEvaluator", "AlphaCurve", "alpha_grid", "coarse_steps", "format_alpha", "mask_region"]
+__all__ = ["AlphaSelectionEvaluator", "AlphaCurve", "alpha_grid", "alpha_values", "coarse_steps", "format_alpha", "mask_region"]
 
 
 #: the smallest positive alpha of a log-uniform prior and of its grid (lambda = 3 for bending)
@@ -249,14 +249,9 @@ class AlphaSelectionEvaluator(Evaluator):
         self.axis_distributions = list(getattr(prior, "distributions", [alpha_distribution] * self.num_weights))
         if alphas is not None:
             alphas = [_alpha_key(a, self.num_weights) for a in alphas]
-        elif self.num_weights == 1:
-            alphas = prior.grid(num_alphas) if prior is not None else alpha_grid(alpha_range[0], alpha_range[1], num_alphas, alpha_distribution)
-        else:  # K weights: a coarse grid, refined around the best (refine_rounds)
-            if prior is None:
-                raise ValueError(f"the model is conditioned on {self.num_weights} weights: give the training prior (prior=AlphaPrior(...)) or the alpha vectors to score")
-            per_axis = max(3, int(math.floor(num_alphas ** (1.0 / self.num_weights) + 1e-9)))
-            alphas = [tuple(v) for v in itertools.product(*prior.axis_grids(per_axis))]
-        self.highs = [max(1e-12, max(_alpha_list(a)[i] for a in alphas)) for i in range(self.num_weights)] if alphas else [1.0] * self.num_weights
+        else:
+            alphas = _first_alphas(self.num_weights, prior, num_alphas, alpha_range, alpha_distribution)
+        self.highs = [max(1e-12, max(alpha_values(a)[i] for a in alphas)) for i in range(self.num_weights)] if alphas else [1.0] * self.num_weights
         self.refine_rounds = int(refine_rounds)
         super().__init__(
             device=next(model.network.parameters()).device,
@@ -652,7 +647,19 @@ class AlphaSelectionEvaluator(Evaluator):
         return self.curve
 
 
-def _alpha_list(alpha) -> list[float]:
+def _first_alphas(num_weights: int, prior, num_alphas: int, alpha_range: Sequence[float], distribution: str) -> list:
+    """The search's first grid: ``num_alphas`` alphas, or for K weights a coarse product grid
+    (``max(3, floor(num_alphas ** (1 / K)))`` values per weight), spaced as the prior samples them."""
+    if num_weights == 1:
+        return prior.grid(num_alphas) if prior is not None else alpha_grid(alpha_range[0], alpha_range[1], num_alphas, distribution)
+    if prior is None:
+        raise ValueError(f"the model is conditioned on {num_weights} weights: give the training prior (prior=AlphaPrior(...)) or the alpha vectors to score")
+    per_axis = max(3, int(math.floor(num_alphas ** (1.0 / num_weights) + 1e-9)))
+    return [tuple(v) for v in itertools.product(*prior.axis_grids(per_axis))]
+
+
+def alpha_values(alpha) -> list[float]:
+    """A float, a list, a tuple or a tensor of alphas as a list of floats (one per weight)."""
     if torch.is_tensor(alpha):
         return [float(v) for v in alpha.detach().reshape(-1).cpu()]
     return [float(v) for v in np.asarray(alpha, dtype=np.float64).reshape(-1)]
@@ -660,7 +667,7 @@ def _alpha_list(alpha) -> list[float]:
 
 def _alpha_key(alpha, num_weights: int = 1):
     """An alpha as the curve's rows keep it: a float for one weight, a tuple of floats for several."""
-    values = _alpha_list(alpha)
+    values = alpha_values(alpha)
     if len(values) != num_weights:
         raise ValueError(f"expected {num_weights} weight(s) per alpha, found {alpha!r}")
     return values[0] if num_weights == 1 else tuple(values)
@@ -668,7 +675,7 @@ def _alpha_key(alpha, num_weights: int = 1):
 
 def format_alpha(alpha, spec: str = ".3g") -> str:
     """``0.1`` or ``[0.1, 0.03]``: an alpha (one weight, or a vector) for messages and titles."""
-    values = _alpha_list(alpha)
+    values = alpha_values(alpha)
     text = [format(v, spec) for v in values]
     return text[0] if len(text) == 1 else "[" + ", ".join(text) + "]"
 

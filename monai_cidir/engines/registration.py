@@ -34,7 +34,7 @@ from monai.utils import convert_to_tensor
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.data.datalist import PAIR_PATH_KEYS
 from monai_cidir.data.validation import check_image_file, check_image_values, check_pair_names
-from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator, format_alpha
+from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator, alpha_values, format_alpha
 from monai_cidir.engines.export import (
     dilate_mask,
     map_displacement,
@@ -239,11 +239,6 @@ def weight_ranges(alpha_range: Sequence, num_weights: int = 1) -> list[tuple[flo
         if len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair):
             raise ValueError(f"alpha_range must be [low, high] (or one such pair per weight), found {alpha_range!r}")
     return [(float(lo), float(hi)) for lo, hi in pairs]
-
-
-def alpha_values(alpha) -> list[float]:
-    """A float, a list or a tensor of alphas as a list of floats (one per weight)."""
-    return [float(v) for v in np.asarray(convert_to_tensor(alpha, track_meta=False) if torch.is_tensor(alpha) else alpha, dtype=np.float64).reshape(-1)]
 
 
 def plain_alpha(alpha) -> float | list[float]:
