@@ -197,11 +197,11 @@ def _variants(items: list[str]) -> dict[str, dict]:
 
 def _alpha(value) -> str:
     """An alpha for the report: ``0.32``, or ``[0.01, 0.1]`` for one weight per regularizer."""
+    from monai_cidir.engines.alpha_selection import format_alpha
+
     if value is None:
         return "-"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(f"{float(v):.3g}" for v in value) + "]"
-    return f"{float(value):.2f}"
+    return format_alpha(value, ".3g" if isinstance(value, (list, tuple)) else ".2f")
 
 
 def _split(text: str) -> list[str]:

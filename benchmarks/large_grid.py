@@ -89,7 +89,9 @@ def run_bundle(workflow: str, data: Path, output: Path, threads: int, extra: lis
 
 
 def _alpha(value) -> str:
-    return "[" + ", ".join(f"{v:.3g}" for v in value) + "]" if isinstance(value, list) else f"{value:.2f}"
+    from monai_cidir.engines.alpha_selection import format_alpha
+
+    return format_alpha(value, ".3g" if isinstance(value, list) else ".2f")
 
 
 def main(argv=None) -> int:

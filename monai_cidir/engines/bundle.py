@@ -474,18 +474,16 @@ def _normalise_options(kwargs: dict) -> dict:
 
 def _alpha_range_option(value) -> list:
     """``[low, high]``, or one such pair per weight, as floats with ``low <= high``."""
-    nested = isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value)
-    pairs = value if nested else [value]
-    out = []
-    for pair in pairs:
-        try:
-            rng = [float(a) for a in pair]
-        except (TypeError, ValueError):
-            rng = []
-        if len(rng) != 2 or not rng[0] <= rng[1]:
-            raise ValueError(f"--alpha_range expects [low, high] with low <= high (or one such pair per weight); found {value!r}")
-        out.append(rng)
-    return out if nested else out[0]
+    from monai_cidir.engines.registration import weight_ranges
+
+    try:
+        pairs = weight_ranges(value)
+    except (TypeError, ValueError):
+        pairs = []
+    if not pairs or any(not lo <= hi for lo, hi in pairs):
+        raise ValueError(f"--alpha_range expects [low, high] with low <= high (or one such pair per weight); found {value!r}")
+    nested = all(isinstance(v, (list, tuple)) for v in value)
+    return [list(p) for p in pairs] if nested else list(pairs[0])
 
 
 # ---------------------------------------------------------------------------- handlers

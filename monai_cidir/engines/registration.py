@@ -221,24 +221,25 @@ def _patient_dir(output_dir, name: str) -> Path:
     return Path(output_dir) / str(name)
 
 
-def weight_ranges(alpha_range: Sequence, num_weights: int = 1) -> list[tuple[float, float]]:
+def weight_ranges(alpha_range: Sequence, num_weights: int | None = None) -> list[tuple[float, float]]:
     """``alpha_range`` as one ``(low, high)`` per weight: ``[low, high]`` applies to every weight,
-    ``[[low_1, high_1], ..., [low_K, high_K]]`` gives each its own.
+    ``[[low_1, high_1], ..., [low_K, high_K]]`` gives each its own (``num_weights=None``: as many as given).
 
     Raises:
         ValueError: for a range that is not two numbers, or per-weight ranges of another count.
     """
     values = list(alpha_range)
-    if values and all(isinstance(v, (list, tuple)) for v in values):
-        if len(values) != num_weights:
-            raise ValueError(f"alpha_range gives {len(values)} ranges for {num_weights} weight(s): expected [low, high] or {num_weights} pairs, found {alpha_range!r}")
-        pairs = values
-    else:
-        pairs = [values] * num_weights
-    for pair in pairs:
-        if len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair):
-            raise ValueError(f"alpha_range must be [low, high] (or one such pair per weight), found {alpha_range!r}")
-    return [(float(lo), float(hi)) for lo, hi in pairs]
+    nested = bool(values) and all(isinstance(v, (list, tuple)) for v in values)
+    k = (len(values) if nested else 1) if num_weights is None else num_weights
+    if nested and len(values) != k:
+        raise ValueError(f"alpha_range gives {len(values)} ranges for {k} weight(s): expected [low, high] or {k} pairs, found {alpha_range!r}")
+    pairs = values if nested else [values] * k
+    try:
+        if any(len(pair) != 2 or any(isinstance(v, bool) for v in pair) for pair in pairs):
+            raise ValueError
+        return [(float(lo), float(hi)) for lo, hi in pairs]
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha_range must be [low, high] (or one such pair per weight), found {alpha_range!r}") from None
 
 
 def plain_alpha(alpha) -> float | list[float]:
@@ -273,12 +274,11 @@ def make_alpha_prior(alpha_range: Sequence, alpha_distribution: str | Sequence[s
     """The training prior of the bundle options: ``alpha_range`` (see :func:`weight_ranges`) and
     ``alpha_distribution`` (one name, or one per weight) for ``num_weights`` weights."""
     ranges = weight_ranges(alpha_range, num_weights)
-    names = [alpha_distribution] if isinstance(alpha_distribution, str) else list(alpha_distribution)
-    if any(d not in ("uniform", "log-uniform") for d in names) or len(names) not in (1, num_weights):
-        raise ValueError(f"alpha_distribution must be 'uniform' or 'log-uniform' (or one of those per weight), found {alpha_distribution!r}")
-    if num_weights == 1:
-        return AlphaPrior(ranges[0][0], ranges[0][1], alpha_distribution, per_point=per_point)
-    return AlphaPrior([r[0] for r in ranges], [r[1] for r in ranges], alpha_distribution, per_point=per_point, num_weights=num_weights)
+    lows, highs = [r[0] for r in ranges], [r[1] for r in ranges]
+    try:  # the prior checks the distributions, the ranges and their counts
+        return AlphaPrior(lows, highs, alpha_distribution, per_point=per_point, num_weights=num_weights)
+    except ValueError as e:
+        raise ValueError(f"alpha_range / alpha_distribution: {e}") from None
 
 
 def check_options(

@@ -107,10 +107,23 @@ class AlphaPrior:
         self.num_weights = k
         self.lows, self.highs = [float(v) for v in lows], [float(v) for v in highs]
         self.distributions = [str(v) for v in dists]
-        #: the first weight's range and distribution (all of it when K = 1)
-        self.low, self.high, self.distribution = self.lows[0], self.highs[0], self.distributions[0]
         self.per_point = bool(per_point)
         self.log_floor = float(log_floor)
+
+    @property
+    def low(self) -> float:
+        """The first weight's lower end (the whole prior's when K = 1)."""
+        return self.lows[0]
+
+    @property
+    def high(self) -> float:
+        """The first weight's upper end."""
+        return self.highs[0]
+
+    @property
+    def distribution(self) -> str:
+        """The first weight's distribution."""
+        return self.distributions[0]
 
     @property
     def range(self) -> tuple[float, float]:
