@@ -7,7 +7,10 @@
 * export.py: displacement field, warped image, alpha curve and lung-mask pictures.
 * quality.py: lung-mask checks before training, lung NCC / Dice and a status per patient after it.
 * :func:`register_patient`, :func:`run_cohort`, :func:`export_registration` (registration.py):
-  the entry points the bundle wires.
+  one pair's registration and the cohort loop.
+* :class:`CohortTrainingWorkflow`, :class:`CohortInferenceWorkflow` (workflow.py): what the
+  bundle's configs instantiate: a fresh network, trainer and evaluator per pair, from the
+  ``network_def``, ``train#trainer`` and ``validate#evaluator`` partials.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from monai_cidir.engines.registration import (
     write_cohort_table,
 )
 from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer, build_lr_scheduler, build_optimizer, scale_initial_output
+from monai_cidir.engines.workflow import CohortInferenceWorkflow, CohortTrainingWorkflow
 from monai_cidir.losses.registration import REGULARIZER_SCALES
 
 __all__ = [
@@ -47,6 +51,8 @@ __all__ = [
     "AlphaPrior",
     "AlphaSelectionEvaluator",
     "CIDIRTrainer",
+    "CohortInferenceWorkflow",
+    "CohortTrainingWorkflow",
     "COHORT_COLUMNS",
     "REGULARIZER_SCALES",
     "RegistrationFailed",

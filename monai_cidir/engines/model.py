@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from monai_cidir.coordinates import CoordinateMapping
+from monai_cidir.inferers import PointInferer
 from monai_cidir.utils import atomic_path
 
 __all__ = [
@@ -76,6 +77,13 @@ def as_alpha_tensor(alpha, num_points: int | None = None, dtype=torch.float32, d
     if num_points is not None and a.shape[0] != num_points:
         raise ValueError(f"per-point alpha has {a.shape[0]} values for {num_points} points")
     return a
+
+
+def _rows(alpha):
+    """Alpha as a tensor when it is array-like (so per-point rows are cut into the inferer's chunks)."""
+    if isinstance(alpha, (list, tuple, np.ndarray)):
+        return torch.as_tensor(np.asarray(alpha, dtype=np.float64))
+    return alpha
 
 
 def iter_grid_chunks(
@@ -224,8 +232,12 @@ class RegistrationModel(nn.Module):
     def transform_points(self, points, alpha, chunk_size: int = 65536) -> torch.Tensor:
         """``phi(p)`` for any number of points, in chunks, without gradients (float64 out)."""
         pts = torch.as_tensor(points, dtype=torch.float64).reshape(-1, 3)
-        out = [self.forward(pts[s : s + chunk_size], alpha).double().cpu() for s in range(0, len(pts), chunk_size)]
-        return torch.cat(out) if out else pts.clone()
+        if not len(pts):
+            return pts.clone()
+        return PointInferer(chunk_size, device="cpu")(pts, self._moved_double, _rows(alpha))
+
+    def _moved_double(self, points: torch.Tensor, alpha) -> torch.Tensor:
+        return self.forward(points, alpha).double()
 
     @torch.no_grad()
     def displacement(self, points, alpha, chunk_size: int = 65536) -> torch.Tensor:
@@ -236,12 +248,14 @@ class RegistrationModel(nn.Module):
     def displacement_jacobian(self, points, alpha, chunk_size: int = 32768) -> torch.Tensor:
         """Jacobian of the total displacement, ``A - I + J_u`` (N, 3, 3), without gradients."""
         pts = torch.as_tensor(points, dtype=torch.float64).reshape(-1, 3)
-        out = []
-        for s in range(0, len(pts), chunk_size):
-            with torch.enable_grad() if self.derivatives == "autograd" else torch.no_grad():
-                _, jac, _ = self.forward_with_derivatives(pts[s : s + chunk_size], alpha, order=1)
-            out.append((jac.detach() + self.affine_jacobian(jac.dtype, jac.device)).cpu())
-        return torch.cat(out) if out else torch.zeros(0, 3, 3)
+        if not len(pts):
+            return torch.zeros(0, 3, 3)
+        return PointInferer(chunk_size, device="cpu")(pts, self._total_jacobian, _rows(alpha))
+
+    def _total_jacobian(self, points: torch.Tensor, alpha) -> torch.Tensor:
+        with torch.enable_grad() if self.derivatives == "autograd" else torch.no_grad():
+            _, jac, _ = self.forward_with_derivatives(points, alpha, order=1)
+        return jac.detach() + self.affine_jacobian(jac.dtype, jac.device)
 
     @torch.no_grad()
     def map_grid(
@@ -318,7 +332,9 @@ def load_torch_file(path: str | os.PathLike, device, what: str, remedy: str):
         raise ValueError(f"{path} is not a readable {what} (truncated or corrupt: {type(e).__name__}: {e}); {remedy}") from None
 
 
-def load_registration_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> RegistrationModel:
+def load_registration_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", network_def: Callable[..., nn.Module] | None = None
+) -> RegistrationModel:
     """Reload a :class:`RegistrationModel` written by :func:`save_registration_model`.
 
     The network object is unpickled (``weights_only=False``): load only files you trust,
@@ -327,13 +343,16 @@ def load_registration_model(path: str | os.PathLike, device: str | torch.device 
     Args:
         path: a ``model.pt`` file.
         device: where to put the network.
+        network_def: ``None``: the network stored in the file. A factory (the bundle's
+            ``network_def``): the architecture to build (with the stored ``cond_features`` when it
+            is above 1), into which the stored weights are loaded.
 
     Returns:
         the model, in eval mode; ``model.displacement(world_points, alpha)`` gives mm.
 
     Raises:
         FileNotFoundError: when the file does not exist.
-        ValueError: when the file is not a monai_cidir model.
+        ValueError: when the file is not a monai_cidir model, or its weights do not fit ``network_def``.
 
     Example::
 
@@ -347,7 +366,7 @@ def load_registration_model(path: str | os.PathLike, device: str | torch.device 
     if not isinstance(state, dict) or "network" not in state or "mapping" not in state:
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is not a monai_cidir model.pt: expected keys 'network' and 'mapping', found {found}")
-    network = state["network"]
+    network = state["network"] if network_def is None else _build_network(network_def, state, path)
     network.load_state_dict(state["network_state_dict"])
     network.to(device).eval()
     model = RegistrationModel(
@@ -362,3 +381,32 @@ def load_registration_model(path: str | os.PathLike, device: str | torch.device 
         if k not in ("network", "network_state_dict", "mapping", "affine", "derivatives")
     }
     return model
+
+
+def _build_network(network_def: Callable[..., nn.Module], state: dict, path: Path) -> nn.Module:
+    """``network_def()`` holding the stored weights, or an error naming both architectures."""
+    k = int(state.get("cond_features", 1) or 1)
+    network = network_def(**({"cond_features": k} if k > 1 else {}))
+    try:
+        network.load_state_dict(state["network_state_dict"])
+    except RuntimeError as e:
+        raise ValueError(
+            f"{path}: the stored weights do not fit network_def ({type(network).__name__}): the model was trained with "
+            f"{type(state['network']).__name__} ({_summary(state['network'])}), network_def builds {_summary(network)}; "
+            f"give the training's network_def, or none to use the stored network. torch: {_first_problem(e)}"
+        ) from None
+    return network
+
+
+def _summary(network: nn.Module) -> str:
+    keys = ("hidden_features", "num_hidden_layers", "omega_0", "cond_features", "modulation")
+    layers = getattr(network, "layers", None)
+    shape = {"hidden_features": layers[0].out_features, "num_hidden_layers": len(layers) - 1} if layers is not None else {}
+    found = {**shape, **{k: getattr(network, k) for k in keys if hasattr(network, k)}}
+    return ", ".join(f"{k}={v}" for k, v in found.items())
+
+
+def _first_problem(error: Exception) -> str:
+    """The first specific line of torch's load_state_dict error (a size mismatch or a missing key)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)

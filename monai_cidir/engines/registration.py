@@ -18,6 +18,8 @@ from ``checkpoint.pt``. All options are keyword arguments so a bundle config can
 from __future__ import annotations
 
 import csv
+import functools
+import inspect
 import json
 import logging
 import math
@@ -49,6 +51,7 @@ from monai_cidir.engines.model import RegistrationModel, load_registration_model
 from monai_cidir.engines.prealign import fit_affine
 from monai_cidir.engines.quality import mask_entries, prepare_lung_masks, record_status, registration_quality
 from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer, build_optimizer, scale_initial_output
+from monai_cidir.handlers.progress import TrainingProgressBar
 from monai_cidir.losses.registration import RegistrationLoss
 
 __all__ = [
@@ -86,6 +89,7 @@ RESULT_SETTINGS = (
     "alpha_per_point", "lr_schedule", "grad_clip", "derivatives", "regularization_points", "affine_prealign",
     "affine_kwargs", "num_alphas", "golden_section_steps", "no_folding", "selection_mode", "lung_mask_backend",
     "lung_mask_kwargs", "coarse_spacing_mm", "coarse_factor", "alpha", "export_images", "seed", "smoothing_mm",
+    "trainer", "evaluator",
 )  # fmt: skip
 
 COHORT_COLUMNS = (
@@ -179,8 +183,6 @@ def _build(factory, *args, default: Callable, **kwargs):
 
 
 def _accepts(factory, kwargs: Mapping) -> bool:
-    import inspect
-
     try:
         params = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):
@@ -466,6 +468,7 @@ def select_and_export(
     alpha_distribution: str = "uniform",
     selection_handlers: Sequence | None = None,
     export_coarse_mm: float | None = 6.0,
+    evaluator: Callable[..., AlphaSelectionEvaluator] | None = None,
 ) -> dict:
     """Alpha selection (or a fixed ``alpha``), TRE, exports and ``metrics.json`` for one trained model.
 
@@ -485,6 +488,11 @@ def select_and_export(
             interpolated from a grid this coarse (mm) elsewhere
             (:func:`~monai_cidir.engines.export.map_displacement`; its measured error goes to
             ``metrics.json`` as ``export_interpolation_max_mm``); ``None``: exact everywhere.
+        evaluator: a factory of the selection evaluator, ``evaluator(model, fixed_mask, moving_mask,
+            **options) -> AlphaSelectionEvaluator`` (the bundle's ``validate#evaluator``, a
+            ``_mode_: callable`` partial); the options it sets itself (``num_alphas``, ``mode``,
+            ``val_handlers``, ...) win over the arguments of the same name here. Default:
+            ``AlphaSelectionEvaluator``.
 
     Returns:
         the metrics dict written to ``metrics.json``.
@@ -495,31 +503,24 @@ def select_and_export(
     patient_dir = Path(patient_dir)
     name = str(item.get("name", patient_dir.name))
     start = time.perf_counter()
+    factory = evaluator or AlphaSelectionEvaluator
+    num_alphas = factory_keywords(factory).get("num_alphas", num_alphas)
     options = dict(
         mode=selection_mode,
-        moving_image=item.get("moving_image"),
-        fixed_image=item.get("fixed_image"),
         lung_mask_backend=lung_mask_backend,
         lung_mask_kwargs=lung_mask_kwargs,
         coarse_spacing_mm=coarse_spacing_mm,
         coarse_factor=coarse_factor,
         chunk_size=chunk_size,
     )
+    inputs = (model, item["fixed_mask"], item.get("moving_mask"))
+    images = {"moving_image": item.get("moving_image"), "fixed_image": item.get("fixed_image")}
     rows: list[dict] = []
     best: dict | None = None
     evaluator = None
     if num_alphas and num_alphas > 0:
-        evaluator = AlphaSelectionEvaluator(
-            model,
-            item["fixed_mask"],
-            item.get("moving_mask"),
-            prior=make_alpha_prior(alpha_range, alpha_distribution, k),
-            num_alphas=num_alphas,
-            golden_section_steps=golden_section_steps,
-            no_folding=no_folding,
-            val_handlers=selection_handlers,
-            **options,
-        )
+        sweep = dict(options, num_alphas=num_alphas, golden_section_steps=golden_section_steps, no_folding=no_folding, val_handlers=selection_handlers)
+        evaluator = _call_factory(factory, inputs, sweep, prior=make_alpha_prior(alpha_range, alpha_distribution, k), **images)
         curve = evaluator.run()
         rows, best = curve.rows, curve.best
     seconds_selection = time.perf_counter() - start
@@ -534,7 +535,7 @@ def select_and_export(
             with torch.no_grad():
                 chosen = dict(chosen, folding=evaluator.folding(alpha, 1))
         if chosen is None:
-            evaluator = AlphaSelectionEvaluator(model, item["fixed_mask"], item.get("moving_mask"), alphas=[alpha], **options)
+            evaluator = _call_factory(factory, inputs, options, alphas=[alpha], **images)
             chosen = evaluator.run().best
     if rows:
         write_alpha_curve(rows, patient_dir / "alpha_curve.csv", names)
@@ -591,6 +592,10 @@ def _plain_setting(value: Any) -> Any:
         return [_plain_setting(v) for v in value]
     if isinstance(value, torch.nn.Module):
         return repr(value)
+    if callable(value) and not (isinstance(value, (type, functools.partial)) or inspect.isroutine(value)):
+        # a callable object (an inferer, a handler): its class and its public attributes
+        state = {k: v for k, v in getattr(value, "__dict__", {}).items() if not k.startswith("_")}
+        return {"object": f"{type(value).__module__}.{type(value).__qualname__}", **({"attributes": _plain_setting(state)} if state else {})}
     if callable(value):
         keywords = getattr(value, "keywords", None)  # functools.partial, MONAI's "_mode_": "callable"
         func = getattr(value, "func", value)
@@ -697,6 +702,47 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: register_patient arguments a ``trainer`` factory may set itself (they are passed when it does not)
+TRAINER_OPTIONS = (
+    "max_iterations", "num_points", "lr_schedule", "grad_clip", "derivatives", "regularization_points",
+    "iterations_per_epoch", "checkpoint_interval", "checkpoint_every_s", "smoothing_mm", "time_budget_s",
+)  # fmt: skip
+
+#: select_and_export arguments an ``evaluator`` factory may set itself (the AlphaSelectionEvaluator names)
+EVALUATOR_OPTIONS = {
+    "num_alphas": "num_alphas", "golden_section_steps": "golden_section_steps", "no_folding": "no_folding",
+    "selection_mode": "mode", "lung_mask_backend": "lung_mask_backend", "lung_mask_kwargs": "lung_mask_kwargs",
+    "coarse_spacing_mm": "coarse_spacing_mm", "coarse_factor": "coarse_factor", "chunk_size": "chunk_size",
+}  # fmt: skip
+
+
+def factory_keywords(factory) -> dict:
+    """The options a ``_mode_: callable`` partial (``functools.partial``) already sets; ``{}`` otherwise."""
+    return dict(getattr(factory, "keywords", None) or {})
+
+
+def _with_factory_options(options: dict, trainer, evaluator) -> dict:
+    """register_patient's options with what the trainer / evaluator factories set themselves
+    (those win: they are what runs, so settings.json and the logs report them)."""
+    out = dict(options)
+    out.update({k: v for k, v in factory_keywords(trainer).items() if k in TRAINER_OPTIONS})
+    from_evaluator = factory_keywords(evaluator)
+    out.update({name: from_evaluator[key] for name, key in EVALUATOR_OPTIONS.items() if key in from_evaluator})
+    return out
+
+
+def _call_factory(factory: Callable, args: tuple, options: Mapping[str, Any], **required):
+    """``factory(*args, **required, **options)``, leaving out the options the factory sets itself."""
+    own = factory_keywords(factory)
+    clash = sorted(set(required) & set(own))
+    if clash:
+        raise ValueError(
+            f"the factory {getattr(factory, 'func', factory)!r} sets {clash} itself, but these are given per patient by the "
+            "workflow (from the config's loss / alpha ids, device and output folder): remove them from the factory"
+        )
+    return factory(*args, **required, **{k: v for k, v in options.items() if k not in own})
+
+
 def register_patient(
     item: dict,
     output_dir: str | os.PathLike,
@@ -742,6 +788,8 @@ def register_patient(
     overwrite: bool = False,
     resume: bool = True,
     chunk_size: int = 65536,
+    trainer: Callable[..., CIDIRTrainer] | None = None,
+    evaluator: Callable[..., AlphaSelectionEvaluator] | None = None,
 ) -> dict:
     """Register one loaded pair with cIDIR and write its outputs to ``output_dir/<name>/``.
 
@@ -804,6 +852,15 @@ def register_patient(
         overwrite: redo a patient whose ``metrics.json`` exists (otherwise it is skipped).
         resume: continue from ``checkpoint.pt`` when present.
         chunk_size: points per network call in evaluation (bounds memory).
+        trainer: a factory of the patient's trainer, ``trainer(network, optimizer, fixed_image,
+            moving_image, point_sampler, **options) -> CIDIRTrainer`` (the bundle's
+            ``train#trainer``, a ``_mode_: callable`` partial of
+            :class:`~monai_cidir.engines.CIDIRTrainer`). The options it sets itself
+            (``max_iterations``, ``num_points``, ``lr_schedule``, ...) win over the arguments of the
+            same name here; the per-patient ones (loss, prior, device, checkpoint path, handlers)
+            come from here. Default: ``CIDIRTrainer``.
+        evaluator: a factory of the alpha-selection evaluator (the bundle's
+            ``validate#evaluator``), see :func:`select_and_export`.
 
     Returns:
         the metrics dict (also in ``metrics.json``); a skipped patient returns its stored one
@@ -823,15 +880,15 @@ def register_patient(
     """
     from monai.utils import set_determinism
 
-    options = dict(locals())
+    options = _with_factory_options(dict(locals()), trainer, evaluator)
     for key in ("fixed_image", "moving_image"):
         if item.get(key) is None:
             raise ValueError(f"the pair has no '{key}': expected a loaded pair with keys {sorted(item)}")
         check_image_values(item[key], f"{item.get('name') or 'pair'}: {key}", ct=False)
     loss = _registration_loss(loss, regularizer, regularizer_scales, loss_balance)
     regularizer = _regularizer_name(loss)
-    check_options(alpha=alpha, alpha_range=alpha_range, device=device, selection_mode=selection_mode, num_alphas=num_alphas,
-                  alpha_distribution=alpha_distribution)
+    check_options(alpha=alpha, alpha_range=alpha_range, device=device, selection_mode=options["selection_mode"],
+                  num_alphas=options["num_alphas"], alpha_distribution=alpha_distribution)
     check_landmark_pair(item.get("fixed_landmarks"), item.get("moving_landmarks"), str(item.get("name") or "pair"))
     name = str(item.get("name") or "pair")
     pdir = _patient_dir(output_dir, name)
@@ -861,31 +918,19 @@ def register_patient(
         opt = build_optimizer(net, optimizer, learning_rate=learning_rate, harmonizer_lr_factor=harmonizer_lr_factor)
         sampler = make_point_sampler(item["fixed_mask"], seed=seed)
         prior = make_alpha_prior(alpha_range, alpha_distribution, k, per_point=alpha_per_point)
-        trainer_handlers = handlers() if callable(handlers) else handlers
-        trainer = CIDIRTrainer(
-            net,
-            opt,
-            item["fixed_image"],
-            item["moving_image"],
-            sampler,
-            max_iterations=max_iterations,
-            num_points=num_points,
+        factory_options = {k: options[k] for k in TRAINER_OPTIONS}
+        trainer = _call_factory(
+            trainer or CIDIRTrainer,
+            (net, opt, item["fixed_image"], item["moving_image"], sampler),
+            factory_options,
             loss=loss,
             alpha_prior=prior,
-            lr_schedule=lr_schedule,
-            grad_clip=grad_clip,
-            derivatives=derivatives,
-            regularization_points=regularization_points,
             device=device,
             seed=seed,
-            iterations_per_epoch=iterations_per_epoch,
             checkpoint_path=ckpt_path,
-            checkpoint_interval=checkpoint_interval,
-            checkpoint_every_s=checkpoint_every_s,
-            smoothing_mm=smoothing_mm,
-            handlers=trainer_handlers,
-            time_budget_s=time_budget_s,
+            handlers=handlers() if callable(handlers) else handlers,
         )
+        max_iterations, num_points, time_budget_s = trainer.max_iterations, trainer.num_points, trainer.time_budget_s
         prealign_info: dict[str, Any] = {"affine_prealign": False}
         resumed = resume and trainer.resume()
         start = time.perf_counter()
@@ -969,6 +1014,7 @@ def register_patient(
             export_images=export_images,
             previous=previous,
             selection_handlers=selection_handlers,
+            evaluator=evaluator,
         )
         save_registration_model(model, pdir / "model.pt", alpha=metrics["alpha"], **model_info)
         logger.info(
@@ -996,6 +1042,7 @@ def export_registration(
     device: str | torch.device = "cpu",
     lung_mask_backend: str = "threshold",
     lung_mask_kwargs: dict | None = None,
+    network_def: Callable[..., torch.nn.Module] | None = None,
     **selection_kwargs,
 ) -> dict:
     """Reload ``model.pt`` and redo alpha selection and export, without retraining.
@@ -1009,8 +1056,11 @@ def export_registration(
         device: torch device.
         lung_mask_backend: backend for missing masks and ``selection_mode="segment"``.
         lung_mask_kwargs: extra arguments of the lung-mask transform.
+        network_def: rebuild this architecture and load the stored weights into it (see
+            :func:`~monai_cidir.engines.load_registration_model`; ``None``: the stored network).
         selection_kwargs: :func:`select_and_export` options (``num_alphas``, ``alpha_range``,
-            ``golden_section_steps``, ``no_folding``, ``selection_mode``, ``coarse_factor``, ...).
+            ``golden_section_steps``, ``no_folding``, ``selection_mode``, ``coarse_factor``,
+            ``evaluator``, ...).
 
     Returns:
         the new metrics dict (training entries of the previous ``metrics.json`` are kept).
@@ -1022,7 +1072,7 @@ def export_registration(
     pdir = _patient_dir(output_dir, name)
     model_path = Path(model_path) if model_path is not None else pdir / "model.pt"
     with PatientDirLock(pdir):  # not while a training run writes this patient
-        model = load_registration_model(model_path, device=device)
+        model = load_registration_model(model_path, device=device, network_def=network_def)
         check_alpha(alpha, model.info.get("alpha_range", selection_kwargs.get("alpha_range", (0.0, 1.0))), model.num_weights)
         previous = {}
         if (pdir / "metrics.json").is_file():
@@ -1136,24 +1186,6 @@ def format_summary_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines + notes)
 
 
-class TrainingProgressBar:
-    """Ignite ``ProgressBar`` (tqdm) showing the training loss; attaches like a MONAI handler.
-
-    Example::
-
-        >>> register_patient(item, "outputs", handlers=[TrainingProgressBar()])
-    """
-
-    def __init__(self, persist: bool = False) -> None:
-        self.persist = persist
-
-    def attach(self, engine) -> None:
-        """Attach a fresh ``ProgressBar`` to ``engine``."""
-        from ignite.handlers import ProgressBar
-
-        ProgressBar(persist=self.persist).attach(engine, output_transform=lambda x: {"loss": x["loss"]})
-
-
 def run_cohort(
     dataset: Iterable[dict],
     output_dir: str | os.PathLike,
@@ -1193,7 +1225,7 @@ def run_cohort(
         >>> rows = run_cohort(RegistrationPairDataset("phantom/datalist.json"), "outputs", max_iterations=500)
     """
     output_dir = Path(output_dir)
-    check_options(**kwargs)
+    check_options(**_with_factory_options(kwargs, kwargs.get("trainer"), kwargs.get("evaluator")))
     _precheck_cohort(dataset)
     rows: list[dict] = []
     seen: set[str] = set()

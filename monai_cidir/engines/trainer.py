@@ -32,6 +32,8 @@ from monai.utils import convert_to_tensor
 from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
+from monai.handlers import LrScheduleHandler
+from monai.inferers import SimpleInferer
 
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines.alpha_selection import LOG_FLOOR, alpha_grid
@@ -386,6 +388,12 @@ class CIDIRTrainer(Trainer):
         time_budget_s: stop after this many seconds of training (``None``: no limit); the learning-rate
             schedule then runs on ``max(iteration / max_iterations, seconds / time_budget_s)``, so it
             anneals fully whichever limit comes first (resumed runs count the time already spent).
+        max_epochs: Ignite's epoch count (MONAI's ``train#trainer#max_epochs``): at most
+            ``max_epochs * iterations_per_epoch`` steps, and never more than ``max_iterations``;
+            ``None`` (default): ``ceil(max_iterations / iterations_per_epoch)``.
+        inferer: how the training step calls the network (MONAI's ``Inferer`` protocol,
+            ``inferer(points, network_fn, alpha, order=...)``; default ``SimpleInferer()``, one call
+            per batch).
 
     Example::
 
@@ -420,10 +428,16 @@ class CIDIRTrainer(Trainer):
         time_budget_s: float | None = None,
         checkpoint_every_s: float | None = 60.0,
         smoothing_mm: Sequence[float] | None = None,
+        max_epochs: int | None = None,
+        inferer: Callable | None = None,
     ) -> None:
         if max_iterations < 1 or num_points < 2:
             raise ValueError(f"expected max_iterations >= 1 and num_points >= 2, found {max_iterations}, {num_points}")
+        if max_epochs is not None and int(max_epochs) < 1:
+            raise ValueError(f"max_epochs must be >= 1 or None, found {max_epochs}")
         epoch_length = int(min(iterations_per_epoch, max_iterations))
+        if max_epochs is not None:
+            max_iterations = min(int(max_iterations), int(max_epochs) * epoch_length)
         super().__init__(
             device=torch.device(device),
             max_epochs=int(math.ceil(max_iterations / epoch_length)),
@@ -433,6 +447,7 @@ class CIDIRTrainer(Trainer):
             handlers=None,
         )
         self.max_iterations = int(max_iterations)
+        self.inferer = SimpleInferer() if inferer is None else inferer
         self.network = network.to(self.state.device)
         self.optimizer = optimizer
         self.fixed_mapping = CoordinateMapping.from_image(fixed_image)
@@ -468,6 +483,9 @@ class CIDIRTrainer(Trainer):
         self.checkpoint_every_s = None if checkpoint_every_s is None else float(checkpoint_every_s)
         self._last_checkpoint = time.perf_counter()
         self._signal: int | None = None
+
+        if self.lr_scheduler is not None:  # stepped once per iteration, before the checkpoint handlers save it
+            LrScheduleHandler(self.lr_scheduler, print_lr=False, epoch_level=False).attach(self)
 
         @self.on(Events.STARTED)
         def _start_clock(engine: Engine) -> None:
@@ -511,9 +529,9 @@ class CIDIRTrainer(Trainer):
         nr = n if self.regularization_points is None else max(2, min(int(self.regularization_points), n))
         self.network.train()
         alpha_r = alpha if alpha.numel() == 1 else alpha[:nr]
-        moved, jac, hess = self.model.forward_with_derivatives(points[:nr], alpha_r, order=self.loss_function.order)
+        moved, jac, hess = self.inferer(points[:nr], self.model.forward_with_derivatives, alpha_r, order=self.loss_function.order)
         if nr < n:
-            rest = self.model(points[nr:], alpha if alpha.numel() == 1 else alpha[nr:])
+            rest = self.inferer(points[nr:], self.model, alpha if alpha.numel() == 1 else alpha[nr:])
             moved = torch.cat([moved, rest])
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         fixed_image, moving_image = self._levels[min(len(self._levels) - 1, int(self.progress() * len(self._levels)))]
@@ -536,9 +554,7 @@ class CIDIRTrainer(Trainer):
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         self.optimizer.step()
-        lr = self.optimizer.param_groups[0]["lr"]
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate of this step (LrScheduleHandler steps it after)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return {
             "loss": float(loss.detach()),

@@ -299,6 +299,9 @@ class SirenINR(_SineINR):
         return 1.0, 1.0, 0.0, 0.0
 
 
+ALPHA_ENCODINGS = ("linear", "log")
+
+
 class ConditionedINR(_SineINR):
     """cIDIR's main network: a sine MLP whose activation ``a*sin(b*omega_0*z + c) + d`` depends on alpha.
 
@@ -320,10 +323,17 @@ class ConditionedINR(_SineINR):
             one ``(a, b, c, d)`` for every hidden layer, G = 1), ``"per_layer"`` (one set per hidden
             layer, G = ``num_hidden_layers``) or ``"per_neuron"`` (one set per hidden neuron, G =
             ``num_hidden_layers * hidden_features``, FiLM-like). Every mode starts as the same SIREN.
+        alpha_encoding: what the harmonizer reads: ``"linear"`` (the paper: alpha itself) or
+            ``"log"``: ``log(1 + alpha / alpha_floor) / log(1 + 1 / alpha_floor)``, which is 0 at
+            alpha 0, 1 at alpha 1 and spreads every decade above ``alpha_floor`` evenly, so that
+            alphas 0.001, 0.01 and 0.1 give the harmonizer inputs 0.10, 0.35 and 0.67 instead of
+            nearly the same number.
+        alpha_floor: the alpha below which the ``"log"`` encoding becomes linear (positive).
 
     Raises:
-        ValueError: for non-positive sizes or ``omega_0``, an unknown ``modulation``, or a
-            harmonizer whose output does not match it.
+        ValueError: for non-positive sizes or ``omega_0``, an unknown ``modulation`` or
+            ``alpha_encoding``, a non-positive ``alpha_floor``, or a harmonizer whose output does not
+            match the modulation.
 
     Example::
 
@@ -343,10 +353,18 @@ class ConditionedINR(_SineINR):
         cond_features: int = 1,
         harmonizer: nn.Module | None = None,
         modulation: str = "shared",
+        alpha_encoding: str = "linear",
+        alpha_floor: float = 1e-3,
     ) -> None:
         super().__init__(in_features, out_features, hidden_features, num_hidden_layers, omega_0)
         if cond_features < 1:
             raise ValueError(f"cond_features must be positive, found {cond_features}")
+        if alpha_encoding not in ALPHA_ENCODINGS:
+            raise ValueError(f"alpha_encoding must be one of {ALPHA_ENCODINGS}, found {alpha_encoding!r}")
+        if not alpha_floor > 0:
+            raise ValueError(f"alpha_floor must be positive, found {alpha_floor}")
+        self.alpha_encoding = alpha_encoding
+        self.alpha_floor = float(alpha_floor)
         groups = {"shared": 1, "per_layer": int(num_hidden_layers), "per_neuron": int(num_hidden_layers) * int(hidden_features)}
         if modulation not in groups:
             raise ValueError(f"modulation must be one of {sorted(groups)}, found {modulation!r}")
@@ -377,6 +395,12 @@ class ConditionedINR(_SineINR):
             return alpha
         raise ValueError(f"alpha must be {expected}; found shape {shape}")
 
+    def encode_alpha(self, alpha: torch.Tensor) -> torch.Tensor:
+        """The harmonizer's input for alpha rows (B, cond_features): alpha itself or its log encoding."""
+        if getattr(self, "alpha_encoding", "linear") == "linear":  # networks saved before the option existed
+            return alpha
+        return torch.log1p(alpha / self.alpha_floor) / math.log1p(1.0 / self.alpha_floor)
+
     def activation_parameters(self, coords: torch.Tensor, alpha=None):
         """The harmonizer's ``(a, b, c, d)`` for alpha, each (1, G) (one alpha) or (N, G) (per point).
 
@@ -391,7 +415,7 @@ class ConditionedINR(_SineINR):
             ValueError: if alpha is missing or has an unsupported shape.
         """
         rows = self._alpha_rows(alpha, coords.shape[0], self.layers[0].weight)
-        params = self.harmonizer(rows)
+        params = self.harmonizer(self.encode_alpha(rows))
         g = getattr(self.harmonizer, "groups", 1)
         if params.ndim != 2 or params.shape[1] != 4 * g:
             raise ValueError(f"the harmonizer must return (B, {4 * g}) columns: blocks a, b, c, d; found {tuple(params.shape)}")

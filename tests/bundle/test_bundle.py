@@ -132,8 +132,8 @@ def test_the_loss_is_a_config_component_built_from_the_regularizer_key():
     loss = parser.get_parsed_content("loss")
     assert isinstance(loss, RegistrationLoss) and loss.names == ["bending"] and loss.balance is None
     assert loss.scales == {"bending": REGULARIZER_SCALES["bending"]}
-    call = parser["training"][1]
-    assert call["loss"] == "@loss" and "regularizer" not in call  # one owner
+    call = parser["workflow"]
+    assert call["loss"] == "@loss" and "regularizer" not in call and "regularizer" not in call["options"]  # one owner
     parser["regularizer"] = "hyperelastic"
     parser["loss#balance"] = 100.0
     loss = parser.get_parsed_content("loss", lazy=False)
@@ -323,11 +323,12 @@ def test_lung_mask_weights_reach_the_lungmask_backend(tmp_path):
 
     parser = _config("train.json")
     parser["lung_mask_weights"] = str(tmp_path / "unet_r231-d5d2fc3d.pth")
-    kwargs = parser.get_parsed_content("training#1#lung_mask_kwargs")
+    kwargs = parser.get_parsed_content("workflow#options#lung_mask_kwargs")
+    assert parser.get_parsed_content("validate#evaluator#lung_mask_kwargs") == kwargs  # segment-mode selection too
     assert kwargs == {"weights": str(tmp_path / "unet_r231-d5d2fc3d.pth")}
     with pytest.raises(FileNotFoundError, match=r"the weights file .*unet_r231-d5d2fc3d\.pth does not exist"):
         LungMaskd("fixed_image", backend="lungmask", **kwargs)({"fixed_image": torch.zeros(1, 8, 8, 2)})
-    assert _config("inference.json").get_parsed_content("inference#1#lung_mask_kwargs") == {"weights": None}
+    assert _config("inference.json").get_parsed_content("workflow#options#lung_mask_kwargs") == {"weights": None}
 
 
 @pytest.mark.parametrize(
@@ -336,7 +337,7 @@ def test_lung_mask_weights_reach_the_lungmask_backend(tmp_path):
         (["--max_iteration", "50000"], r"--max_iteration: no config id 'max_iteration' .* closest: --max_iterations"),
         (["--regulariser", "jacobian"], r"--regulariser: no config id 'regulariser' .* closest: --regularizer"),
         (["--max_iterations", "abc"], r"--max_iterations abc: expected int like the default 300, found str"),
-        (["--network#hidden_feature", "64"], r"no config id 'network#hidden_feature'"),
+        (["--network_def#hidden_feature", "64"], r"no config id 'network_def#hidden_feature'"),
     ],
 )
 def test_command_line_overrides_that_nothing_reads_are_refused(tmp_path, monkeypatch, flags, message):
@@ -353,7 +354,7 @@ def test_command_line_overrides_that_nothing_reads_are_refused(tmp_path, monkeyp
         run("training", config_file=config, **overrides)
     assert not any(tmp_path.iterdir())  # no phantom generated, no outputs
     # the same check accepts what the configs read, nested ids and expressions included
-    good = [argv[0], "run", "training", "--config_file", config, "--max_iterations", "5", "--network#hidden_features", "16",
+    good = [argv[0], "run", "training", "--config_file", config, "--max_iterations", "5", "--network_def#hidden_features", "16",
             "--overwrite", "true", "--alpha_range", "[0, 0.5]", "--dataset_dir", "/data/x", "--alpha_range", "$[0, 1]",
             "--loss#balance", "100", "--alpha_distribution", "uniform"]  # fmt: skip
     from monai_cidir.engines.bundle import check_cli_overrides

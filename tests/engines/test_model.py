@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from monai_cidir.coordinates import CoordinateMapping, affine_from_spacing
@@ -64,3 +65,27 @@ def test_model_round_trip(tmp_path):
         assert torch.allclose(loaded.displacement(p, alpha), model.displacement(p, alpha), atol=1e-6)
     assert loaded.info["alpha"] == 0.25
     assert loaded.mapping.spatial_shape == m.spatial_shape
+
+
+def test_per_point_alpha_is_cut_into_the_chunks_of_transform_points():
+    torch.manual_seed(0)
+    model = RegistrationModel(ConditionedINR(hidden_features=16), _mapping(), _affine())
+    p = _mapping().world_grid(dtype=torch.float64).reshape(-1, 3)  # 504 points
+    alpha = torch.linspace(0.0, 1.0, len(p))[:, None]
+    chunked = model.transform_points(p, alpha, chunk_size=100)
+    assert torch.allclose(chunked, model.transform_points(p, alpha, chunk_size=10_000), atol=1e-6)
+    jac = model.displacement_jacobian(p, alpha, chunk_size=64)
+    assert torch.allclose(jac, model.displacement_jacobian(p, alpha, chunk_size=10_000), atol=1e-6)
+
+
+def test_reload_into_the_network_def_and_a_clear_error_when_it_does_not_fit(tmp_path):
+    from functools import partial
+
+    torch.manual_seed(0)
+    model = RegistrationModel(ConditionedINR(hidden_features=16, num_hidden_layers=2), _mapping(), _affine())
+    save_registration_model(model, tmp_path / "model.pt", cond_features=1)
+    p = _mapping().world_grid(dtype=torch.float64).reshape(-1, 3)[::7]
+    again = load_registration_model(tmp_path / "model.pt", network_def=partial(ConditionedINR, hidden_features=16, num_hidden_layers=2))
+    assert torch.allclose(again.displacement(p, 0.4), model.displacement(p, 0.4), atol=1e-9)
+    with pytest.raises(ValueError, match=r"do not fit network_def .*hidden_features=16, num_hidden_layers=2.*network_def builds hidden_features=32"):
+        load_registration_model(tmp_path / "model.pt", network_def=partial(ConditionedINR, hidden_features=32, num_hidden_layers=2))

@@ -227,3 +227,34 @@ def test_coarse_to_fine_smoothing_trains_on_smoothed_images_first(pair):
     assert abs(float(expect) - float(raw)) > 1e-3  # the two really differ
     with pytest.raises(ValueError, match="smoothing_mm"):
         _trainer(pair, smoothing_mm=(0.0,))
+
+
+def test_max_epochs_caps_the_run_and_the_schedule_steps_once_per_iteration(pair):
+    """MONAI's ``max_epochs`` (the bundle's train#trainer#max_epochs) caps the iterations; the
+    learning rate follows the cosine schedule of the capped run, stepped by LrScheduleHandler."""
+    import math
+
+    trainer = _trainer(pair, max_iterations=50, iterations_per_epoch=4, max_epochs=2)
+    rates = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: rates.append(e.state.output["lr"]))
+    trainer.run()
+    assert trainer.state.iteration == 8 and trainer.max_iterations == 8 and trainer.state.max_epochs == 2
+    expect = [1e-4 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * i / 8))) for i in range(8)]
+    assert rates == pytest.approx(expect, rel=1e-6)
+    with pytest.raises(ValueError, match="max_epochs must be >= 1"):
+        _trainer(pair, max_iterations=5, max_epochs=0)
+
+
+def test_the_training_forward_goes_through_the_inferer(pair):
+    from monai.inferers import SimpleInferer
+
+    class Counting(SimpleInferer):
+        calls = 0
+
+        def __call__(self, inputs, network, *args, **kwargs):
+            Counting.calls += 1
+            return super().__call__(inputs, network, *args, **kwargs)
+
+    trainer = _trainer(pair, max_iterations=3, regularization_points=100, inferer=Counting())
+    trainer.run()
+    assert Counting.calls == 6  # per step: the regularised points with derivatives, the rest plainly

@@ -273,3 +273,31 @@ def test_modulation_errors_name_the_option():
         ConditionedINR(modulation="per_voxel")
     with pytest.raises(ValueError, match="needs a harmonizer with 12 outputs, found 4"):
         ConditionedINR(modulation="per_layer", harmonizer=Harmonizer())
+
+
+def test_log_alpha_encoding_spreads_small_alphas_and_keeps_exact_derivatives():
+    """``alpha_encoding="log"``: the harmonizer reads log(1 + alpha / floor) / log(1 + 1 / floor)
+    (0 at alpha 0, 1 at alpha 1); forward-mode derivatives still equal autograd's."""
+    import math
+
+    from monai_cidir.networks import autograd_derivatives
+
+    net = ConditionedINR(hidden_features=32, alpha_encoding="log", alpha_floor=1e-3).double()
+    a = torch.tensor([[0.0], [1e-3], [0.01], [0.1], [1.0]], dtype=torch.float64)
+    expect = torch.log1p(a / 1e-3) / math.log1p(1e3)
+    assert torch.allclose(net.encode_alpha(a), expect, atol=1e-15)
+    assert net.encode_alpha(a)[[0, -1]].flatten().tolist() == pytest.approx([0.0, 1.0])
+    assert ConditionedINR().encode_alpha(a) is a  # the paper's linear input
+    torch.manual_seed(0)
+    for p in net.harmonizer.head.parameters():
+        torch.nn.init.normal_(p, std=0.3)  # let alpha change (a, b, c, d)
+    x = (torch.rand(40, 3, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    alpha = torch.rand(40, 1, dtype=torch.float64) ** 3
+    u, jac, hess = net.forward_with_derivatives(x, alpha, order=2)
+    u0, jac0, hess0 = autograd_derivatives(net, x, alpha, order=2)
+    assert torch.allclose(u, u0, atol=1e-10) and torch.allclose(jac, jac0, atol=1e-8) and torch.allclose(hess, hess0, atol=1e-6)
+    assert not torch.allclose(net(x, 0.001), net(x, 0.01), atol=1e-6)
+    with pytest.raises(ValueError, match="alpha_encoding must be one of"):
+        ConditionedINR(alpha_encoding="sqrt")
+    with pytest.raises(ValueError, match="alpha_floor must be positive"):
+        ConditionedINR(alpha_encoding="log", alpha_floor=0.0)
