@@ -65,6 +65,12 @@ def _train(item, options: dict, workdir: Path) -> tuple[dict, object]:
 
     opts = dict(export_images=False, overwrite=True, resume=False, checkpoint_interval=10**9)
     opts.update(options)
+    if isinstance(opts.get("network"), dict):  # network={"alpha_encoding": "log"} (JSON): ConditionedINR's options
+        import functools
+
+        from monai_cidir.networks import ConditionedINR
+
+        opts["network"] = functools.partial(ConditionedINR, **opts["network"])
     metrics = register_patient(item, workdir, **opts)
     return metrics, load_registration_model(Path(workdir) / str(item.get("name") or "pair") / "model.pt")
 

@@ -708,6 +708,12 @@ TRAINER_OPTIONS = (
     "iterations_per_epoch", "checkpoint_interval", "checkpoint_every_s", "smoothing_mm", "time_budget_s",
 )  # fmt: skip
 
+#: register_patient arguments handed on to select_and_export
+SELECTION_OPTIONS = (
+    "alpha", "alpha_range", "alpha_distribution", "num_alphas", "golden_section_steps", "no_folding", "selection_mode",
+    "lung_mask_backend", "lung_mask_kwargs", "coarse_spacing_mm", "coarse_factor", "chunk_size", "export_images",
+)  # fmt: skip
+
 #: select_and_export arguments an ``evaluator`` factory may set itself (the AlphaSelectionEvaluator names)
 EVALUATOR_OPTIONS = {
     "num_alphas": "num_alphas", "golden_section_steps": "golden_section_steps", "no_folding": "no_folding",
@@ -741,6 +747,49 @@ def _call_factory(factory: Callable, args: tuple, options: Mapping[str, Any], **
             "workflow (from the config's loss / alpha ids, device and output folder): remove them from the factory"
         )
     return factory(*args, **required, **{k: v for k, v in options.items() if k not in own})
+
+
+def _open_patient_dir(pdir: Path, settings: dict, overwrite: bool, name: str) -> dict | None:
+    """Check the stored settings, then: the stored metrics (marked skipped) when complete, or a clean
+    folder with this run's ``settings.json`` (``None``)."""
+    _check_stored_settings(pdir, settings, overwrite)
+    metrics_path = pdir / "metrics.json"
+    if metrics_path.is_file() and not overwrite:
+        logger.info("%s: outputs complete in %s, skipping (overwrite=True redoes it)", name, pdir)
+        stored = json.loads(metrics_path.read_text())
+        stored["skipped"] = True
+        return stored
+    if overwrite and pdir.is_dir():
+        for f in OUTPUT_FILES + ("checkpoint.pt",):
+            (pdir / f).unlink(missing_ok=True)
+    pdir.mkdir(parents=True, exist_ok=True)
+    write_json(settings, pdir / "settings.json")
+    return None
+
+
+def _prealign(trainer: CIDIRTrainer, item: Mapping, sampler, affine_prealign: bool | str, affine_kwargs: dict | None, name: str) -> dict:
+    """Fit the affine the INR starts from (``"auto"``: kept when it improves the NCC); its report."""
+    if affine_prealign is False:
+        return {"affine_prealign": False}
+    result = fit_affine(
+        item["fixed_image"],
+        item["moving_image"],
+        sampler,
+        fixed_mask=item.get("fixed_mask"),
+        moving_mask=item.get("moving_mask"),
+        similarity=trainer.loss_function.similarity,
+        **(affine_kwargs or {}),
+    )
+    keep = result.kept or affine_prealign is True
+    if keep:
+        trainer.model.set_affine(result.matrix)
+    logger.info("%s: affine pre-alignment NCC %.4f -> %.4f (%s)", name, result.ncc_identity, result.ncc_affine, "kept" if keep else "not kept")
+    return {
+        "affine_prealign": bool(keep),
+        "affine_ncc_identity": result.ncc_identity,
+        "affine_ncc_affine": result.ncc_affine,
+        "seconds_affine": result.seconds,
+    }
 
 
 def register_patient(
@@ -881,32 +930,14 @@ def register_patient(
     from monai.utils import set_determinism
 
     options = _with_factory_options(dict(locals()), trainer, evaluator)
-    for key in ("fixed_image", "moving_image"):
-        if item.get(key) is None:
-            raise ValueError(f"the pair has no '{key}': expected a loaded pair with keys {sorted(item)}")
-        check_image_values(item[key], f"{item.get('name') or 'pair'}: {key}", ct=False)
-    loss = _registration_loss(loss, regularizer, regularizer_scales, loss_balance)
-    regularizer = _regularizer_name(loss)
-    check_options(alpha=alpha, alpha_range=alpha_range, device=device, selection_mode=options["selection_mode"],
-                  num_alphas=options["num_alphas"], alpha_distribution=alpha_distribution)
-    check_landmark_pair(item.get("fixed_landmarks"), item.get("moving_landmarks"), str(item.get("name") or "pair"))
+    loss = _check_patient_inputs(item, options)
     name = str(item.get("name") or "pair")
     pdir = _patient_dir(output_dir, name)
     with PatientDirLock(pdir):  # one writer per patient folder
-        metrics_path = pdir / "metrics.json"
         ckpt_path = pdir / "checkpoint.pt"
-        settings = result_settings(options, item)
-        _check_stored_settings(pdir, settings, overwrite)
-        if metrics_path.is_file() and not overwrite:
-            logger.info("%s: outputs complete in %s, skipping (overwrite=True redoes it)", name, pdir)
-            stored = json.loads(metrics_path.read_text())
-            stored["skipped"] = True
+        stored = _open_patient_dir(pdir, result_settings(options, item), overwrite, name)
+        if stored is not None:
             return stored
-        if overwrite and pdir.is_dir():
-            for f in OUTPUT_FILES + ("checkpoint.pt",):
-                (pdir / f).unlink(missing_ok=True)
-        pdir.mkdir(parents=True, exist_ok=True)
-        write_json(settings, pdir / "settings.json")
 
         item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
         device = torch.device(device)
@@ -917,116 +948,82 @@ def register_patient(
         net = scale_initial_output(_build(network, default=ConditionedINR, **({"cond_features": k} if k > 1 else {})), init_output_scale)
         opt = build_optimizer(net, optimizer, learning_rate=learning_rate, harmonizer_lr_factor=harmonizer_lr_factor)
         sampler = make_point_sampler(item["fixed_mask"], seed=seed)
-        prior = make_alpha_prior(alpha_range, alpha_distribution, k, per_point=alpha_per_point)
-        factory_options = {k: options[k] for k in TRAINER_OPTIONS}
         trainer = _call_factory(
             trainer or CIDIRTrainer,
             (net, opt, item["fixed_image"], item["moving_image"], sampler),
-            factory_options,
+            {key: options[key] for key in TRAINER_OPTIONS},
             loss=loss,
-            alpha_prior=prior,
+            alpha_prior=make_alpha_prior(alpha_range, alpha_distribution, k, per_point=alpha_per_point),
             device=device,
             seed=seed,
             checkpoint_path=ckpt_path,
             handlers=handlers() if callable(handlers) else handlers,
         )
         max_iterations, num_points, time_budget_s = trainer.max_iterations, trainer.num_points, trainer.time_budget_s
-        prealign_info: dict[str, Any] = {"affine_prealign": False}
         resumed = resume and trainer.resume()
         start = time.perf_counter()
         if resumed:
             logger.info("%s: resuming from %s at iteration %d", name, ckpt_path, trainer.state.iteration)
-            prealign_info["affine_prealign"] = trainer.model.affine is not None
-        elif affine_prealign is not False:
-            result = fit_affine(
-                item["fixed_image"],
-                item["moving_image"],
-                sampler,
-                fixed_mask=item.get("fixed_mask"),
-                moving_mask=item.get("moving_mask"),
-                similarity=trainer.loss_function.similarity,
-                **(affine_kwargs or {}),
-            )
-            keep = result.kept or affine_prealign is True
-            if keep:
-                trainer.model.set_affine(result.matrix)
-            prealign_info = {
-                "affine_prealign": bool(keep),
-                "affine_ncc_identity": result.ncc_identity,
-                "affine_ncc_affine": result.ncc_affine,
-                "seconds_affine": result.seconds,
-            }
-            logger.info(
-                "%s: affine pre-alignment NCC %.4f -> %.4f (%s)",
-                name,
-                result.ncc_identity,
-                result.ncc_affine,
-                "kept" if keep else "not kept",
-            )
-        if not resumed:
+            prealign_info: dict[str, Any] = {"affine_prealign": trainer.model.affine is not None}
+        else:
+            prealign_info = _prealign(trainer, item, sampler, affine_prealign, affine_kwargs, name)
             check_overlap(trainer.model, item, name)
         budget = "" if time_budget_s is None else f" (at most {time_budget_s:g} s)"
         logger.info("%s: training %d iterations x %d points on %s%s", name, max_iterations, num_points, device, budget)
         trainer.run()
         seconds_training = time.perf_counter() - start
         model = trainer.model
-        model_info = {
-            "name": name,
-            "alpha_range": list(alpha_range),
-            "alpha_distribution": alpha_distribution,
-            "regularizer": regularizer,
-            "regularizer_weights": trainer.loss_function.spec,
-            "regularizer_lambda_scales": trainer.loss_function.scales,
-            "regularizer_names": trainer.loss_function.names,
-            "conditioning": trainer.loss_function.conditioning,
-            "cond_features": k,
-            "alpha_prior": prior.state_dict(),
-            "iterations": trainer.state.iteration,
-        }
+        model_info = _model_info(trainer, name, alpha_range, alpha_distribution)
         model.info = dict(model_info)
         save_registration_model(model, pdir / "model.pt", **model_info)  # before selection: re-export can resume
         previous = {
             "iterations": int(trainer.state.iteration),
             "num_points": int(num_points),
-            "regularizer": regularizer,
+            "regularizer": model_info["regularizer"],
             "seed": seed,
             **prealign_info,
             **mask_entries(mask_reports),
             "seconds_training": seconds_training,
             "stopped_by_time_budget": bool(trainer.stopped_by_time_budget),
         }
-        metrics = select_and_export(
-            model,
-            item,
-            pdir,
-            alpha=alpha,
-            alpha_range=alpha_range,
-            alpha_distribution=alpha_distribution,
-            num_alphas=num_alphas,
-            golden_section_steps=golden_section_steps,
-            no_folding=no_folding,
-            selection_mode=selection_mode,
-            lung_mask_backend=lung_mask_backend,
-            lung_mask_kwargs=lung_mask_kwargs,
-            coarse_spacing_mm=coarse_spacing_mm,
-            coarse_factor=coarse_factor,
-            chunk_size=chunk_size,
-            export_images=export_images,
-            previous=previous,
-            selection_handlers=selection_handlers,
-            evaluator=evaluator,
-        )
+        selection = {key: options[key] for key in SELECTION_OPTIONS}
+        metrics = select_and_export(model, item, pdir, previous=previous, selection_handlers=selection_handlers, evaluator=evaluator, **selection)
         save_registration_model(model, pdir / "model.pt", alpha=metrics["alpha"], **model_info)
         logger.info(
-            "%s: alpha %s, Dice %.4f, folding %.2g, TRE %s -> %s mm",
-            name,
-            format_alpha(metrics["alpha"]),
-            metrics["dice"],
-            metrics["folding"],
-            _fmt(metrics.get("tre_before_mean")),
-            _fmt(metrics.get("tre_after_mean")),
-        )
+            "%s: alpha %s, Dice %.4f, folding %.2g, TRE %s -> %s mm", name, format_alpha(metrics["alpha"]), metrics["dice"],
+            metrics["folding"], _fmt(metrics.get("tre_before_mean")), _fmt(metrics.get("tre_after_mean")),
+        )  # fmt: skip
         return metrics
+
+
+def _check_patient_inputs(item: Mapping, options: Mapping[str, Any]) -> RegistrationLoss:
+    """Images, options and landmarks checked before anything is written; the run's loss object."""
+    for key in ("fixed_image", "moving_image"):
+        if item.get(key) is None:
+            raise ValueError(f"the pair has no '{key}': expected a loaded pair with keys {sorted(item)}")
+        check_image_values(item[key], f"{item.get('name') or 'pair'}: {key}", ct=False)
+    loss = _registration_loss(options["loss"], options["regularizer"], options["regularizer_scales"], options["loss_balance"])
+    check_options(**{key: options[key] for key in ("alpha", "alpha_range", "device", "selection_mode", "num_alphas", "alpha_distribution")})
+    check_landmark_pair(item.get("fixed_landmarks"), item.get("moving_landmarks"), str(item.get("name") or "pair"))
+    return loss
+
+
+def _model_info(trainer: CIDIRTrainer, name: str, alpha_range, alpha_distribution: str) -> dict:
+    """What ``model.pt`` stores beside the network: the loss's regularizers, the prior, the iterations."""
+    loss = trainer.loss_function
+    return {
+        "name": name,
+        "alpha_range": list(alpha_range),
+        "alpha_distribution": alpha_distribution,
+        "regularizer": _regularizer_name(loss),
+        "regularizer_weights": loss.spec,
+        "regularizer_lambda_scales": loss.scales,
+        "regularizer_names": loss.names,
+        "conditioning": loss.conditioning,
+        "cond_features": loss.cond_features,
+        "alpha_prior": trainer.alpha_prior.state_dict(),
+        "iterations": trainer.state.iteration,
+    }
 
 
 def _fmt(v, spec: str = ".2f") -> str:
