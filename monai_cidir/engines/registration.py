@@ -538,19 +538,9 @@ def select_and_export(
             evaluator = _call_factory(factory, inputs, options, alphas=[alpha], **images)
             chosen = evaluator.run().best
     if rows:
-        write_alpha_curve(rows, patient_dir / "alpha_curve.csv", names)
-        if k == 1:
-            plot_alpha_curve(rows, alpha, patient_dir / "alpha_curve.png", title=name)
-        else:
-            plot_alpha_map(rows, alpha_values(alpha), patient_dir / "alpha_curve.png", names, title=name)
+        _write_alpha_curve(rows, alpha, patient_dir, names, name, k)
     export_seconds = time.perf_counter()
-    export_info: dict[str, float] = {}
-    if export_images:
-        lung = None if export_coarse_mm is None else dilate_mask(item["fixed_mask"], model.mapping, 10.0)
-        field, export_info = map_displacement(model, alpha, lung, export_coarse_mm, chunk_size)  # mapped once for both files
-        write_displacement_field(model, alpha, patient_dir / "displacement.nii.gz", field=field)
-        write_warped_image(model, alpha, item["moving_image"], patient_dir / "warped_moving.nii.gz", field=field)
-        del field
+    export_info = _export_images(model, alpha, item, patient_dir, export_coarse_mm, chunk_size) if export_images else {}
     export_seconds = time.perf_counter() - export_seconds
     metrics: dict[str, Any] = dict(previous or {})
     metrics.update(
@@ -579,6 +569,24 @@ def select_and_export(
     metrics.update({f"export_{k}": v for k, v in export_info.items()})
     write_json(metrics, patient_dir / "metrics.json")
     return metrics
+
+
+def _write_alpha_curve(rows: list[dict], alpha, patient_dir: Path, names: list[str], name: str, num_weights: int) -> None:
+    """``alpha_curve.csv`` and its picture: the curve (one weight) or the map of evaluated vectors."""
+    write_alpha_curve(rows, patient_dir / "alpha_curve.csv", names)
+    if num_weights == 1:
+        plot_alpha_curve(rows, alpha, patient_dir / "alpha_curve.png", title=name)
+    else:
+        plot_alpha_map(rows, alpha_values(alpha), patient_dir / "alpha_curve.png", names, title=name)
+
+
+def _export_images(model: RegistrationModel, alpha, item: Mapping, patient_dir: Path, coarse_mm: float | None, chunk_size: int) -> dict:
+    """``displacement.nii.gz`` and ``warped_moving.nii.gz`` from one mapping of the field; its error report."""
+    lung = None if coarse_mm is None else dilate_mask(item["fixed_mask"], model.mapping, 10.0)
+    field, info = map_displacement(model, alpha, lung, coarse_mm, chunk_size)  # mapped once for both files
+    write_displacement_field(model, alpha, patient_dir / "displacement.nii.gz", field=field)
+    write_warped_image(model, alpha, item["moving_image"], patient_dir / "warped_moving.nii.gz", field=field)
+    return info
 
 
 # ---------------------------------------------------------------------------- one patient
