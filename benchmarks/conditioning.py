@@ -65,12 +65,7 @@ def _train(item, options: dict, workdir: Path) -> tuple[dict, object]:
 
     opts = dict(export_images=False, overwrite=True, resume=False, checkpoint_interval=10**9)
     opts.update(options)
-    if isinstance(opts.get("network"), dict):  # network={"alpha_encoding": "log"} (JSON): ConditionedINR's options
-        import functools
 
-        from monai_cidir.networks import ConditionedINR
-
-        opts["network"] = functools.partial(ConditionedINR, **opts["network"])
     metrics = register_patient(item, workdir, **opts)
     return metrics, load_registration_model(Path(workdir) / str(item.get("name") or "pair") / "model.pt")
 
@@ -151,7 +146,7 @@ def write_report(rows: list[dict], output: Path, command: str) -> Path:
     previous = json.loads(store.read_text()) if store.is_file() else []
     keep = [r for r in previous if (r["case"], r["tag"]) not in {(x["case"], x["tag"]) for x in rows}]
     allrows = keep + [{**r, "command": command} for r in rows]
-    store.write_text(json.dumps(allrows, indent=1))
+    store.write_text(json.dumps(allrows, indent=1, default=repr))  # options may hold a network partial
     md = ["# The conditioning gap: cIDIR queried at alpha vs a network trained at that alpha alone", "",
           "Produced by the commands below (`python benchmarks/conditioning.py ...`), 2 CPU threads. TRE in mm (mean over the "
           "landmarks); gap = cIDIR - IDIR-mode (negative: cIDIR better). Equal training: the same iterations and points per step.", "",
