@@ -366,8 +366,11 @@ def load_registration_model(
     if not isinstance(state, dict) or "network" not in state or "mapping" not in state:
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is not a monai_cidir model.pt: expected keys 'network' and 'mapping', found {found}")
-    network = state["network"] if network_def is None else _build_network(network_def, state, path)
-    network.load_state_dict(state["network_state_dict"])
+    if network_def is None:
+        network = state["network"]
+        network.load_state_dict(state["network_state_dict"])
+    else:
+        network = _build_network(network_def, state, path)
     network.to(device).eval()
     model = RegistrationModel(
         network,
@@ -387,6 +390,15 @@ def _build_network(network_def: Callable[..., nn.Module], state: dict, path: Pat
     """``network_def()`` holding the stored weights, or an error naming both architectures."""
     k = int(state.get("cond_features", 1) or 1)
     network = network_def(**({"cond_features": k} if k > 1 else {}))
+    stored = state["network"]
+    # what shapes no weight (frequency, alpha input): equal weights would give another field, silently
+    differ = [a for a in _UNWEIGHTED if getattr(stored, a, _DEFAULTS.get(a)) != getattr(network, a, _DEFAULTS.get(a))]
+    if type(network) is not type(stored) or differ:
+        raise ValueError(
+            f"{path}: network_def builds {type(network).__name__} ({_summary(network)}), but the model was trained with "
+            f"{type(stored).__name__} ({_summary(stored)}); they differ in {differ or ['class']}, which the weights do not "
+            "record: give the training's network_def, or none to use the stored network"
+        )
     try:
         network.load_state_dict(state["network_state_dict"])
     except RuntimeError as e:
@@ -398,8 +410,12 @@ def _build_network(network_def: Callable[..., nn.Module], state: dict, path: Pat
     return network
 
 
+_UNWEIGHTED = ("omega_0", "modulation", "alpha_encoding", "alpha_floor")
+_DEFAULTS = {"modulation": "shared", "alpha_encoding": "linear", "alpha_floor": 1e-3}  # networks saved before these existed
+
+
 def _summary(network: nn.Module) -> str:
-    keys = ("hidden_features", "num_hidden_layers", "omega_0", "cond_features", "modulation")
+    keys = ("hidden_features", "num_hidden_layers", "omega_0", "cond_features", "modulation", "alpha_encoding")
     layers = getattr(network, "layers", None)
     shape = {"hidden_features": layers[0].out_features, "num_hidden_layers": len(layers) - 1} if layers is not None else {}
     found = {**shape, **{k: getattr(network, k) for k in keys if hasattr(network, k)}}

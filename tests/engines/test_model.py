@@ -89,3 +89,7 @@ def test_reload_into_the_network_def_and_a_clear_error_when_it_does_not_fit(tmp_
     assert torch.allclose(again.displacement(p, 0.4), model.displacement(p, 0.4), atol=1e-9)
     with pytest.raises(ValueError, match=r"do not fit network_def .*hidden_features=16, num_hidden_layers=2.*network_def builds hidden_features=32"):
         load_registration_model(tmp_path / "model.pt", network_def=partial(ConditionedINR, hidden_features=32, num_hidden_layers=2))
+    # the same weights under another alpha input or frequency would be another field: refused, not loaded
+    for other in ({"alpha_encoding": "log"}, {"omega_0": 30.0}):
+        with pytest.raises(ValueError, match=rf"they differ in \['{next(iter(other))}'\]"):
+            load_registration_model(tmp_path / "model.pt", network_def=partial(ConditionedINR, hidden_features=16, num_hidden_layers=2, **other))
