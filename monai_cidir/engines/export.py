@@ -40,18 +40,8 @@ __all__ = [
     "plot_alpha_curve",
     "plot_alpha_map",
     "write_json",
-    "lps_geometry",
     "plot_lung_masks",
 ]
-
-def lps_geometry(mapping: CoordinateMapping) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(origin, spacing, direction)`` of a grid in ITK's LPS convention (:meth:`CoordinateMapping.itk_geometry`).
-
-    Raises:
-        ValueError: when the direction is not orthonormal (ITK cannot represent it).
-    """
-    return mapping.itk_geometry()
-
 
 def dilate_mask(mask, mapping: CoordinateMapping, margin_mm: float) -> np.ndarray:
     """A boolean mask grown by a box of ``margin_mm`` along each axis (separable max-pooling).
