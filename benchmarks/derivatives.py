@@ -22,6 +22,7 @@ Run::
 
     python benchmarks/derivatives.py                    # 10,000 points, 2 threads
     python benchmarks/derivatives.py --markdown table.md
+    python benchmarks/derivatives.py --device cuda --points 100000   # on a GPU: CUDA peak memory, synchronised timings
 
 Timings need a quiet machine: other processes on the same cores slow every method, and the
 printed load average tells whether there were any. On a shared, busy machine run it with
@@ -50,6 +51,11 @@ METHODS = ("forward J + adjoint H", "forward J + forward H", "nested autograd")
 _MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _step(network, coords, alpha, method: str):
     """One training step's derivative work; returns (u, jacobian, hessian, energy, parameter gradient)."""
     network.zero_grad(set_to_none=True)
@@ -70,15 +76,25 @@ def _max_rss_mib() -> float:
     return usage / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def _matmul_gflops(repeats: int) -> float:
-    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+def _matmul_gflops(repeats: int, device: torch.device) -> float:
+    size = 8192 if device.type == "cuda" else 4096
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     a @ b
+    _sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
+        _sync(device)
         times.append(time.perf_counter() - t0)
-    return 2 * 4096**3 / statistics.median(times) / 1e9
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def _peak_mib(device: torch.device) -> float:
+    """Peak memory so far: the CUDA allocator's on a GPU, the process's resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _max_rss_mib()
 
 
 def _count_flops(network, coords, alpha, method: str, sample: int = 500) -> float:
@@ -109,26 +125,31 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps per method after the first (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modulation", default="shared", choices=("shared", "per_layer", "per_neuron"), help="ConditionedINR modulation (default shared, the paper)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu; e.g. cuda)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the results as a markdown table")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    network = ConditionedINR(modulation=args.modulation)  # 3-256-256-256-3, omega_0 = 32
+    network = ConditionedINR(modulation=args.modulation).to(device)  # 3-256-256-256-3, omega_0 = 32
     # move the harmonizer away from its (a, b, c, d) = (1, 1, 0, 0) start, as after some training
     with torch.no_grad():
         torch.nn.init.normal_(network.harmonizer.head.weight, std=0.05)
         torch.nn.init.normal_(network.harmonizer.head.bias, std=0.05)
-    coords = torch.rand(args.points, 3) * 2 - 1
-    alpha = torch.rand(args.points, 1)  # one alpha per point, as in training
+    coords = (torch.rand(args.points, 3) * 2 - 1).to(device)
+    alpha = torch.rand(args.points, 1).to(device)  # one alpha per point, as in training
     reference = METHODS[-1]
 
     # first steps, smallest first: results, and each method's peak memory
-    rss = [_max_rss_mib()]
+    rss = [_peak_mib(device)]
     results = {}
     for m in METHODS:
         results[m] = _step(network, coords, alpha, m)
-        rss.append(_max_rss_mib())
+        _sync(device)
+        rss.append(_peak_mib(device))
     peak_mib = {m: rss[i + 1] - rss[0] for i, m in enumerate(METHODS)}
 
     def rel(a, b):
@@ -148,17 +169,20 @@ def main(argv=None) -> int:
     cpu = {m: [] for m in METHODS}
     for _ in range(args.repeats):  # interleaved, so background load hits every method alike
         for m in METHODS:
+            _sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             _step(network, coords, alpha, m)
+            _sync(device)
             times[m].append(time.perf_counter() - t0)
             cpu[m].append(time.process_time() - c0)
-    peak = _matmul_gflops(args.repeats)
+    peak = _matmul_gflops(args.repeats, device)
     load_after = os.getloadavg()[0]
     wall = {m: statistics.median(times[m]) for m in METHODS}
     cpu_s = {m: statistics.median(cpu[m]) for m in METHODS}
 
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     header = (
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {where}, {os.cpu_count()} CPUs, "
         f"{args.threads} threads, {args.points} points, ConditionedINR 3-256-256-256-3, per-point alpha, "
         f"float32, median of {args.repeats}, load average {load_before:.1f} -> {load_after:.1f}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, float32 matmul {peak:.0f} GFLOP/s"
@@ -172,7 +196,7 @@ def main(argv=None) -> int:
         "matmul GFLOP/step",
         "GFLOP/s",
         "of matmul peak",
-        "peak memory (MiB)",
+        "peak CUDA memory (MiB)" if device.type == "cuda" else "peak memory (MiB)",
     )
     rows = [
         (

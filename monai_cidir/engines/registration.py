@@ -126,6 +126,21 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
     return convert_to_tensor(x, track_meta=False)
 
 
+def describe_device(device: str | torch.device) -> str:
+    """The device a run used, as ``metrics.json`` reports it: ``"cpu"``, or ``"cuda:0 (NVIDIA H200)"``.
+
+    Example::
+
+        >>> describe_device("cpu")
+        'cpu'
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 def make_point_sampler(mask: torch.Tensor, seed: int = 0, dilation_mm: float = 0.0) -> Callable[[int], torch.Tensor]:
     """``sampler(n) -> (n, 3)`` float32 world points drawn uniformly in a lung mask.
 
@@ -996,6 +1011,7 @@ def register_patient(
             **prealign_info,
             **mask_entries(mask_reports),
             "seconds_training": seconds_training,
+            "training_device": describe_device(device),
             "stopped_by_time_budget": bool(trainer.stopped_by_time_budget),
         }
         selection = {key: options[key] for key in SELECTION_OPTIONS}
@@ -1086,7 +1102,7 @@ def export_registration(
         previous = {}
         if (pdir / "metrics.json").is_file():
             old = json.loads((pdir / "metrics.json").read_text())
-            previous = {k: v for k, v in old.items() if k in ("iterations", "num_points", "regularizer", "seed", "seconds_affine", "seconds_training", "affine_prealign")}
+            previous = {k: v for k, v in old.items() if k in ("iterations", "num_points", "regularizer", "seed", "seconds_affine", "seconds_training", "training_device", "affine_prealign")}
         item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
         previous.update(mask_entries(mask_reports))
         for key in ("alpha_range", "alpha_distribution"):  # the prior the model was trained with

@@ -94,6 +94,7 @@ def test_rerun_skips_and_reexport_at_fixed_alpha(trained, phantom_item):
     assert again.get("skipped") and again["tre_after_mean"] == pytest.approx(m["tre_after_mean"])
     fixed = export_registration(phantom_item, out, alpha=1.0, num_alphas=3)
     assert fixed["alpha"] == 1.0 and fixed["seconds_training"] == pytest.approx(m["seconds_training"])
+    assert m["training_device"] == fixed["training_device"] == "cpu"  # the re-export keeps where training ran
     # alpha = 1 over-regularises relative to the selected alpha: never better on lung Dice
     assert fixed["dice"] <= m["dice"] + 1e-6
 
