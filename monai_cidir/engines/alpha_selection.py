@@ -4,9 +4,10 @@ For each alpha the trained :class:`~monai_cidir.engines.model.RegistrationModel`
 fixed grid into the moving image; the moving lung mask is warped to the fixed grid
 (trilinear, threshold 0.5) and compared with the fixed lung mask by MONAI's ``DiceMetric``;
 folding is the fraction of fixed-mask points with ``det(I + J) <= 0`` from the model's exact
-Jacobians (``JacobianDeterminantMetric``). The best Dice wins; Dice values within
-``tie_tolerance`` count as ties and the larger alpha (the smoother field) wins them.
-With ``no_folding=True`` only alphas without folding compete (if none, the least folding).
+Jacobians (``JacobianDeterminantMetric``). Every alpha passes through the engine, and the
+evaluator's key metric, :class:`~monai_cidir.handlers.AlphaChoice`, decides: the best Dice wins;
+Dice values within its ``tie_tolerance`` count as ties and the larger alpha (the smoother field)
+wins them. With ``no_folding=True`` only alphas without folding compete (if none, the least folding).
 
 ``mode="segment"`` warps the moving *image* instead and segments it with
 :class:`~monai_cidir.transforms.LungMask` (the paper's procedure); the fixed image is
@@ -47,7 +48,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +61,7 @@ from monai.metrics import DiceMetric
 
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines.model import RegistrationModel, iter_grid_chunks, region_shape
+from monai_cidir.handlers.alpha_choice import AlphaChoice, AlphaSearchEvents
 
 __all__ = ["AlphaSelectionEvaluator", "AlphaCurve", "alpha_grid", "alpha_values", "coarse_steps", "format_alpha", "mask_region"]
 
@@ -155,9 +157,11 @@ class AlphaSelectionEvaluator(Evaluator):
     one weight per regularizer; ties then go to the larger ``sum_r alpha_r / high_r``);
     ``engine.state.output`` holds ``pred`` (warped mask,
     ``(1, 1, X, Y, Z)``), ``label`` (fixed mask), ``alpha``, ``dice``, ``folding`` and
-    ``seconds``. MONAI's ``MeanDice`` handler is attached (key metric ``mean_dice``: the
-    sweep's mean Dice). After :meth:`run`, ``self.curve`` is an :class:`AlphaCurve`
-    (grid plus the optional golden-section refinement).
+    ``seconds``. The key metric (``key_metric``, default :class:`~monai_cidir.handlers.AlphaChoice`
+    by lung Dice, reported as ``state.metrics["selected_dice"]``) sees every alpha of the search and
+    chooses; MONAI's ``MeanDice`` is attached too (``state.metrics["mean_dice"]``: the last run's
+    mean Dice). After :meth:`run`, ``self.curve`` is an :class:`AlphaCurve` (grid plus the optional
+    refinement) whose ``best`` is the key metric's choice.
 
     Args:
         model: the trained registration.
@@ -169,8 +173,10 @@ class AlphaSelectionEvaluator(Evaluator):
         alpha_distribution: the training prior's distribution, which spaces the grid (see :func:`alpha_grid`).
         golden_section_steps: extra evaluations of a golden-section search between the best
             grid alpha's neighbours (0 disables).
-        no_folding: only alphas with zero folding compete.
-        tie_tolerance: Dice differences up to this count as ties (larger alpha wins).
+        no_folding: only alphas with zero folding compete (the default key metric's rule).
+        key_metric: the metric that chooses: an :class:`~monai_cidir.handlers.AlphaChoice` (or a
+            subclass), or a callable that returns a fresh one (a config partial); default
+            ``AlphaChoice(no_folding=no_folding)`` (lung Dice, ties within 1e-4 to the larger alpha).
         mode: ``"warp_mask"`` or ``"segment"``.
         moving_image: moving MetaTensor (``mode="segment"``).
         fixed_image: fixed MetaTensor (``mode="segment"``).
@@ -216,7 +222,7 @@ class AlphaSelectionEvaluator(Evaluator):
         alpha_distribution: str = "uniform",
         golden_section_steps: int = 0,
         no_folding: bool = False,
-        tie_tolerance: float = 1e-4,
+        key_metric: AlphaChoice | Callable[[], AlphaChoice] | None = None,
         mode: str = "warp_mask",
         moving_image: torch.Tensor | None = None,
         fixed_image: torch.Tensor | None = None,
@@ -241,8 +247,9 @@ class AlphaSelectionEvaluator(Evaluator):
             raise ValueError("mode='segment' needs fixed_image and moving_image")
         if band_mm is not None and not band_mm > 0:
             raise ValueError(f"band_mm must be positive or None, found {band_mm}")
+        self.choice = _key_metric(key_metric, no_folding)
         if folding_stride is None:
-            folding_stride = 2 if no_folding else 4
+            folding_stride = 2 if self.no_folding else 4
         if int(folding_stride) < 1:
             raise ValueError(f"folding_stride must be >= 1, found {folding_stride}")
         self.num_weights = int(getattr(model, "num_weights", 1))
@@ -251,21 +258,20 @@ class AlphaSelectionEvaluator(Evaluator):
             alphas = [_alpha_key(a, self.num_weights) for a in alphas]
         else:
             alphas = _first_alphas(self.num_weights, prior, num_alphas, alpha_range, alpha_distribution)
-        self.highs = [max(1e-12, max(alpha_values(a)[i] for a in alphas)) for i in range(self.num_weights)] if alphas else [1.0] * self.num_weights
         self.refine_rounds = int(refine_rounds)
         super().__init__(
             device=next(model.network.parameters()).device,
             val_data_loader=[{"alpha": a} for a in alphas],
             epoch_length=len(alphas),
-            key_val_metric={"mean_dice": MeanDice(include_background=True, output_transform=from_engine(["pred", "label"]))},
+            key_val_metric={self.choice.name: self.choice},
+            additional_metrics={"mean_dice": MeanDice(include_background=True, output_transform=from_engine(["pred", "label"]))},
             val_handlers=val_handlers,
             decollate=False,
+            event_names=[AlphaSearchEvents],
         )
         self.model = model
         self.mode = mode
         self.golden_section_steps = int(golden_section_steps)
-        self.no_folding = bool(no_folding)
-        self.tie_tolerance = float(tie_tolerance)
         self.chunk_size = int(chunk_size)
         self.band_mm = None if band_mm is None else float(band_mm)
         self.max_band_mm = 20.0
@@ -546,23 +552,15 @@ class AlphaSelectionEvaluator(Evaluator):
         return out
 
     # ------------------------------------------------------------------ selection
-    def _best(self, rows: list[dict]) -> dict:
-        pool = rows
-        if self.no_folding:
-            clean = [r for r in rows if r["folding"] <= 0.0]
-            if clean:
-                pool = clean
-            else:
-                least = min(r["folding"] for r in rows)
-                pool = [r for r in rows if r["folding"] <= least]
-        top = max(r["dice"] for r in pool)
-        return max((r for r in pool if r["dice"] >= top - self.tie_tolerance), key=self._smoothness)
+    @property
+    def no_folding(self) -> bool:
+        """Whether only alphas without folding compete (the key metric's rule)."""
+        return self.choice.no_folding
 
-    def _smoothness(self, row: dict):
-        """The tie rule's order: the larger alpha (for K weights, the larger sum of ``alpha_r / high_r``)."""
-        if self.num_weights == 1:
-            return row["alpha"]
-        return (sum(a / h for a, h in zip(row["alpha"], self.highs)), row["alpha"])
+    def _best_row(self) -> dict:
+        """The curve's row of the key metric's choice (the last one scored at that alpha)."""
+        chosen = self.choice.best["alpha"]
+        return next(r for r in reversed(self.curve.rows) if r["alpha"] == chosen)
 
     def _midpoint(self, a: float, b: float, axis: int) -> float:
         """Between two alphas of one weight, as its prior spaces them (geometric for log-uniform)."""
@@ -579,7 +577,7 @@ class AlphaSelectionEvaluator(Evaluator):
     def _refine_vectors(self) -> int:
         """One round around the best vector: per weight, the best value and the midpoints towards
         its evaluated neighbours; every new combination is scored. Returns how many were new."""
-        best = self._best(self.curve.rows)["alpha"]
+        best = self.choice.best["alpha"]
         candidates = []
         for i, b in enumerate(best):
             values = sorted({r["alpha"][i] for r in self.curve.rows})
@@ -598,8 +596,8 @@ class AlphaSelectionEvaluator(Evaluator):
 
     def _refine(self) -> None:
         rows = sorted(self.curve.rows, key=lambda r: r["alpha"])
-        best = self._best(rows)
-        i = next(k for k, r in enumerate(rows) if r is best)
+        best = self.choice.best["alpha"]
+        i = next(k for k, r in enumerate(rows) if r["alpha"] == best)
         lo = rows[max(0, i - 1)]["alpha"]
         hi = rows[min(len(rows) - 1, i + 1)]["alpha"]
         if hi <= lo:
@@ -610,10 +608,9 @@ class AlphaSelectionEvaluator(Evaluator):
         def f(a: float) -> float:
             if a not in cache:
                 self._run_round([a])  # through the engine: handlers and the key metric see it too
-                cache[a] = self.curve.rows[-1]
+                cache[a] = self.choice.rows[-1]  # the key metric's record holds its score
             r = cache[a]
-            ok = (not self.no_folding) or r["folding"] <= 0.0
-            return r["dice"] if ok else -1.0
+            return r[self.choice.score_key] if self.choice.allowed(r) else -math.inf
 
         a, b = lo, hi
         c, d = b - g * (b - a), a + g * (b - a)
@@ -629,8 +626,9 @@ class AlphaSelectionEvaluator(Evaluator):
                 fd = f(d)
 
     def run(self) -> AlphaCurve:  # type: ignore[override]
-        """Sweep the grid (Ignite run), refine, select; returns :attr:`curve`."""
+        """Sweep the grid (Ignite run), refine, let the key metric choose; returns :attr:`curve`."""
         self.curve = AlphaCurve()
+        self.fire_event(AlphaSearchEvents.SEARCH_STARTED)  # the key metric starts collecting
         super().run()
         if self.num_weights > 1 and self.curve.rows:
             for _ in range(self.refine_rounds):
@@ -638,13 +636,28 @@ class AlphaSelectionEvaluator(Evaluator):
                     break
         elif self.golden_section_steps > 0 and len(self.curve.rows) > 1:
             self._refine()
+        best = dict(self._best_row())
         self.curve.rows.sort(key=lambda r: r["alpha"])
-        best = dict(self._best(self.curve.rows))
         if self.folding_stride > 1:  # the sweep thinned the folding points; the choice gets all of them
             with torch.no_grad():
                 best["folding"] = self.folding(best["alpha"], 1)
         self.curve.best = best
         return self.curve
+
+
+def _key_metric(key_metric, no_folding: bool) -> AlphaChoice:
+    """The evaluator's key metric: the default, the one given, or a fresh one from a factory."""
+    if key_metric is None:
+        return AlphaChoice(no_folding=no_folding)
+    if isinstance(key_metric, AlphaChoice):
+        if no_folding and not key_metric.no_folding:
+            raise ValueError("no_folding=True but the key_metric given has no_folding=False: set it on the key metric (AlphaChoice(no_folding=True))")
+        return key_metric
+    choice = key_metric()  # a factory (e.g. a config partial): a fresh metric for this search
+    if not isinstance(choice, AlphaChoice):
+        raise TypeError(f"key_metric must be an AlphaChoice or a callable returning one; the callable returned {type(choice).__name__}")
+    choice.no_folding = choice.no_folding or bool(no_folding)
+    return choice
 
 
 def _first_alphas(num_weights: int, prior, num_alphas: int, alpha_range: Sequence[float], distribution: str) -> list:

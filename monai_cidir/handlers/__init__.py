@@ -1,8 +1,9 @@
-"""Ignite handlers: the registration metrics (MONAI ``IgniteMetricHandler`` style) and the training progress bar."""
+"""Ignite handlers: the registration metrics (MONAI ``IgniteMetricHandler`` style), the alpha search's key metric and the training progress bar."""
 
 from __future__ import annotations
 
+from monai_cidir.handlers.alpha_choice import AlphaChoice, AlphaSearchEvents
 from monai_cidir.handlers.progress import TrainingProgressBar
 from monai_cidir.handlers.registration_metrics import JacobianFoldingHandler, TargetRegistrationErrorHandler
 
-__all__ = ["TargetRegistrationErrorHandler", "JacobianFoldingHandler", "TrainingProgressBar"]
+__all__ = ["AlphaChoice", "AlphaSearchEvents", "TargetRegistrationErrorHandler", "JacobianFoldingHandler", "TrainingProgressBar"]

@@ -3,6 +3,7 @@ config overrides (network, similarity, regularizer, optimizer, lr schedule, hand
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import math
@@ -14,6 +15,7 @@ from monai.bundle import ConfigWorkflow, run
 
 from monai_cidir.engines import AlphaSelectionEvaluator, CIDIRTrainer, CohortInferenceWorkflow, CohortTrainingWorkflow
 from monai_cidir.engines.bundle import make_phantom_cohort
+from monai_cidir.handlers import AlphaChoice
 from monai_cidir.inferers import PointInferer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundles" / "cidir_lung_ct" / "configs"
@@ -67,7 +69,19 @@ SWAPS = {
     "train#handlers#1#name": "cidir_swap_test",  # a logger of its own, created (and captured) in this test
     "train#handlers#1#iteration_log": True,
     "validate#evaluator#num_alphas": 3,
+    "validate#evaluator#key_metric#_target_": "tests.bundle.test_bundle_workflow.SmallestAlphaChoice",
 }
+
+
+class SmallestAlphaChoice(AlphaChoice):
+    """A selection rule of its own (the smallest alpha, whatever its Dice), to see that the key metric decides."""
+
+    @property
+    def name(self) -> str:
+        return "smallest_alpha"
+
+    def choose(self, rows):
+        return min(rows, key=lambda r: r["alpha"])
 
 
 def test_components_are_swapped_by_config_overrides(phantom_dir, tmp_path, monkeypatch, capfd):
@@ -95,9 +109,14 @@ def test_components_are_swapped_by_config_overrides(phantom_dir, tmp_path, monke
     assert "MSELoss" in settings["loss"]
     metrics = json.loads((pdir / "metrics.json").read_text())
     assert metrics["iterations"] == 6 and metrics["num_alphas_evaluated"] == 3
+    with open(pdir / "alpha_curve.csv") as f:
+        curve = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    first = min(curve, key=lambda r: r["alpha"])
+    assert metrics["alpha"] == first["alpha"] == 0.0 and metrics["dice"] == pytest.approx(first["dice"], abs=1e-6)
     logged = capfd.readouterr()
     text = (logged.out + logged.err).replace("\r", "\n")
     assert sum("-- swapped_loss:" in line for line in text.splitlines()) == 6  # the StatsHandler, renamed, every iteration
+    assert "best metric of smallest_alpha" in text  # the configured key metric is the evaluator's
 
 
 def test_a_trainer_factory_that_sets_a_per_patient_option_is_refused(phantom_dir, tmp_path):

@@ -7,6 +7,7 @@ import torch
 
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines import AlphaPrior, AlphaSelectionEvaluator, RegistrationModel, alpha_grid
+from monai_cidir.handlers import AlphaChoice
 from monai_cidir.networks import ConditionedINR
 
 
@@ -60,20 +61,49 @@ def test_coarse_dice_within_0_005_of_full_resolution(phantom_item):
     assert coarse.state.metrics["mean_dice"] == pytest.approx(mean, abs=1e-5)
 
 
-def test_selection_prefers_best_dice_and_larger_alpha_on_ties(phantom_item):
-    model = RegistrationModel(_AlphaScaledField(), CoordinateMapping.from_image(phantom_item["fixed_image"]))
-    ev = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], num_alphas=5)
+def test_selection_prefers_best_dice_and_larger_alpha_on_ties():
     rows = [
         {"alpha": 0.0, "dice": 0.90, "folding": 0.0},
         {"alpha": 0.25, "dice": 0.95, "folding": 0.01},
         {"alpha": 0.5, "dice": 0.95, "folding": 0.0},
         {"alpha": 0.75, "dice": 0.93, "folding": 0.0},
     ]
-    assert ev._best(rows)["alpha"] == 0.5  # tie -> larger alpha
+    assert AlphaChoice().choose(rows)["alpha"] == 0.5  # tie -> larger alpha
     rows[2]["dice"] = 0.94
-    assert ev._best(rows)["alpha"] == 0.25
-    ev.no_folding = True
-    assert ev._best(rows)["alpha"] == 0.5  # 0.25 folds
+    assert AlphaChoice().choose(rows)["alpha"] == 0.25
+    assert AlphaChoice(no_folding=True).choose(rows)["alpha"] == 0.5  # 0.25 folds
+    assert AlphaChoice(tie_tolerance=0.05).choose(rows)["alpha"] == 0.75  # all but alpha 0 tie
+
+
+class _LowestDice(AlphaChoice):
+    """A key metric with another rule (the worst Dice): the evaluator must follow it."""
+
+    def choose(self, rows):
+        return min(rows, key=lambda r: r["dice"])
+
+
+def test_the_key_metric_decides(phantom_item):
+    # the fixed mask as moving mask: Dice is highest where the field is smallest (alpha -> 1)
+    model = RegistrationModel(_AlphaScaledField(c=0.3), CoordinateMapping.from_image(phantom_item["fixed_image"]))
+    args = (model, phantom_item["fixed_mask"], phantom_item["fixed_mask"])
+    ev = AlphaSelectionEvaluator(*args, alphas=[0.0, 0.5, 1.0])
+    curve = ev.run()
+    dice = {r["alpha"]: r["dice"] for r in curve.rows}
+    assert dice[1.0] > dice[0.5] > dice[0.0]
+    assert curve.alpha == 1.0 and ev.state.metrics["selected_dice"] == pytest.approx(dice[1.0])
+    assert ev.state.best_metric == pytest.approx(dice[1.0])
+    # another rule, given as a factory (as a config partial gives it): a fresh metric per search
+    ev = AlphaSelectionEvaluator(*args, alphas=[0.0, 0.5, 1.0], key_metric=_LowestDice)
+    curve = ev.run()
+    assert curve.alpha == 0.0 and curve.best["dice"] == pytest.approx(dice[0.0])
+    assert ev.state.metrics["selected_dice"] == pytest.approx(dice[0.0])
+    # misconfigurations are refused before or at the first alpha, naming what is wrong
+    with pytest.raises(TypeError, match="AlphaChoice"):
+        AlphaSelectionEvaluator(*args, alphas=[0.5], key_metric=dict)
+    with pytest.raises(ValueError, match="no_folding"):
+        AlphaSelectionEvaluator(*args, alphas=[0.5], no_folding=True, key_metric=AlphaChoice())
+    with pytest.raises(KeyError, match="ncc"):
+        AlphaSelectionEvaluator(*args, alphas=[0.5], key_metric=AlphaChoice(score_key="ncc")).run()
 
 
 def test_folding_fraction_from_exact_jacobians(phantom_item):
@@ -98,7 +128,7 @@ def test_grid_and_golden_section_refinement(phantom_item):
     # the fixed image's own mask as 'moving' mask: Dice is highest where the field is smallest (alpha -> 1)
     model = RegistrationModel(_AlphaScaledField(c=0.3), CoordinateMapping.from_image(phantom_item["fixed_image"]))
     ev = AlphaSelectionEvaluator(
-        model, phantom_item["fixed_mask"], phantom_item["fixed_mask"], num_alphas=5, golden_section_steps=4, tie_tolerance=0.0
+        model, phantom_item["fixed_mask"], phantom_item["fixed_mask"], num_alphas=5, golden_section_steps=4, key_metric=AlphaChoice(tie_tolerance=0.0)
     )
     from ignite.engine import Events
 
