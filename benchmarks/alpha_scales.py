@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from monai_cidir.engines import AlphaSelectionEvaluator, fit_affine, make_point_sampler
+    from monai_cidir.engines import AlphaSearch, AlphaSelectionEvaluator, fit_affine, make_point_sampler
     from monai_cidir.engines.registration import landmark_tre
     from monai_cidir.losses import RegistrationLoss
 
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
                 harmonizer_lr_factor=factor,
             )
             trainer, _ = training.train_variant(item, affine, options, args.budget, 1e9, args.seed, 100000)
-            ev = AlphaSelectionEvaluator(trainer.model, item["fixed_mask"], item["moving_mask"], alphas=alphas)
+            ev = AlphaSelectionEvaluator(trainer.model, item["fixed_mask"], item["moving_mask"], search=AlphaSearch(alphas=alphas))
             curve = ev.run()
             tre = [landmark_tre(trainer.model, a, item)["mean"] for a in alphas]
             print(f"| {scale:g} | {factor:g} | " + " / ".join(f"{t:.2f}" for t in tre)

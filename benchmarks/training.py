@@ -140,11 +140,11 @@ def train_variant(item, affine, options: dict, budget: float, eval_every: float,
 
 
 def summarize(item, trainer, history) -> dict:
-    from monai_cidir.engines import AlphaSelectionEvaluator
+    from monai_cidir.engines import AlphaSearch, AlphaSelectionEvaluator
     from monai_cidir.engines.registration import landmark_tre
 
     t = time.perf_counter()
-    ev = AlphaSelectionEvaluator(trainer.model, item["fixed_mask"], item["moving_mask"], num_alphas=11)
+    ev = AlphaSelectionEvaluator(trainer.model, item["fixed_mask"], item["moving_mask"], search=AlphaSearch(11))
     curve = ev.run()
     sel_s = time.perf_counter() - t
     row = {

@@ -2,7 +2,9 @@
 
 * :class:`CIDIRTrainer` (trainer.py): the per-patient MONAI/Ignite training workflow.
 * :func:`fit_affine` (prealign.py): the global affine the INR's residual starts from.
-* :class:`AlphaSelectionEvaluator` (alpha_selection.py): the alpha sweep scored by lung Dice.
+* :class:`AlphaSelectionEvaluator` (alpha_selection.py): the alpha sweep scored by lung Dice; its key
+  metric (:class:`~monai_cidir.handlers.AlphaChoice`) decides, :class:`AlphaSearch` (alpha_search.py)
+  says which alphas are scored; alphas.py: the grid and the forms of an alpha.
 * :class:`RegistrationModel`, :func:`load_registration_model` (model.py): the trained transform.
 * export.py: displacement field, warped image, alpha curve and lung-mask pictures.
 * quality.py: lung-mask checks before training, lung NCC / Dice and a status per patient after it.
@@ -15,6 +17,7 @@
 
 from __future__ import annotations
 
+from monai_cidir.engines.alpha_search import AlphaSearch
 from monai_cidir.engines.alpha_selection import AlphaCurve, AlphaSelectionEvaluator, alpha_grid, coarse_steps, mask_region
 from monai_cidir.engines.export import (
     plot_alpha_curve,
@@ -49,6 +52,7 @@ __all__ = [
     "AffinePrealignment",
     "AlphaCurve",
     "AlphaPrior",
+    "AlphaSearch",
     "AlphaSelectionEvaluator",
     "CIDIRTrainer",
     "CohortInferenceWorkflow",

@@ -45,7 +45,6 @@ Measured (``benchmarks/compare.py``, 2 threads): see README.md, "Performance".
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -60,37 +59,12 @@ from monai.handlers import MeanDice, from_engine
 from monai.metrics import DiceMetric
 
 from monai_cidir.coordinates import CoordinateMapping
+from monai_cidir.engines.alphas import LOG_FLOOR, alpha_grid, alpha_key, alpha_values, format_alpha
+from monai_cidir.engines.alpha_search import AlphaSearch
 from monai_cidir.engines.model import RegistrationModel, iter_grid_chunks, region_shape
 from monai_cidir.handlers.alpha_choice import AlphaChoice, AlphaSearchEvents
 
-__all__ = ["AlphaSelectionEvaluator", "AlphaCurve", "alpha_grid", "alpha_values", "coarse_steps", "format_alpha", "mask_region"]
-
-
-#: the smallest positive alpha of a log-uniform prior and of its grid (lambda = 3 for bending)
-LOG_FLOOR = 1e-3
-
-
-def alpha_grid(
-    low: float = 0.0, high: float = 1.0, num: int = 21, distribution: str = "uniform", log_floor: float = LOG_FLOOR
-) -> list[float]:
-    """The sweep's alphas: ``num`` values over ``[low, high]``, spaced as the training prior samples them.
-
-    ``"uniform"``: evenly spaced. ``"log-uniform"``: evenly spaced in log alpha over
-    ``[max(low, log_floor), high]``; when ``low`` is below ``log_floor`` (e.g. 0) it is the first
-    value and the other ``num - 1`` are log-spaced, so the unregularised end stays on the grid.
-    """
-    if num < 1:
-        raise ValueError(f"num must be >= 1, found {num}")
-    if distribution not in ("uniform", "log-uniform"):
-        raise ValueError(f"distribution must be 'uniform' or 'log-uniform', found {distribution!r}")
-    if num == 1:
-        return [float(high)]
-    if distribution == "log-uniform" and high > max(low, log_floor):
-        lo = max(low, log_floor)
-        head = [float(low)] if low < lo else []
-        logs = np.exp(np.linspace(math.log(lo), math.log(high), num - len(head)))
-        return head + [float(v) for v in logs]
-    return [float(v) for v in np.linspace(low, high, num)]
+__all__ = ["AlphaSelectionEvaluator", "AlphaCurve", "AlphaSearch", "LOG_FLOOR", "alpha_grid", "alpha_values", "coarse_steps", "format_alpha", "mask_region"]
 
 
 def coarse_steps(mapping: CoordinateMapping, coarse_spacing_mm: float | None = 4.0, coarse_factor=None) -> tuple[int, ...]:
@@ -167,12 +141,12 @@ class AlphaSelectionEvaluator(Evaluator):
         model: the trained registration.
         fixed_mask: fixed lung mask MetaTensor ``(1, X, Y, Z)`` (the model's fixed grid).
         moving_mask: moving lung mask MetaTensor (its own grid); needed by ``mode="warp_mask"``.
-        alphas: the grid (default: :func:`alpha_grid` of ``alpha_range``/``num_alphas``).
-        alpha_range: the prior's range.
-        num_alphas: grid size (default 21).
-        alpha_distribution: the training prior's distribution, which spaces the grid (see :func:`alpha_grid`).
-        golden_section_steps: extra evaluations of a golden-section search between the best
-            grid alpha's neighbours (0 disables).
+        prior: the training prior (:class:`~monai_cidir.engines.AlphaPrior`, as stored in
+            ``model.pt``): the search's first grid is spaced as it samples alpha. ``None``: the
+            paper's uniform prior on ``[0, 1]``; required for a model conditioned on ``K > 1`` weights.
+        search: which alphas are scored (:class:`~monai_cidir.engines.AlphaSearch`: the grid size or
+            explicit alphas, golden-section steps, refinement rounds); default ``AlphaSearch()``
+            (21 alphas, no refinement for one weight).
         no_folding: only alphas with zero folding compete (the default key metric's rule).
         key_metric: the metric that chooses: an :class:`~monai_cidir.handlers.AlphaChoice` (or a
             subclass), or a callable that returns a fresh one (a config partial); default
@@ -194,15 +168,6 @@ class AlphaSelectionEvaluator(Evaluator):
         folding_stride: count folding on every this-many-th lung point per axis during the sweep
             (1: all); the chosen alpha is always counted on all of them. Default: 2 with
             ``no_folding`` (the sweep's folding then decides), else 4 (it is only reported).
-        prior: the training prior (:class:`~monai_cidir.engines.trainer.AlphaPrior`): it spaces the
-            grid (instead of ``alpha_range`` / ``alpha_distribution``). Required for a model
-            conditioned on ``K > 1`` weights: the search then starts on a grid of
-            ``max(3, floor(num_alphas ** (1 / K)))`` values per weight (4 x 4 for the default 21 and
-            ``K = 2``), each spaced as the prior samples that weight.
-        refine_rounds: ``K > 1`` only: rounds of refinement around the best vector. Each scores, per
-            weight, the best value and the midpoints towards its evaluated neighbours (geometric
-            means on a log-uniform axis), so the step halves every round; at most ``3^K - 1`` new
-            vectors per round, each through the engine (handlers see them).
 
     Example::
 
@@ -216,11 +181,8 @@ class AlphaSelectionEvaluator(Evaluator):
         model: RegistrationModel,
         fixed_mask: torch.Tensor,
         moving_mask: torch.Tensor | None = None,
-        alphas: Sequence[float] | None = None,
-        alpha_range: Sequence[float] = (0.0, 1.0),
-        num_alphas: int = 21,
-        alpha_distribution: str = "uniform",
-        golden_section_steps: int = 0,
+        prior=None,
+        search: AlphaSearch | None = None,
         no_folding: bool = False,
         key_metric: AlphaChoice | Callable[[], AlphaChoice] | None = None,
         mode: str = "warp_mask",
@@ -236,8 +198,6 @@ class AlphaSelectionEvaluator(Evaluator):
         val_handlers: Sequence | None = None,
         band_mm: float | None = 0.1,
         folding_stride: int | None = None,
-        prior=None,
-        refine_rounds: int = 1,
     ) -> None:
         if mode not in ("warp_mask", "segment"):
             raise ValueError(f"mode must be 'warp_mask' or 'segment', found {mode!r}")
@@ -253,12 +213,11 @@ class AlphaSelectionEvaluator(Evaluator):
         if int(folding_stride) < 1:
             raise ValueError(f"folding_stride must be >= 1, found {folding_stride}")
         self.num_weights = int(getattr(model, "num_weights", 1))
-        self.axis_distributions = list(getattr(prior, "distributions", [alpha_distribution] * self.num_weights))
-        if alphas is not None:
-            alphas = [_alpha_key(a, self.num_weights) for a in alphas]
-        else:
-            alphas = _first_alphas(self.num_weights, prior, num_alphas, alpha_range, alpha_distribution)
-        self.refine_rounds = int(refine_rounds)
+        self.prior = prior
+        self.search = AlphaSearch() if search is None else search
+        alphas = self.search.first(prior, self.num_weights)
+        if not alphas:
+            raise ValueError(f"{self.search!r} gives no alpha to score: give num_alphas >= 1 or alphas=[...]")
         super().__init__(
             device=next(model.network.parameters()).device,
             val_data_loader=[{"alpha": a} for a in alphas],
@@ -271,7 +230,6 @@ class AlphaSelectionEvaluator(Evaluator):
         )
         self.model = model
         self.mode = mode
-        self.golden_section_steps = int(golden_section_steps)
         self.chunk_size = int(chunk_size)
         self.band_mm = None if band_mm is None else float(band_mm)
         self.max_band_mm = 20.0
@@ -531,7 +489,7 @@ class AlphaSelectionEvaluator(Evaluator):
         stride = self.folding_stride if folding_stride is None else int(folding_stride)
         folding = self.folding(alpha, stride)
         return {
-            "alpha": _alpha_key(alpha, self.num_weights),
+            "alpha": alpha_key(alpha, self.num_weights),
             "dice": dice,
             "folding": folding,
             "seconds": time.perf_counter() - start,
@@ -544,7 +502,7 @@ class AlphaSelectionEvaluator(Evaluator):
         alpha = batchdata["alpha"]
         if self.num_weights == 1 and isinstance(alpha, (list, tuple)):
             alpha = alpha[0]
-        alpha = _alpha_key(alpha, self.num_weights)
+        alpha = alpha_key(alpha, self.num_weights)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         out = self.score(alpha)
         self.curve.rows.append({k: out[k] for k in ("alpha", "dice", "folding", "seconds", "points")})
@@ -562,80 +520,19 @@ class AlphaSelectionEvaluator(Evaluator):
         chosen = self.choice.best["alpha"]
         return next(r for r in reversed(self.curve.rows) if r["alpha"] == chosen)
 
-    def _midpoint(self, a: float, b: float, axis: int) -> float:
-        """Between two alphas of one weight, as its prior spaces them (geometric for log-uniform)."""
-        if self.axis_distributions[axis] == "log-uniform" and a > 0:
-            return math.sqrt(a * b)
-        return 0.5 * (a + b)
-
-    def _run_round(self, alphas: list) -> None:
-        """Score more alphas through the engine (so handlers and the key metric see them too)."""
+    def score_alphas(self, alphas: list) -> None:
+        """Score more alphas through the engine (a further run of the same search: handlers and the
+        key metric see them); the search strategy's refinement calls this."""
         self.data_loader = [{"alpha": a} for a in alphas]
         self.state.epoch_length = len(alphas)
         Evaluator.run(self)
-
-    def _refine_vectors(self) -> int:
-        """One round around the best vector: per weight, the best value and the midpoints towards
-        its evaluated neighbours; every new combination is scored. Returns how many were new."""
-        best = self.choice.best["alpha"]
-        candidates = []
-        for i, b in enumerate(best):
-            values = sorted({r["alpha"][i] for r in self.curve.rows})
-            j = values.index(b)
-            axis = [b]
-            if j > 0:
-                axis.append(self._midpoint(values[j - 1], b, i))
-            if j + 1 < len(values):
-                axis.append(self._midpoint(b, values[j + 1], i))
-            candidates.append(axis)
-        seen = {r["alpha"] for r in self.curve.rows}
-        new = [v for v in itertools.product(*candidates) if v not in seen]
-        if new:
-            self._run_round(new)
-        return len(new)
-
-    def _refine(self) -> None:
-        rows = sorted(self.curve.rows, key=lambda r: r["alpha"])
-        best = self.choice.best["alpha"]
-        i = next(k for k, r in enumerate(rows) if r["alpha"] == best)
-        lo = rows[max(0, i - 1)]["alpha"]
-        hi = rows[min(len(rows) - 1, i + 1)]["alpha"]
-        if hi <= lo:
-            return
-        g = (math.sqrt(5) - 1) / 2
-        cache: dict[float, dict] = {}
-
-        def f(a: float) -> float:
-            if a not in cache:
-                self._run_round([a])  # through the engine: handlers and the key metric see it too
-                cache[a] = self.choice.rows[-1]  # the key metric's record holds its score
-            r = cache[a]
-            return r[self.choice.score_key] if self.choice.allowed(r) else -math.inf
-
-        a, b = lo, hi
-        c, d = b - g * (b - a), a + g * (b - a)
-        fc, fd = f(c), f(d)
-        while len(cache) < self.golden_section_steps:
-            if fc > fd:  # the maximum lies in [a, d]
-                b, d, fd = d, c, fc
-                c = b - g * (b - a)
-                fc = f(c)
-            else:
-                a, c, fc = c, d, fd
-                d = a + g * (b - a)
-                fd = f(d)
 
     def run(self) -> AlphaCurve:  # type: ignore[override]
         """Sweep the grid (Ignite run), refine, let the key metric choose; returns :attr:`curve`."""
         self.curve = AlphaCurve()
         self.fire_event(AlphaSearchEvents.SEARCH_STARTED)  # the key metric starts collecting
         super().run()
-        if self.num_weights > 1 and self.curve.rows:
-            for _ in range(self.refine_rounds):
-                if not self._refine_vectors():
-                    break
-        elif self.golden_section_steps > 0 and len(self.curve.rows) > 1:
-            self._refine()
+        self.search.refine(self)
         best = dict(self._best_row())
         self.curve.rows.sort(key=lambda r: r["alpha"])
         if self.folding_stride > 1:  # the sweep thinned the folding points; the choice gets all of them
@@ -658,39 +555,6 @@ def _key_metric(key_metric, no_folding: bool) -> AlphaChoice:
         raise TypeError(f"key_metric must be an AlphaChoice or a callable returning one; the callable returned {type(choice).__name__}")
     choice.no_folding = choice.no_folding or bool(no_folding)
     return choice
-
-
-def _first_alphas(num_weights: int, prior, num_alphas: int, alpha_range: Sequence[float], distribution: str) -> list:
-    """The search's first grid: ``num_alphas`` alphas, or for K weights a coarse product grid
-    (``max(3, floor(num_alphas ** (1 / K)))`` values per weight), spaced as the prior samples them."""
-    if num_weights == 1:
-        return prior.grid(num_alphas) if prior is not None else alpha_grid(alpha_range[0], alpha_range[1], num_alphas, distribution)
-    if prior is None:
-        raise ValueError(f"the model is conditioned on {num_weights} weights: give the training prior (prior=AlphaPrior(...)) or the alpha vectors to score")
-    per_axis = max(3, int(math.floor(num_alphas ** (1.0 / num_weights) + 1e-9)))
-    return [tuple(v) for v in itertools.product(*prior.axis_grids(per_axis))]
-
-
-def alpha_values(alpha) -> list[float]:
-    """A float, a list, a tuple or a tensor of alphas as a list of floats (one per weight)."""
-    if torch.is_tensor(alpha):
-        return [float(v) for v in alpha.detach().reshape(-1).cpu()]
-    return [float(v) for v in np.asarray(alpha, dtype=np.float64).reshape(-1)]
-
-
-def _alpha_key(alpha, num_weights: int = 1):
-    """An alpha as the curve's rows keep it: a float for one weight, a tuple of floats for several."""
-    values = alpha_values(alpha)
-    if len(values) != num_weights:
-        raise ValueError(f"expected {num_weights} weight(s) per alpha, found {alpha!r}")
-    return values[0] if num_weights == 1 else tuple(values)
-
-
-def format_alpha(alpha, spec: str = ".3g") -> str:
-    """``0.1`` or ``[0.1, 0.03]``: an alpha (one weight, or a vector) for messages and titles."""
-    values = alpha_values(alpha)
-    text = [format(v, spec) for v in values]
-    return text[0] if len(text) == 1 else "[" + ", ".join(text) + "]"
 
 
 def _folding_fraction(metric) -> float:

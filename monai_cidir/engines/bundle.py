@@ -723,6 +723,7 @@ def evaluate_cohort(
     """
     from monai.handlers.utils import write_metrics_reports
 
+    from monai_cidir.engines.alpha_search import AlphaSearch
     from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator
     from monai_cidir.engines.model import load_registration_model
     from monai_cidir.engines.quality import prepare_lung_masks
@@ -744,7 +745,7 @@ def evaluate_cohort(
             raise ValueError(f"{name}: no alpha given and none stored in {pdir / 'metrics.json'} or model.pt")
         item, _ = prepare_lung_masks(item, "threshold")
         best = AlphaSelectionEvaluator(
-            model, item["fixed_mask"], item.get("moving_mask"), alphas=[a], coarse_factor=coarse_factor
+            model, item["fixed_mask"], item.get("moving_mask"), search=AlphaSearch(alphas=[a]), coarse_factor=coarse_factor
         ).run().best
         weights = np.atleast_1d(np.asarray(a, dtype=np.float64)).tolist()
         names_k = model.info.get("regularizer_names") or [str(i) for i in range(len(weights))]

@@ -36,6 +36,7 @@ from monai.utils import convert_to_tensor
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.data.datalist import PAIR_PATH_KEYS
 from monai_cidir.data.validation import check_image_file, check_image_values, check_pair_names
+from monai_cidir.engines.alpha_search import AlphaSearch
 from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator, alpha_values, format_alpha
 from monai_cidir.engines.export import (
     dilate_mask,
@@ -493,9 +494,10 @@ def select_and_export(
         patient_dir: where the outputs go.
         alpha: export at this alpha; the sweep still runs (its curve is written) unless
             ``num_alphas=0``.
-        alpha_range, num_alphas, alpha_distribution, golden_section_steps, no_folding, selection_mode,
-            lung_mask_backend, lung_mask_kwargs, coarse_spacing_mm, coarse_factor, chunk_size: see
-            :class:`~monai_cidir.engines.alpha_selection.AlphaSelectionEvaluator`.
+        alpha_range, alpha_distribution: the training prior (:func:`make_alpha_prior`), which spaces the grid.
+        num_alphas, golden_section_steps: the search (:class:`~monai_cidir.engines.AlphaSearch`).
+        no_folding, selection_mode, lung_mask_backend, lung_mask_kwargs, coarse_spacing_mm,
+            coarse_factor, chunk_size: see :class:`~monai_cidir.engines.alpha_selection.AlphaSelectionEvaluator`.
         export_images: write ``displacement.nii.gz`` and ``warped_moving.nii.gz``.
         previous: entries to carry into ``metrics.json`` (e.g. training seconds).
         selection_handlers: handlers attached to the selection evaluator.
@@ -505,9 +507,10 @@ def select_and_export(
             ``metrics.json`` as ``export_interpolation_max_mm``); ``None``: exact everywhere.
         evaluator: a factory of the selection evaluator, ``evaluator(model, fixed_mask, moving_mask,
             **options) -> AlphaSelectionEvaluator`` (the bundle's ``validate#evaluator``, a
-            ``_mode_: callable`` partial); the options it sets itself (``num_alphas``, ``mode``,
-            ``val_handlers``, ...) win over the arguments of the same name here. Default:
-            ``AlphaSelectionEvaluator``.
+            ``_mode_: callable`` partial); the options it sets itself (``search``, an
+            :class:`~monai_cidir.engines.AlphaSearch` that then holds ``num_alphas`` and
+            ``golden_section_steps``; ``mode``, ``val_handlers``, ...) win over the arguments of the
+            same name here. Default: ``AlphaSelectionEvaluator``.
 
     Returns:
         the metrics dict written to ``metrics.json``.
@@ -519,7 +522,7 @@ def select_and_export(
     name = str(item.get("name", patient_dir.name))
     start = time.perf_counter()
     factory = evaluator or AlphaSelectionEvaluator
-    num_alphas = factory_keywords(factory).get("num_alphas", num_alphas)
+    search = factory_keywords(factory).get("search") or AlphaSearch(num_alphas, golden_section_steps=golden_section_steps)
     options = dict(
         mode=selection_mode,
         lung_mask_backend=lung_mask_backend,
@@ -533,8 +536,8 @@ def select_and_export(
     rows: list[dict] = []
     best: dict | None = None
     evaluator = None
-    if num_alphas and num_alphas > 0:
-        sweep = dict(options, num_alphas=num_alphas, golden_section_steps=golden_section_steps, no_folding=no_folding, val_handlers=selection_handlers)
+    if search.num_alphas > 0:
+        sweep = dict(options, search=search, no_folding=no_folding, val_handlers=selection_handlers)
         evaluator = _call_factory(factory, inputs, sweep, prior=make_alpha_prior(alpha_range, alpha_distribution, k), **images)
         curve = evaluator.run()
         rows, best = curve.rows, curve.best
@@ -549,9 +552,12 @@ def select_and_export(
         if chosen is not None and evaluator.folding_stride > 1:  # the sweep's folding was thinned
             with torch.no_grad():
                 chosen = dict(chosen, folding=evaluator.folding(alpha, 1))
-        if chosen is None:
-            evaluator = _call_factory(factory, inputs, options, alphas=[alpha], **images)
-            chosen = evaluator.run().best
+        if chosen is None:  # off the grid, or no sweep: score the given alpha alone
+            if evaluator is None:
+                single = functools.partial(factory, search=AlphaSearch(alphas=[alpha]))  # replaces the factory's own search
+                evaluator = _call_factory(single, inputs, options, **images)
+            with torch.no_grad():
+                chosen = evaluator.score(alpha, folding_stride=1)
     if rows:
         _write_alpha_curve(rows, alpha, patient_dir, names, name, k)
     export_seconds = time.perf_counter()
@@ -739,7 +745,7 @@ SELECTION_OPTIONS = (
 
 #: select_and_export arguments an ``evaluator`` factory may set itself (the AlphaSelectionEvaluator names)
 EVALUATOR_OPTIONS = {
-    "num_alphas": "num_alphas", "golden_section_steps": "golden_section_steps", "no_folding": "no_folding",
+    "no_folding": "no_folding",
     "selection_mode": "mode", "lung_mask_backend": "lung_mask_backend", "lung_mask_kwargs": "lung_mask_kwargs",
     "coarse_spacing_mm": "coarse_spacing_mm", "coarse_factor": "coarse_factor", "chunk_size": "chunk_size",
 }  # fmt: skip
@@ -757,6 +763,9 @@ def _with_factory_options(options: dict, trainer, evaluator) -> dict:
     out.update({k: v for k, v in factory_keywords(trainer).items() if k in TRAINER_OPTIONS})
     from_evaluator = factory_keywords(evaluator)
     out.update({name: from_evaluator[key] for name, key in EVALUATOR_OPTIONS.items() if key in from_evaluator})
+    search = from_evaluator.get("search")
+    if search is not None:  # the grid the factory's search scores (settings.json reports what runs)
+        out.update(num_alphas=search.num_alphas, golden_section_steps=search.golden_section_steps)
     return out
 
 

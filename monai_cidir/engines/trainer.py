@@ -36,7 +36,7 @@ from monai.handlers import LrScheduleHandler
 from monai.inferers import SimpleInferer
 
 from monai_cidir.coordinates import CoordinateMapping
-from monai_cidir.engines.alpha_selection import LOG_FLOOR, alpha_grid
+from monai_cidir.engines.alphas import LOG_FLOOR, alpha_grid
 from monai_cidir.engines.model import RegistrationModel
 from monai_cidir.losses.registration import RegistrationLoss
 from monai_cidir.utils import atomic_path

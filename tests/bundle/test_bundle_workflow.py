@@ -68,7 +68,7 @@ SWAPS = {
     "train#handlers#1#tag_name": "swapped_loss",
     "train#handlers#1#name": "cidir_swap_test",  # a logger of its own, created (and captured) in this test
     "train#handlers#1#iteration_log": True,
-    "validate#evaluator#num_alphas": 3,
+    "validate#evaluator#search#num_alphas": 3,
     "validate#evaluator#key_metric#_target_": "tests.bundle.test_bundle_workflow.SmallestAlphaChoice",
 }
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from monai_cidir.coordinates import CoordinateMapping
-from monai_cidir.engines import AlphaPrior, AlphaSelectionEvaluator, RegistrationModel, alpha_grid
+from monai_cidir.engines import AlphaPrior, AlphaSearch, AlphaSelectionEvaluator, RegistrationModel, alpha_grid
 from monai_cidir.handlers import AlphaChoice
 from monai_cidir.networks import ConditionedINR
 
@@ -46,11 +46,11 @@ def test_coarse_dice_within_0_005_of_full_resolution(phantom_item):
     alphas = [0.0, 0.5, 1.0]
     # 9 mm on this coarse phantom gives strides (2, 2, 1), as the 4 mm default does on a 1.7 x 1.7 x 5 mm CT
     coarse = AlphaSelectionEvaluator(
-        model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=alphas, coarse_spacing_mm=9.0
+        model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=alphas), coarse_spacing_mm=9.0
     )
     assert [r.step for r in coarse.region] == [2, 2, 1]
     full = AlphaSelectionEvaluator(
-        model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=alphas, coarse_spacing_mm=None, bounding_box=False
+        model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=alphas), coarse_spacing_mm=None, bounding_box=False
     )
     c, f = coarse.run(), full.run()
     assert int(torch.tensor(coarse.shape).prod()) * 6 < int(torch.tensor(full.shape).prod())
@@ -86,24 +86,24 @@ def test_the_key_metric_decides(phantom_item):
     # the fixed mask as moving mask: Dice is highest where the field is smallest (alpha -> 1)
     model = RegistrationModel(_AlphaScaledField(c=0.3), CoordinateMapping.from_image(phantom_item["fixed_image"]))
     args = (model, phantom_item["fixed_mask"], phantom_item["fixed_mask"])
-    ev = AlphaSelectionEvaluator(*args, alphas=[0.0, 0.5, 1.0])
+    ev = AlphaSelectionEvaluator(*args, search=AlphaSearch(alphas=[0.0, 0.5, 1.0]))
     curve = ev.run()
     dice = {r["alpha"]: r["dice"] for r in curve.rows}
     assert dice[1.0] > dice[0.5] > dice[0.0]
     assert curve.alpha == 1.0 and ev.state.metrics["selected_dice"] == pytest.approx(dice[1.0])
     assert ev.state.best_metric == pytest.approx(dice[1.0])
     # another rule, given as a factory (as a config partial gives it): a fresh metric per search
-    ev = AlphaSelectionEvaluator(*args, alphas=[0.0, 0.5, 1.0], key_metric=_LowestDice)
+    ev = AlphaSelectionEvaluator(*args, search=AlphaSearch(alphas=[0.0, 0.5, 1.0]), key_metric=_LowestDice)
     curve = ev.run()
     assert curve.alpha == 0.0 and curve.best["dice"] == pytest.approx(dice[0.0])
     assert ev.state.metrics["selected_dice"] == pytest.approx(dice[0.0])
     # misconfigurations are refused before or at the first alpha, naming what is wrong
     with pytest.raises(TypeError, match="AlphaChoice"):
-        AlphaSelectionEvaluator(*args, alphas=[0.5], key_metric=dict)
+        AlphaSelectionEvaluator(*args, search=AlphaSearch(alphas=[0.5]), key_metric=dict)
     with pytest.raises(ValueError, match="no_folding"):
-        AlphaSelectionEvaluator(*args, alphas=[0.5], no_folding=True, key_metric=AlphaChoice())
+        AlphaSelectionEvaluator(*args, search=AlphaSearch(alphas=[0.5]), no_folding=True, key_metric=AlphaChoice())
     with pytest.raises(KeyError, match="ncc"):
-        AlphaSelectionEvaluator(*args, alphas=[0.5], key_metric=AlphaChoice(score_key="ncc")).run()
+        AlphaSelectionEvaluator(*args, search=AlphaSearch(alphas=[0.5]), key_metric=AlphaChoice(score_key="ncc")).run()
 
 
 def test_folding_fraction_from_exact_jacobians(phantom_item):
@@ -111,10 +111,10 @@ def test_folding_fraction_from_exact_jacobians(phantom_item):
     mirror = torch.eye(4, dtype=torch.float64)
     mirror[0, 0] = -1.0  # det(I + J) = -1 everywhere
     model = RegistrationModel(_AlphaScaledField(c=0.0), mapping, mirror)
-    rows = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=[0.5]).run().rows
+    rows = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=[0.5])).run().rows
     assert rows[0]["folding"] == 1.0
     model.set_affine(None)
-    rows = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=[0.5]).run().rows
+    rows = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=[0.5])).run().rows
     assert rows[0]["folding"] == 0.0 and rows[0]["dice"] < 1.0
 
 
@@ -128,7 +128,7 @@ def test_grid_and_golden_section_refinement(phantom_item):
     # the fixed image's own mask as 'moving' mask: Dice is highest where the field is smallest (alpha -> 1)
     model = RegistrationModel(_AlphaScaledField(c=0.3), CoordinateMapping.from_image(phantom_item["fixed_image"]))
     ev = AlphaSelectionEvaluator(
-        model, phantom_item["fixed_mask"], phantom_item["fixed_mask"], num_alphas=5, golden_section_steps=4, key_metric=AlphaChoice(tie_tolerance=0.0)
+        model, phantom_item["fixed_mask"], phantom_item["fixed_mask"], search=AlphaSearch(5, golden_section_steps=4), key_metric=AlphaChoice(tie_tolerance=0.0)
     )
     from ignite.engine import Events
 
@@ -156,7 +156,7 @@ def test_coarse_steps_follow_the_voxel_size():
 def test_segment_mode_agrees_with_warped_mask(phantom_item):
     torch.manual_seed(0)
     model = RegistrationModel(ConditionedINR(hidden_features=32), CoordinateMapping.from_image(phantom_item["fixed_image"]))
-    kw = dict(alphas=[0.5], moving_image=phantom_item["moving_image"], fixed_image=phantom_item["fixed_image"])
+    kw = dict(search=AlphaSearch(alphas=[0.5]), moving_image=phantom_item["moving_image"], fixed_image=phantom_item["fixed_image"])
     warp = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], **kw).run()
     seg = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], None, mode="segment", lung_mask_backend="threshold", **kw)
     # the threshold backend segments the fixed phantom close to its true mask...
@@ -178,8 +178,8 @@ def test_band_sweep_gives_the_full_grid_dice_exactly(phantom_item, c):
     mapping = CoordinateMapping.from_image(phantom_item["fixed_image"])
     model = RegistrationModel(_AlphaScaledField(c=c), mapping)
     alphas = [0.0, 0.2, 0.5, 0.9, 1.0]
-    band = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=alphas)
-    full = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=alphas, band_mm=None)
+    band = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=alphas))
+    full = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=alphas), band_mm=None)
     b, f = band.run(), full.run()
     dices = [r["dice"] for r in f.rows]
     if c > 0.1:
@@ -209,7 +209,7 @@ def test_safe_radius_is_conservative(phantom_item):
     """No point moved by less than its safe radius changes its warped-mask label."""
     mapping = CoordinateMapping.from_image(phantom_item["fixed_image"])
     model = RegistrationModel(_AlphaScaledField(c=0.0), mapping)
-    ev = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=[0.5])
+    ev = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=[0.5]))
     g = torch.Generator().manual_seed(0)
     lo, hi = ev._grid_world().min(0).values, ev._grid_world().max(0).values
     pts = lo + (hi - lo) * torch.rand(20000, 3, generator=g)
@@ -227,7 +227,7 @@ def test_safe_radius_is_conservative(phantom_item):
 def test_sweep_folding_is_thinned_and_the_choice_uses_every_point(phantom_item):
     mapping = CoordinateMapping.from_image(phantom_item["fixed_image"])
     model = RegistrationModel(_AlphaScaledField(c=0.0), mapping)
-    ev = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], alphas=[0.5])
+    ev = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=[0.5]))
     inside = int(ev.fixed_mask_grid.sum())
     thinned = ev._folding_points(2).numel()
     assert inside / 12 < thinned < inside / 4

@@ -13,7 +13,7 @@ import torch
 from ignite.engine import Events
 
 from monai_cidir.coordinates import CoordinateMapping
-from monai_cidir.engines import AlphaPrior, AlphaSelectionEvaluator, RegistrationModel, load_registration_model, register_patient
+from monai_cidir.engines import AlphaPrior, AlphaSearch, AlphaSelectionEvaluator, RegistrationModel, load_registration_model, register_patient
 from monai_cidir.engines.model import as_alpha_tensor
 from monai_cidir.engines.registration import check_alpha, weight_ranges
 from monai_cidir.losses import RegistrationLoss
@@ -106,7 +106,7 @@ def test_search_refines_towards_the_known_optimum(rounds):
     item = make_blob_pair(shape=(16, 14, 12))
     model = RegistrationModel(ConditionedINR(hidden_features=8, cond_features=2), CoordinateMapping.from_image(item["fixed_image"]))
     prior = AlphaPrior(0.0, [1.0, 1.0], "log-uniform")
-    evaluator = AlphaSelectionEvaluator(model, item["fixed_mask"], item["moving_mask"], prior=prior, num_alphas=21, refine_rounds=rounds)
+    evaluator = AlphaSelectionEvaluator(model, item["fixed_mask"], item["moving_mask"], prior=prior, search=AlphaSearch(21, refine_rounds=rounds))
 
     ones = torch.ones(1, 1, 2, 2, 2)  # MeanDice (the key metric) still sees a prediction and a label
 

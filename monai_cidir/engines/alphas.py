@@ -1,0 +1,60 @@
+"""Alpha values: the selection grid spaced as the training prior samples alpha, and the forms an
+alpha takes (a float for one weight, a tuple for ``K``; lists and tensors converted)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["LOG_FLOOR", "alpha_grid", "alpha_key", "alpha_values", "format_alpha"]
+
+
+#: the smallest positive alpha of a log-uniform prior and of its grid (lambda = 3 for bending)
+LOG_FLOOR = 1e-3
+
+
+def alpha_grid(
+    low: float = 0.0, high: float = 1.0, num: int = 21, distribution: str = "uniform", log_floor: float = LOG_FLOOR
+) -> list[float]:
+    """The sweep's alphas: ``num`` values over ``[low, high]``, spaced as the training prior samples them.
+
+    ``"uniform"``: evenly spaced. ``"log-uniform"``: evenly spaced in log alpha over
+    ``[max(low, log_floor), high]``; when ``low`` is below ``log_floor`` (e.g. 0) it is the first
+    value and the other ``num - 1`` are log-spaced, so the unregularised end stays on the grid.
+    """
+    if num < 1:
+        raise ValueError(f"num must be >= 1, found {num}")
+    if distribution not in ("uniform", "log-uniform"):
+        raise ValueError(f"distribution must be 'uniform' or 'log-uniform', found {distribution!r}")
+    if num == 1:
+        return [float(high)]
+    if distribution == "log-uniform" and high > max(low, log_floor):
+        lo = max(low, log_floor)
+        head = [float(low)] if low < lo else []
+        logs = np.exp(np.linspace(math.log(lo), math.log(high), num - len(head)))
+        return head + [float(v) for v in logs]
+    return [float(v) for v in np.linspace(low, high, num)]
+
+
+def alpha_values(alpha) -> list[float]:
+    """A float, a list, a tuple or a tensor of alphas as a list of floats (one per weight)."""
+    if torch.is_tensor(alpha):
+        return [float(v) for v in alpha.detach().reshape(-1).cpu()]
+    return [float(v) for v in np.asarray(alpha, dtype=np.float64).reshape(-1)]
+
+
+def alpha_key(alpha, num_weights: int = 1):
+    """An alpha as the curve's rows keep it: a float for one weight, a tuple of floats for several."""
+    values = alpha_values(alpha)
+    if len(values) != num_weights:
+        raise ValueError(f"expected {num_weights} weight(s) per alpha, found {alpha!r}")
+    return values[0] if num_weights == 1 else tuple(values)
+
+
+def format_alpha(alpha, spec: str = ".3g") -> str:
+    """``0.1`` or ``[0.1, 0.03]``: an alpha (one weight, or a vector) for messages and titles."""
+    values = alpha_values(alpha)
+    text = [format(v, spec) for v in values]
+    return text[0] if len(text) == 1 else "[" + ", ".join(text) + "]"
