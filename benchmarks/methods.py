@@ -113,14 +113,12 @@ def warped_mask_dice(item: dict, field: torch.Tensor, chunk: int = 1 << 20) -> f
     """
     from monai.metrics import compute_dice
 
-    from monai_cidir.engines import iter_grid_chunks
-
     fmap = CoordinateMapping.from_image(item["fixed_image"])
     mmap = CoordinateMapping.from_image(item["moving_mask"])
     moving = _plain(item["moving_mask"])[0].float()
     disp = field.reshape(-1, 3)
     warped = torch.empty(disp.shape[0])
-    for flat, world in iter_grid_chunks(fmap, chunk_size=chunk):
+    for flat, world in fmap.iter_points(chunk):
         warped[flat] = mmap.sample(moving, (world + disp[flat].double()).float())
     warped = (warped.reshape(fmap.spatial_shape) > 0.5).float()
     fixed = (_plain(item["fixed_mask"])[0] > 0).float()

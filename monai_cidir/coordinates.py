@@ -16,7 +16,8 @@ Conventions (used everywhere in monai_cidir):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -254,6 +255,105 @@ class CoordinateMapping:
     def hessian_to_world(self, hessian: torch.Tensor) -> torch.Tensor:
         """d2u/dx2 in normalised units -> d2u_mm/dp_mm2 (1/mm): divided by ``scale``."""
         return hessian / self.scale
+
+    # ------------------------------------------------------------------ sub-grids (the grid object)
+    def _derived(self, affine: torch.Tensor, shape: Sequence[int]) -> CoordinateMapping:
+        """A grid of the same world that keeps this grid's normalised frame (``center``, ``scale``)."""
+        return CoordinateMapping(affine, shape, center=self.center, scale=self.scale)
+
+    def region(self, slices: Sequence[slice]) -> CoordinateMapping:
+        """The sub-grid of index slices ``start:stop:step`` per axis.
+
+        Voxel ``i`` of the result is voxel ``start + i * step`` of this grid (its affine scales the
+        columns by ``step`` and moves the origin to ``start``); the normalised frame is this grid's,
+        so a network's coordinates do not change. ``grid.region(s).world_grid()`` equals
+        ``grid.world_grid()[s]``.
+
+        Raises:
+            ValueError: for anything but three slices, or a slice that selects no voxel.
+        """
+        slices = tuple(slices)
+        if len(slices) != 3 or not all(isinstance(sl, slice) for sl in slices):
+            raise ValueError(f"expected three index slices, found {slices!r}")
+        ranges = [range(*sl.indices(n)) for sl, n in zip(slices, self.spatial_shape)]
+        if any(len(r) == 0 or r.step < 0 for r in ranges):
+            raise ValueError(f"the slices {slices} select no voxel of the grid {self.spatial_shape} (or step backwards)")
+        affine = self.affine.clone()
+        affine[:3, 3] = self.index_to_world(torch.tensor([float(r.start) for r in ranges], dtype=torch.float64))
+        affine[:3, :3] = self.affine[:3, :3] * torch.tensor([float(r.step) for r in ranges], dtype=torch.float64)
+        return self._derived(affine, [len(r) for r in ranges])
+
+    def resample(self, shape: Sequence[int]) -> CoordinateMapping:
+        """The same field of view sampled with ``shape`` voxels per axis: the first and last voxel
+        centres of each axis stay where they are (as :meth:`world_grid` with ``shape``); an axis
+        of one voxel keeps the first centre."""
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"expected a 3-D shape of at least one voxel per axis, found {shape}")
+        step = [(n - 1) / (s - 1) if s > 1 else 1.0 for n, s in zip(self.spatial_shape, shape)]
+        affine = self.affine.clone()
+        affine[:3, :3] = self.affine[:3, :3] * torch.tensor(step, dtype=torch.float64)
+        return self._derived(affine, shape)
+
+    def bounding_slices(self, mask, margin_mm: float = 0.0, step: int | Sequence[int] = 1) -> tuple[slice, ...]:
+        """Index slices of a mask's bounding box on this grid, grown by ``margin_mm`` on every side
+        (clipped to the grid), every ``step`` voxels (an int or one per axis).
+
+        Args:
+            mask: an array on this grid, ``(X, Y, Z)`` or channel-first; voxels above 0.5 count.
+            margin_mm: the margin (mm), converted per axis with the voxel size (rounded up).
+            step: the voxel stride of the slices.
+
+        Raises:
+            ValueError: when the mask is empty or not on this grid.
+        """
+        m = convert_to_tensor(mask, track_meta=False)
+        if tuple(m.shape[-3:]) != self.spatial_shape:
+            raise ValueError(f"mask of spatial shape {tuple(m.shape[-3:])} on a grid of shape {self.spatial_shape}")
+        idx = torch.nonzero(m.reshape(m.shape[-3:]) > 0.5)
+        if idx.numel() == 0:
+            raise ValueError("the mask is empty: it has no bounding box")
+        lo, hi = idx.min(0).values, idx.max(0).values
+        steps = [int(step)] * 3 if np.ndim(step) == 0 else [int(v) for v in step]
+        out = []
+        for a in range(3):
+            pad = int(math.ceil(margin_mm / float(self.spacing[a])))
+            out.append(slice(max(0, int(lo[a]) - pad), min(self.spatial_shape[a], int(hi[a]) + pad + 1), steps[a]))
+        return tuple(out)
+
+    def crop(self, mask, margin_mm: float = 0.0, step: int | Sequence[int] = 1) -> CoordinateMapping:
+        """The sub-grid over a mask's bounding box grown by ``margin_mm`` (see :meth:`bounding_slices`)."""
+        return self.region(self.bounding_slices(mask, margin_mm, step))
+
+    @property
+    def num_points(self) -> int:
+        """Voxels of the grid."""
+        return int(np.prod(self.spatial_shape))
+
+    def points_at(self, flat) -> torch.Tensor:
+        """World points (float64, ``(n, 3)``) of flat C-order voxel indices of this grid."""
+        flat = np.asarray(flat.cpu() if torch.is_tensor(flat) else flat, dtype=np.int64).reshape(-1)
+        index = np.stack(np.unravel_index(flat, self.spatial_shape), axis=-1).astype(np.float64)
+        return self.index_to_world(torch.from_numpy(index))
+
+    def iter_points(self, chunk_size: int = 65536) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Walk the voxel centres in flat C-order chunks, never the whole grid at once.
+
+        Yields:
+            ``(flat_slice, world_points (n, 3) float64)``.
+
+        Example::
+
+            >>> grid = CoordinateMapping(affine_from_spacing((2.0, 2.0, 3.0)), (4, 5, 6))
+            >>> sum(len(w) for _, w in grid.iter_points(chunk_size=7)) == grid.num_points
+            True
+        """
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be >= 1, found {chunk_size}")
+        total = self.num_points
+        for begin in range(0, total, int(chunk_size)):
+            end = min(begin + int(chunk_size), total)
+            yield slice(begin, end), self.points_at(np.arange(begin, end))
 
     # ------------------------------------------------------------------ grids and sampling
     def world_grid(self, shape: Sequence[int] | None = None, dtype=torch.float32, device=None) -> torch.Tensor:

@@ -61,7 +61,7 @@ from monai.metrics import DiceMetric
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines.alphas import LOG_FLOOR, alpha_grid, alpha_key, alpha_values, format_alpha
 from monai_cidir.engines.alpha_search import AlphaSearch
-from monai_cidir.engines.model import RegistrationModel, iter_grid_chunks, region_shape
+from monai_cidir.engines.model import RegistrationModel
 from monai_cidir.handlers.alpha_choice import AlphaChoice, AlphaSearchEvents
 
 __all__ = ["AlphaSelectionEvaluator", "AlphaCurve", "AlphaSearch", "LOG_FLOOR", "alpha_grid", "alpha_values", "coarse_steps", "format_alpha", "mask_region"]
@@ -84,24 +84,16 @@ def coarse_steps(mapping: CoordinateMapping, coarse_spacing_mm: float | None = 4
 
 
 def mask_region(mask: torch.Tensor, mapping: CoordinateMapping, margin_mm: float = 5.0, step=1) -> tuple[slice, ...]:
-    """Index slices of a mask's bounding box grown by ``margin_mm``, every ``step`` voxels (int or per axis).
+    """Index slices of a mask's bounding box grown by ``margin_mm``, every ``step`` voxels (int or per axis):
+    :meth:`CoordinateMapping.bounding_slices` of the selection's fixed lung mask.
 
     Raises:
         ValueError: when the mask is empty.
     """
-    m = convert_to_tensor(mask, track_meta=False)
-    m = m.reshape(m.shape[-3:]) > 0.5
-    idx = torch.nonzero(m)
-    if idx.numel() == 0:
-        raise ValueError("the fixed lung mask is empty: alpha selection needs a lung mask")
-    lo, hi = idx.min(0).values, idx.max(0).values
-    out = []
-    for a in range(3):
-        pad = int(math.ceil(margin_mm / float(mapping.spacing[a])))
-        start = max(0, int(lo[a]) - pad)
-        stop = min(mapping.spatial_shape[a], int(hi[a]) + pad + 1)
-        out.append(slice(start, stop, int(step if np.ndim(step) == 0 else step[a])))
-    return tuple(out)
+    try:
+        return mapping.bounding_slices(mask, margin_mm, step)
+    except ValueError as err:
+        raise ValueError(f"alpha selection needs a fixed lung mask: {err}") from None
 
 
 @dataclass
@@ -245,7 +237,8 @@ class AlphaSelectionEvaluator(Evaluator):
             if bounding_box
             else tuple(slice(0, n, st) for n, st in zip(fmap.spatial_shape, step))
         )
-        self.shape = region_shape(fmap, None, self.region)
+        self.grid = fmap.region(self.region)  # the selection grid: same world, same normalised frame
+        self.shape = self.grid.spatial_shape
         fm = convert_to_tensor(fixed_mask, track_meta=False)
         fm = fm.reshape(fm.shape[-3:])[self.region] > 0.5
         self.fixed_mask_grid = fm
@@ -273,18 +266,10 @@ class AlphaSelectionEvaluator(Evaluator):
         self._folding_cache: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ scoring one alpha
-    def _region_affine(self) -> torch.Tensor:
-        aff = self.fixed_mapping.affine.clone()
-        start = torch.tensor([r.start for r in self.region], dtype=torch.float64)
-        step = torch.tensor([r.step or 1 for r in self.region], dtype=torch.float64)
-        aff[:3, 3] = self.fixed_mapping.index_to_world(start)
-        aff[:3, :3] = aff[:3, :3] * step
-        return aff
-
     def _segment(self, image: torch.Tensor) -> torch.Tensor:
         from monai.data import MetaTensor
 
-        seg = self.lung_mask(MetaTensor(image[None].float(), affine=self._region_affine()))
+        seg = self.lung_mask(MetaTensor(image[None].float(), affine=self.grid.affine))
         seg = convert_to_tensor(seg, track_meta=False)
         return seg.reshape(image.shape)
 
@@ -301,8 +286,8 @@ class AlphaSelectionEvaluator(Evaluator):
             transform: ``fn(world (N, 3) float64) -> moved (N, 3)``; ``None`` is the identity.
         """
         source = self._source
-        values = torch.empty(int(np.prod(self.shape)), dtype=torch.float32)
-        for flat, world in iter_grid_chunks(self.fixed_mapping, None, self.chunk_size, self.region):
+        values = torch.empty(self.grid.num_points, dtype=torch.float32)
+        for flat, world in self.grid.iter_points(self.chunk_size):
             moved = world if transform is None else transform(world)
             values[flat] = self.moving_mapping.sample(source, moved.float()).reshape(-1)
         values = values.reshape(self.shape)
@@ -315,22 +300,18 @@ class AlphaSelectionEvaluator(Evaluator):
         """World points (float32) of flat indices of the selection grid."""
         if self._world_cache is not None:
             return self._world_cache[flat]
-        idx = np.stack(np.unravel_index(flat.numpy(), self.shape), axis=-1).astype(np.float64)
-        start = np.array([r.start for r in self.region], dtype=np.float64)
-        step = np.array([r.step or 1 for r in self.region], dtype=np.float64)
-        return self.fixed_mapping.index_to_world(torch.from_numpy(start + idx * step)).float()
+        return self.grid.points_at(flat).float()
 
     def _grid_world(self) -> torch.Tensor | None:
         """The whole grid's world points, cached when it has at most 4M points (else None)."""
-        n = int(np.prod(self.shape))
-        if self._world_cache is None and n <= 4_000_000:
-            parts = [w.float() for _, w in iter_grid_chunks(self.fixed_mapping, None, 1 << 20, self.region)]
+        if self._world_cache is None and self.grid.num_points <= 4_000_000:
+            parts = [w.float() for _, w in self.grid.iter_points(1 << 20)]
             self._world_cache = torch.cat(parts)
         return self._world_cache
 
     def _moved(self, flat: torch.Tensor | None, alpha: float) -> torch.Tensor:
         """``phi(p)`` (float32 mm) at flat grid indices (None: the whole grid), in chunks."""
-        n = int(np.prod(self.shape)) if flat is None else flat.numel()
+        n = self.grid.num_points if flat is None else flat.numel()
         out = torch.empty(n, 3, dtype=torch.float32)
         for b in range(0, n, self.chunk_size):
             sel = torch.arange(b, min(n, b + self.chunk_size)) if flat is None else flat[b : b + self.chunk_size]
@@ -480,7 +461,7 @@ class AlphaSelectionEvaluator(Evaluator):
             pred = labels.reshape(self.shape)
         else:
             values = self._sample(self._moved(None, alpha)).reshape(self.shape)
-            evaluated = int(np.prod(self.shape))
+            evaluated = self.grid.num_points
             pred = self._segment(values) > 0.5 if self.mode == "segment" else values > 0.5
         pred = pred[None, None].float()
         label = self.fixed_mask_grid[None, None].float()

@@ -121,15 +121,13 @@ def map_displacement(
     def at_voxels(flat: np.ndarray) -> np.ndarray:
         out = np.empty((flat.size, 3), dtype=np.float32)
         for s in range(0, flat.size, chunk_size):
-            vox = np.stack(np.unravel_index(flat[s : s + chunk_size], shape), axis=-1).astype(np.float64)
-            out[s : s + chunk_size] = model.displacement(mapping.index_to_world(torch.from_numpy(vox)), alpha, chunk_size).numpy()
+            out[s : s + chunk_size] = model.displacement(mapping.points_at(flat[s : s + chunk_size]), alpha, chunk_size).numpy()
         return out
 
     extent = (np.asarray(shape) - 1) * mapping.spacing.numpy()
     sizes = [max(2, int(np.ceil(e / coarse_mm)) + 1) if n > 1 else 1 for e, n in zip(extent, shape)]
-    axes = [torch.linspace(0, n - 1, k, dtype=torch.float64) for n, k in zip(shape, sizes)]
-    index = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-    coarse = model.displacement(mapping.index_to_world(index), alpha, chunk_size).float().reshape(*sizes, 3)
+    coarse_world = mapping.world_grid(sizes, dtype=torch.float64).reshape(-1, 3)  # first / last centres kept
+    coarse = model.displacement(coarse_world, alpha, chunk_size).float().reshape(*sizes, 3)
     field = F.interpolate(coarse.permute(3, 0, 1, 2)[None], size=shape, mode="trilinear", align_corners=True)
     field = np.ascontiguousarray(field[0].permute(1, 2, 3, 0).numpy())
     flat_field = field.reshape(-1, 3)
@@ -214,11 +212,9 @@ def write_warped_image(
     if field is None:
         warped = model.map_grid(alpha, fn=fn, channels=1, chunk_size=chunk_size)[..., 0]
     else:
-        from monai_cidir.engines.model import iter_grid_chunks
-
         disp = torch.from_numpy(field.reshape(-1, 3))
         warped = np.empty(disp.shape[0], dtype=np.float32)
-        for flat, world in iter_grid_chunks(model.mapping, chunk_size=chunk_size):
+        for flat, world in model.mapping.iter_points(chunk_size):
             warped[flat] = fn(world, world + disp[flat].to(world.dtype))[:, 0].numpy()
         warped = warped.reshape(model.mapping.spatial_shape)
     nib.save(nib.Nifti1Image(warped, model.mapping.affine.numpy()), str(path))

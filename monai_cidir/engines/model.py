@@ -86,15 +86,21 @@ def _rows(alpha):
     return alpha
 
 
+def _walked_grid(mapping: CoordinateMapping, shape=None, region=None) -> CoordinateMapping:
+    grid = mapping if shape is None else mapping.resample(shape)
+    return grid if region is None else grid.region(region)
+
+
 def iter_grid_chunks(
     mapping: CoordinateMapping, shape=None, chunk_size: int = 65536, region: tuple[slice, ...] | None = None
 ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Yield the world points of a grid in flat (C-order) chunks, never the whole grid at once.
+    """Yield the world points of a grid in flat (C-order) chunks, never the whole grid at once:
+    :meth:`CoordinateMapping.iter_points` of ``mapping.resample(shape).region(region)``.
 
     Args:
         mapping: the grid's mapping.
         shape: sample the mapping's field of view with this shape (default: the grid itself,
-            see :meth:`CoordinateMapping.world_grid`).
+            see :meth:`CoordinateMapping.resample`).
         chunk_size: points per chunk.
         region: optional per-axis index slices (of ``shape``) restricting the grid; the flat
             order is then that of the region's shape.
@@ -102,24 +108,12 @@ def iter_grid_chunks(
     Yields:
         ``(flat_slice, world_points (n, 3) float64)``.
     """
-    full = mapping.spatial_shape if shape is None else tuple(int(s) for s in shape)
-    step = [(n - 1) / (s - 1) if s > 1 else 0.0 for n, s in zip(mapping.spatial_shape, full)]
-    region = tuple(slice(0, s) for s in full) if region is None else tuple(region)
-    axes = [np.arange(*r.indices(s), dtype=np.float64) * st for r, s, st in zip(region, full, step)]
-    sub = tuple(len(a) for a in axes)
-    total = int(np.prod(sub))
-    for begin in range(0, total, chunk_size):
-        end = min(begin + chunk_size, total)
-        flat = np.unravel_index(np.arange(begin, end), sub)
-        idx = np.stack([a[f] for a, f in zip(axes, flat)], axis=-1)
-        yield slice(begin, end), mapping.index_to_world(torch.from_numpy(idx))
+    yield from _walked_grid(mapping, shape, region).iter_points(chunk_size)
 
 
 def region_shape(mapping: CoordinateMapping, shape=None, region=None) -> tuple[int, ...]:
     """The shape of the grid that :func:`iter_grid_chunks` walks for these arguments."""
-    full = mapping.spatial_shape if shape is None else tuple(int(s) for s in shape)
-    region = tuple(slice(0, s) for s in full) if region is None else tuple(region)
-    return tuple(len(range(*r.indices(s))) for r, s in zip(region, full))
+    return _walked_grid(mapping, shape, region).spatial_shape
 
 
 class RegistrationModel(nn.Module):
@@ -282,11 +276,10 @@ class RegistrationModel(nn.Module):
         Returns:
             float32 array ``(*grid_shape, channels)`` (``channels == 1`` keeps the last axis).
         """
-        mapping = self.mapping if mapping is None else mapping
-        full = mapping.spatial_shape if shape is None else tuple(shape)
-        sub = region_shape(mapping, full, region)
-        out = np.empty((int(np.prod(sub)), channels), dtype=np.float32)
-        for flat, world in iter_grid_chunks(mapping, full, chunk_size, region):
+        grid = _walked_grid(self.mapping if mapping is None else mapping, shape, region)
+        sub = grid.spatial_shape
+        out = np.empty((grid.num_points, channels), dtype=np.float32)
+        for flat, world in grid.iter_points(chunk_size):
             moved = self.forward(world, alpha).double()
             value = moved - world if fn is None else fn(world, moved)
             out[flat] = value.reshape(len(world), channels).float().cpu().numpy()

@@ -131,3 +131,34 @@ def test_itk_geometry_matches_what_itk_reads(tmp_path):
     sheared[0, 1] += 0.5
     with pytest.raises(ValueError, match="not orthonormal"):
         CoordinateMapping(sheared, (5, 6, 7)).itk_geometry()
+
+
+def test_sub_grids_keep_the_world_and_the_normalised_frame(oblique):
+    """region / resample / crop are grids of the same world: their voxel centres are the parent's
+    (sliced or resampled), and a network's normalised coordinates of a point do not change."""
+    whole = oblique.world_grid(dtype=torch.float64)
+    slices = (slice(2, 9, 3), slice(0, 12, 2), slice(1, 6))
+    sub = oblique.region(slices)
+    assert sub.spatial_shape == (3, 6, 5)
+    assert torch.allclose(sub.world_grid(dtype=torch.float64), whole[slices], atol=1e-9)
+    assert torch.equal(sub.center, oblique.center) and sub.scale == oblique.scale
+    p = whole[slices].reshape(-1, 3)
+    assert torch.allclose(sub.world_to_normalized(p), oblique.world_to_normalized(p))
+    coarse = oblique.resample((4, 5, 1))
+    assert torch.allclose(coarse.world_grid(dtype=torch.float64), oblique.world_grid((4, 5, 1), dtype=torch.float64), atol=1e-9)
+    # chunked walking covers every voxel once, in C order, whatever the chunk size
+    walked = torch.cat([w for _, w in sub.iter_points(chunk_size=4)])
+    assert torch.allclose(walked, whole[slices].reshape(-1, 3), atol=1e-9) and len(walked) == sub.num_points
+    assert torch.allclose(sub.points_at([0, sub.num_points - 1]), walked[[0, -1]])
+    # crop to a mask with a margin in mm: 2 mm at 1.5 mm voxels is 2 voxels, clipped at the border
+    grid = CoordinateMapping(affine_from_spacing((1.5, 1.0, 3.0)), (10, 12, 7))
+    mask = torch.zeros(1, 10, 12, 7)
+    mask[0, 1:4, 5:7, 3] = 1
+    assert grid.bounding_slices(mask, margin_mm=2.0) == (slice(0, 6, 1), slice(3, 9, 1), slice(2, 5, 1))
+    cropped = grid.crop(mask, margin_mm=2.0)
+    assert cropped.spatial_shape == (6, 6, 3)
+    assert torch.allclose(cropped.index_to_world(torch.zeros(3, dtype=torch.float64)), grid.index_to_world(torch.tensor([0.0, 3.0, 2.0], dtype=torch.float64)))
+    with pytest.raises(ValueError, match="empty"):
+        grid.crop(torch.zeros(1, 10, 12, 7))
+    with pytest.raises(ValueError, match="select no voxel"):
+        grid.region((slice(4, 4), slice(None), slice(None)))
