@@ -52,6 +52,7 @@ from monai_cidir.engines.model import RegistrationModel, load_registration_model
 from monai_cidir.engines.prealign import fit_affine
 from monai_cidir.engines.quality import mask_entries, prepare_lung_masks, record_status, registration_quality
 from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer, build_optimizer, scale_initial_output
+from monai_cidir.handlers.checkpoint import TrainingCheckpoint
 from monai_cidir.handlers.progress import TrainingProgressBar
 from monai_cidir.losses.registration import RegistrationLoss
 
@@ -734,7 +735,7 @@ def _pid_alive(pid: int) -> bool:
 #: register_patient arguments a ``trainer`` factory may set itself (they are passed when it does not)
 TRAINER_OPTIONS = (
     "max_iterations", "num_points", "lr_schedule", "grad_clip", "derivatives", "regularization_points",
-    "iterations_per_epoch", "checkpoint_interval", "checkpoint_every_s", "smoothing_mm", "time_budget_s",
+    "iterations_per_epoch", "smoothing_mm", "time_budget_s",
 )  # fmt: skip
 
 #: register_patient arguments handed on to select_and_export
@@ -992,9 +993,9 @@ def register_patient(
             alpha_prior=make_alpha_prior(alpha_range, alpha_distribution, k, per_point=alpha_per_point),
             device=device,
             seed=seed,
-            checkpoint_path=ckpt_path,
             handlers=handlers() if callable(handlers) else handlers,
         )
+        TrainingCheckpoint(ckpt_path, options["checkpoint_interval"], options["checkpoint_every_s"]).attach(trainer)
         max_iterations, num_points, time_budget_s = trainer.max_iterations, trainer.num_points, trainer.time_budget_s
         resumed = resume and trainer.resume()
         start = time.perf_counter()

@@ -39,7 +39,6 @@ from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines.alphas import LOG_FLOOR, alpha_grid
 from monai_cidir.engines.model import RegistrationModel
 from monai_cidir.losses.registration import RegistrationLoss
-from monai_cidir.utils import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -371,14 +370,7 @@ class CIDIRTrainer(Trainer):
         affine: optional 4x4 pre-alignment (world RAS mm), see :mod:`~monai_cidir.engines.prealign`.
         device: torch device.
         seed: seeds the alpha draws.
-        iterations_per_epoch: Ignite epoch length (epoch events, checkpoint and logging cadence).
-        checkpoint_path: when set, a resumable checkpoint is written there every
-            ``checkpoint_interval`` iterations, every ``checkpoint_every_s`` seconds, at the end,
-            and when SIGINT or SIGTERM arrives during :meth:`run` (atomic replace). On a signal
-            the current iteration finishes, the checkpoint is written, and :meth:`run` raises
-            ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(143)`` (SIGTERM).
-        checkpoint_interval: see ``checkpoint_path``.
-        checkpoint_every_s: see ``checkpoint_path`` (``None``: by iterations only).
+        iterations_per_epoch: Ignite epoch length (epoch events and logging cadence).
         smoothing_mm: coarse to fine: Gaussian sigmas (mm) of both images for equal shares of the
             run, then the images as they are for the last share (e.g. ``(4, 2)``: sigma 4 mm for the
             first third of the progress, 2 mm for the second, none for the last). Smoothing widens
@@ -394,6 +386,11 @@ class CIDIRTrainer(Trainer):
         inferer: how the training step calls the network (MONAI's ``Inferer`` protocol,
             ``inferer(points, network_fn, alpha, order=...)``; default ``SimpleInferer()``, one call
             per batch).
+
+    Checkpoints are a handler: attach a :class:`~monai_cidir.handlers.TrainingCheckpoint` to write a
+    resumable ``checkpoint.pt`` (:meth:`checkpoint_state`); while one is attached, SIGINT / SIGTERM
+    during :meth:`run` let the current iteration finish, write the checkpoint, and raise
+    ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(143)`` (SIGTERM).
 
     Example::
 
@@ -422,11 +419,8 @@ class CIDIRTrainer(Trainer):
         device: str | torch.device = "cpu",
         seed: int = 0,
         iterations_per_epoch: int = 100,
-        checkpoint_path: str | os.PathLike | None = None,
-        checkpoint_interval: int = 500,
         handlers: Sequence | None = None,
         time_budget_s: float | None = None,
-        checkpoint_every_s: float | None = 60.0,
         smoothing_mm: Sequence[float] | None = None,
         max_epochs: int | None = None,
         inferer: Callable | None = None,
@@ -476,13 +470,8 @@ class CIDIRTrainer(Trainer):
         self.grad_clip = grad_clip
         self.regularization_points = regularization_points
         self.generator = torch.Generator().manual_seed(int(seed))
-        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
-        self.checkpoint_interval = int(checkpoint_interval)
-        if checkpoint_every_s is not None and not checkpoint_every_s >= 0:
-            raise ValueError(f"checkpoint_every_s must be >= 0 or None, found {checkpoint_every_s}")
-        self.checkpoint_every_s = None if checkpoint_every_s is None else float(checkpoint_every_s)
-        self._last_checkpoint = time.perf_counter()
-        self._signal: int | None = None
+        self.checkpoint = None  # a TrainingCheckpoint attached to this trainer (it sets this)
+        self.signal_caught: int | None = None
 
         if self.lr_scheduler is not None:  # stepped once per iteration, before the checkpoint handlers save it
             LrScheduleHandler(self.lr_scheduler, print_lr=False, epoch_level=False).attach(self)
@@ -490,7 +479,6 @@ class CIDIRTrainer(Trainer):
         @self.on(Events.STARTED)
         def _start_clock(engine: Engine) -> None:
             self._run_start = time.perf_counter()
-            self._last_checkpoint = self._run_start
 
         @self.on(Events.ITERATION_COMPLETED)
         def _stop_at_max_iterations(engine: Engine) -> None:
@@ -500,10 +488,6 @@ class CIDIRTrainer(Trainer):
                 self.stopped_by_time_budget = True
                 engine.terminate()
 
-        if self.checkpoint_path is not None:
-            self.add_event_handler(Events.ITERATION_COMPLETED(every=self.checkpoint_interval), self._save_checkpoint)
-            self.add_event_handler(Events.ITERATION_COMPLETED, self._checkpoint_on_time_or_signal)
-            self.add_event_handler(Events.COMPLETED, self._save_checkpoint)
         if handlers is not None:
             self._register_handlers(handlers)
 
@@ -597,26 +581,16 @@ class CIDIRTrainer(Trainer):
         self.seconds_spent = float(state.get("training_seconds", 0.0))
         self.state.epoch = int(state["engine"]["iteration"]) // int(self.state.epoch_length)
 
-    def _save_checkpoint(self, engine: Engine | None = None) -> None:
-        with atomic_path(self.checkpoint_path) as tmp:
-            torch.save(self.checkpoint_state(), tmp)
-        self._last_checkpoint = time.perf_counter()
-
-    def _checkpoint_on_time_or_signal(self, engine: Engine) -> None:
-        if self._signal is not None:
-            self._save_checkpoint()
-            engine.terminate()
-        elif self.checkpoint_every_s is not None and time.perf_counter() - self._last_checkpoint >= self.checkpoint_every_s:
-            self._save_checkpoint()
-
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 (signal handler signature)
-        if self._signal is not None:  # a second signal: stop at once
+        if self.signal_caught is not None:  # a second signal: stop at once
             raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-        self._signal = signum
+        self.signal_caught = signum  # the attached TrainingCheckpoint writes, then stops the run
 
     def resume(self, path: str | os.PathLike | None = None) -> bool:
-        """Load a checkpoint (default ``checkpoint_path``) if it exists; returns whether one was loaded."""
-        path = self.checkpoint_path if path is None else Path(path)
+        """Load a checkpoint file (default: the attached :class:`~monai_cidir.handlers.TrainingCheckpoint`'s)
+        if it exists; returns whether one was loaded."""
+        if path is None and self.checkpoint is not None:
+            path = self.checkpoint.path
         if path is None or not Path(path).is_file():
             return False
         from monai_cidir.engines.model import load_torch_file
@@ -637,9 +611,9 @@ class CIDIRTrainer(Trainer):
             return
         handled = (signal.SIGINT, signal.SIGTERM)
         previous = {}
-        if self.checkpoint_path is not None and threading.current_thread() is threading.main_thread():
+        if self.checkpoint is not None and threading.current_thread() is threading.main_thread():
             previous = {s: signal.signal(s, self._on_signal) for s in handled}
-        self._signal = None
+        self.signal_caught = None
         try:
             super().run()
         finally:
@@ -647,6 +621,6 @@ class CIDIRTrainer(Trainer):
             self._run_start = None
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        if self._signal is not None:
-            logger.warning("training stopped by signal %d at iteration %d; checkpoint written to %s", self._signal, self.state.iteration, self.checkpoint_path)
-            raise KeyboardInterrupt if self._signal == signal.SIGINT else SystemExit(128 + self._signal)
+        if self.signal_caught is not None:
+            logger.warning("training stopped by signal %d at iteration %d; checkpoint written to %s", self.signal_caught, self.state.iteration, self.checkpoint.path)
+            raise KeyboardInterrupt if self.signal_caught == signal.SIGINT else SystemExit(128 + self.signal_caught)

@@ -12,6 +12,7 @@ from ignite.engine import Events
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines import REGULARIZER_SCALES, AlphaPrior, CIDIRTrainer, RegistrationModel, make_point_sampler
 from monai_cidir.losses import BendingEnergyRegularizer, GlobalNCCLoss, JacobianRegularizer
+from monai_cidir.handlers import TrainingCheckpoint
 from monai_cidir.networks import ConditionedINR
 
 
@@ -74,11 +75,13 @@ def test_deterministic_and_resume_from_checkpoint(pair, tmp_path):
     for a, b in zip(full.network.parameters(), again.network.parameters()):
         assert torch.equal(a, b)
     ckpt = tmp_path / "checkpoint.pt"
-    interrupted = _trainer(pair, max_iterations=6, checkpoint_path=ckpt, checkpoint_interval=3)
+    interrupted = _trainer(pair, max_iterations=6)
+    TrainingCheckpoint(ckpt, interval=3).attach(interrupted)
     interrupted.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: e.terminate())
     interrupted.run()
     assert interrupted.state.iteration == 3
-    resumed = _trainer(pair, seed=0, max_iterations=6, checkpoint_path=ckpt)
+    resumed = _trainer(pair, seed=0, max_iterations=6)
+    TrainingCheckpoint(ckpt).attach(resumed)
     assert resumed.resume() and resumed.state.iteration == 3
     resumed.run()
     assert resumed.state.iteration == 6
@@ -115,7 +118,8 @@ def test_alpha_prior():
 
 def test_time_budget_stops_training_and_anneals_the_schedule(pair, tmp_path):
     ckpt = tmp_path / "checkpoint.pt"
-    trainer = _trainer(pair, max_iterations=100000, time_budget_s=1.5, checkpoint_path=ckpt)
+    trainer = _trainer(pair, max_iterations=100000, time_budget_s=1.5)
+    TrainingCheckpoint(ckpt).attach(trainer)
     trainer.run()
     assert trainer.stopped_by_time_budget and 1 < trainer.state.iteration < 100000
     assert 1.5 <= trainer.training_seconds < 3.0
@@ -123,8 +127,8 @@ def test_time_budget_stops_training_and_anneals_the_schedule(pair, tmp_path):
     assert trainer.state.output["lr"] < 0.1e-4
     assert trainer.progress() == 1.0
     # the spent time is stored with the checkpoint: a resumed trainer knows the budget is used up
-    resumed = _trainer(pair, max_iterations=100000, time_budget_s=1.5, checkpoint_path=ckpt)
-    assert resumed.resume() and resumed.finished and resumed.training_seconds >= 1.5
+    resumed = _trainer(pair, max_iterations=100000, time_budget_s=1.5)
+    assert TrainingCheckpoint(ckpt).resume(resumed) and resumed.finished and resumed.training_seconds >= 1.5
     resumed.run()
     assert resumed.state.iteration == trainer.state.iteration
     # iterations still end a run under a generous budget, and the schedule then follows iterations
@@ -172,7 +176,8 @@ def test_a_signal_writes_a_checkpoint_and_the_rerun_matches_an_uninterrupted_run
     full = _trainer(pair, max_iterations=8)
     full.run()
     ckpt = tmp_path / "checkpoint.pt"
-    killed = _trainer(pair, max_iterations=8, checkpoint_path=ckpt, checkpoint_interval=1000, checkpoint_every_s=None)
+    killed = _trainer(pair, max_iterations=8)
+    TrainingCheckpoint(ckpt, interval=1000, every_s=None).attach(killed)
     killed.add_event_handler(Events.ITERATION_COMPLETED(once=5), lambda e: os.kill(os.getpid(), getattr(signal, signum)))
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(raised) as e:
@@ -182,7 +187,8 @@ def test_a_signal_writes_a_checkpoint_and_the_rerun_matches_an_uninterrupted_run
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
     # the signal came after iteration 5's checkpoint handler: the next iteration finishes, then it stops
     assert killed.state.iteration == 6 and torch.load(ckpt, weights_only=False)["engine"]["iteration"] == 6
-    resumed = _trainer(pair, max_iterations=8, checkpoint_path=ckpt)
+    resumed = _trainer(pair, max_iterations=8)
+    TrainingCheckpoint(ckpt).attach(resumed)
     assert resumed.resume() and resumed.state.iteration == 6
     resumed.run()
     for a, b in zip(full.network.parameters(), resumed.network.parameters()):
@@ -191,18 +197,20 @@ def test_a_signal_writes_a_checkpoint_and_the_rerun_matches_an_uninterrupted_run
 
 def test_checkpoints_follow_the_clock_as_well_as_the_iterations(pair, tmp_path):
     ckpt = tmp_path / "checkpoint.pt"
-    trainer = _trainer(pair, max_iterations=6, checkpoint_path=ckpt, checkpoint_interval=1000, checkpoint_every_s=0.0)
+    trainer = _trainer(pair, max_iterations=6)
+    TrainingCheckpoint(ckpt, interval=1000, every_s=0.0).attach(trainer)
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: e.terminate())  # a crash would lose nothing done
     trainer.run()
     assert torch.load(ckpt, weights_only=False)["engine"]["iteration"] == 4
     ckpt.unlink()
-    slow = _trainer(pair, max_iterations=6, checkpoint_path=ckpt, checkpoint_interval=1000, checkpoint_every_s=3600.0)
+    slow = _trainer(pair, max_iterations=6)
+    TrainingCheckpoint(ckpt, interval=1000, every_s=3600.0).attach(slow)
     slow.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: (_ for _ in ()).throw(RuntimeError("crash")))
     with pytest.raises(RuntimeError, match="crash"):
         slow.run()
     assert not ckpt.exists()  # neither 1000 iterations nor an hour had passed
-    with pytest.raises(ValueError, match="checkpoint_every_s"):
-        _trainer(pair, checkpoint_path=ckpt, checkpoint_every_s=-1.0)
+    with pytest.raises(ValueError, match="every_s"):
+        TrainingCheckpoint(ckpt, every_s=-1.0)
 
 
 def test_coarse_to_fine_smoothing_trains_on_smoothed_images_first(pair):
