@@ -222,7 +222,8 @@ def write_warped_image(
 
 
 def write_alpha_curve(rows: Sequence[dict], path: str | os.PathLike, names: Sequence[str] | None = None) -> Path:
-    """Write ``alpha_curve.csv``: columns alpha, dice, folding, seconds, one row per evaluated alpha.
+    """Write ``alpha_curve.csv``: columns alpha, dice, folding, seconds (and ``tre``, mm, when every
+    row has one: pairs with landmarks), one row per evaluated alpha.
 
     For a model conditioned on K weights (rows whose ``alpha`` is a tuple) the alpha column is
     replaced by one column per weight, ``alpha_<name>`` (``names``: the regularizers in order;
@@ -233,12 +234,14 @@ def write_alpha_curve(rows: Sequence[dict], path: str | os.PathLike, names: Sequ
     rows = sorted(rows, key=lambda r: r["alpha"])
     k = len(rows[0]["alpha"]) if rows and isinstance(rows[0]["alpha"], tuple) else 1
     names = list(names) if names is not None and len(names) == k else [str(i) for i in range(k)]
+    tre = bool(rows) and all("tre" in r for r in rows)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow((["alpha"] if k == 1 else [f"alpha_{n}" for n in names]) + ["dice", "folding", "seconds"])
+        w.writerow((["alpha"] if k == 1 else [f"alpha_{n}" for n in names]) + ["dice", "folding", "seconds"] + (["tre"] if tre else []))
         for r in rows:
             alphas = [r["alpha"]] if k == 1 else list(r["alpha"])
-            w.writerow([f"{a:.6g}" for a in alphas] + [f"{r['dice']:.6f}", f"{r['folding']:.6g}", f"{r['seconds']:.4f}"])
+            extra = [f"{r['tre']:.6f}"] if tre else []
+            w.writerow([f"{a:.6g}" for a in alphas] + [f"{r['dice']:.6f}", f"{r['folding']:.6g}", f"{r['seconds']:.4f}"] + extra)
     return path
 
 
@@ -296,7 +299,8 @@ def plot_alpha_map(rows: Sequence[dict], best_alpha: Sequence[float], path: str 
 
 
 def plot_alpha_curve(rows: Sequence[dict], best_alpha: float, path: str | os.PathLike, title: str = "") -> Path:
-    """Write ``alpha_curve.png``: Dice and folding against alpha, the chosen alpha marked."""
+    """Write ``alpha_curve.png``: Dice and folding against alpha, the chosen alpha marked; below, the
+    landmark TRE against alpha when the rows have it (the oracle alpha marked too)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -305,11 +309,16 @@ def plot_alpha_curve(rows: Sequence[dict], best_alpha: float, path: str | os.Pat
     path = Path(path)
     rows = sorted(rows, key=lambda r: r["alpha"])
     a = [r["alpha"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
+    tre = bool(rows) and all("tre" in r for r in rows)
+    if tre:
+        fig, (ax, ax_tre) = plt.subplots(2, 1, figsize=(5.5, 5.5), dpi=100, sharex=True, height_ratios=(3, 2))
+    else:
+        fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
     ax.plot(a, [r["dice"] for r in rows], "o-", color="tab:blue", ms=3, label="lung Dice")
-    ax.set_xlabel("alpha")
+    bottom = ax_tre if tre else ax
+    bottom.set_xlabel("alpha")
     if _symlog_axis(ax, a, "x"):  # a log-spaced grid (log-uniform prior)
-        ax.set_xlabel("alpha (linear below the smallest positive alpha, logarithmic above)")
+        bottom.set_xlabel("alpha (linear below the smallest positive alpha, logarithmic above)")
     ax.set_ylabel("lung Dice", color="tab:blue")
     ax.axvline(best_alpha, color="k", ls="--", lw=1, label=f"chosen alpha = {best_alpha:.3g}")
     ax2 = ax.twinx()
@@ -317,6 +326,13 @@ def plot_alpha_curve(rows: Sequence[dict], best_alpha: float, path: str | os.Pat
     ax2.set_ylabel("folding (% of lung points)", color="tab:red")
     ax2.set_ylim(bottom=0.0)  # a fraction: no negative axis when nothing folds
     ax.legend(loc="lower center", fontsize=8)
+    if tre:
+        oracle = min(rows, key=lambda r: r["tre"])
+        ax_tre.plot(a, [r["tre"] for r in rows], "o-", color="tab:green", ms=3, label="landmark TRE")
+        ax_tre.axvline(best_alpha, color="k", ls="--", lw=1)
+        ax_tre.axvline(oracle["alpha"], color="tab:green", ls=":", lw=1, label=f"lowest TRE at alpha = {oracle['alpha']:.3g}")
+        ax_tre.set_ylabel("TRE (mm)", color="tab:green")
+        ax_tre.legend(loc="upper center", fontsize=8)
     if title:
         ax.set_title(title)
     fig.tight_layout()

@@ -53,6 +53,7 @@ from monai_cidir.engines.prealign import fit_affine
 from monai_cidir.engines.quality import mask_entries, prepare_lung_masks, record_status, registration_quality
 from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer, build_optimizer, scale_initial_output
 from monai_cidir.handlers.checkpoint import TrainingCheckpoint
+from monai_cidir.handlers.registration_metrics import AlphaCurveTRE
 from monai_cidir.handlers.progress import TrainingProgressBar
 from monai_cidir.losses.registration import RegistrationLoss
 
@@ -538,7 +539,10 @@ def select_and_export(
     best: dict | None = None
     evaluator = None
     if search.num_alphas > 0:
-        sweep = dict(options, search=search, no_folding=no_folding, val_handlers=selection_handlers)
+        handlers = list(selection_handlers or [])
+        if item.get("fixed_landmarks") is not None and item.get("moving_landmarks") is not None:
+            handlers.append(AlphaCurveTRE(item["fixed_landmarks"], item["moving_landmarks"]))  # the TRE-vs-alpha curve
+        sweep = dict(options, search=search, no_folding=no_folding, val_handlers=handlers)
         evaluator = _call_factory(factory, inputs, sweep, prior=make_alpha_prior(alpha_range, alpha_distribution, k), **images)
         curve = evaluator.run()
         rows, best = curve.rows, curve.best
@@ -581,6 +585,9 @@ def select_and_export(
     if rows:
         metrics["dice_at_alpha_min"] = float(rows[0]["dice"])
         metrics["seconds_per_alpha"] = float(sum(r["seconds"] for r in rows) / len(rows))
+    if rows and all("tre" in r for r in rows):  # landmarks: the best TRE scored, to compare the choice with
+        oracle = min(rows, key=lambda r: r["tre"])
+        metrics["alpha_oracle"], metrics["tre_oracle_mean"] = plain_alpha(oracle["alpha"]), float(oracle["tre"])
     for key, stats in (("tre_before", landmark_tre(None, None, item)), ("tre_after", landmark_tre(model, alpha, item))):
         for stat, value in stats.items():
             metrics[f"{key}_{stat}"] = value

@@ -17,7 +17,7 @@ reinit__is_reduced, _ = optional_import(
     "ignite.metrics.metric", IgniteInfo.OPT_IMPORT_VERSION, min_version, "reinit__is_reduced", as_type="decorator"
 )
 
-__all__ = ["TargetRegistrationErrorHandler", "JacobianFoldingHandler"]
+__all__ = ["TargetRegistrationErrorHandler", "JacobianFoldingHandler", "AlphaCurveTRE"]
 
 
 class TargetRegistrationErrorHandler(IgniteMetricHandler):
@@ -126,3 +126,46 @@ class JacobianFoldingHandler(IgniteMetricHandler):
         if isinstance(output, (list, tuple)) and (len(output) == 1 or (len(output) == 2 and output[1] is None)):
             output = output[0]  # (y_pred,) from a mapping, or MONAI's (y_pred, None)
         self.metric_fn(output)
+
+
+class AlphaCurveTRE:
+    """The landmark TRE (mm) of every alpha the selection scores: the TRE-vs-alpha curve.
+
+    Attached to an :class:`~monai_cidir.engines.AlphaSelectionEvaluator` (as one of its
+    ``val_handlers``), it maps the fixed landmarks through the model at each iteration's alpha and
+    adds ``tre`` (mean over landmarks, :class:`~monai_cidir.metrics.TargetRegistrationError`) to the
+    iteration's output and to its row of the evaluator's curve, so ``alpha_curve.csv`` gets a
+    ``tre`` column and the run reports the oracle alpha (the lowest TRE scored) beside the chosen
+    one. It only reports: the key metric still chooses.
+
+    Args:
+        fixed_landmarks: ``(N, 3)`` world mm (RAS), in the fixed image.
+        moving_landmarks: ``(N, 3)`` world mm, the corresponding points in the moving image.
+
+    Example::
+
+        >>> tre = AlphaCurveTRE(item["fixed_landmarks"], item["moving_landmarks"])  # doctest: +SKIP
+        >>> evaluator = AlphaSelectionEvaluator(model, item["fixed_mask"], item["moving_mask"], val_handlers=[tre])  # doctest: +SKIP
+        >>> [(r["alpha"], r["tre"]) for r in evaluator.run().rows]  # doctest: +SKIP
+    """
+
+    def __init__(self, fixed_landmarks, moving_landmarks) -> None:
+        self.fixed = torch.as_tensor(fixed_landmarks, dtype=torch.float64).reshape(-1, 3)
+        self.moving = torch.as_tensor(moving_landmarks, dtype=torch.float64).reshape(-1, 3)
+        if self.fixed.shape != self.moving.shape or self.fixed.shape[0] == 0:
+            raise ValueError(f"AlphaCurveTRE needs as many fixed as moving landmarks (at least one), found {tuple(self.fixed.shape)} and {tuple(self.moving.shape)}")
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    @torch.no_grad()
+    def __call__(self, engine) -> None:
+        alpha = engine.state.output["alpha"]
+        moved = engine.model.transform_points(self.fixed, alpha).to(torch.float64).cpu()
+        metric = TargetRegistrationError(over="landmarks")
+        metric(moved[None], self.moving[None])
+        tre = float(metric.aggregate("mean"))
+        engine.state.output["tre"] = tre
+        engine.curve.rows[-1]["tre"] = tre

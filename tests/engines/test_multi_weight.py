@@ -160,7 +160,7 @@ def test_two_weights_end_to_end(two_weight_run):
     assert json.loads((pdir / "metrics.json").read_text())["alpha"] == m["alpha"]
     with open(pdir / "alpha_curve.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["alpha_bending", "alpha_jacobian", "dice", "folding", "seconds"]
+    assert list(rows[0]) == ["alpha_bending", "alpha_jacobian", "dice", "folding", "seconds", "tre"]  # tre: the pair has landmarks
     assert len(rows) == m["num_alphas_evaluated"] >= 9
     best = max(float(r["dice"]) for r in rows)
     assert m["dice"] == pytest.approx(best, abs=1e-4) or m["folding"] > 0

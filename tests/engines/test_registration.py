@@ -60,8 +60,14 @@ def test_register_patient_improves_and_exports(trained, phantom_item):
     assert json.loads((pdir / "metrics.json").read_text())["tre_after_mean"] == pytest.approx(m["tre_after_mean"])
     with open(pdir / "alpha_curve.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 11 and set(rows[0]) == {"alpha", "dice", "folding", "seconds"}
+    assert len(rows) == 11 and set(rows[0]) == {"alpha", "dice", "folding", "seconds", "tre"}  # tre: the phantom has landmarks
     assert max(float(r["dice"]) for r in rows) == pytest.approx(m["dice"], abs=1e-4 + 1e-6)  # ties within 1e-4 -> larger alpha
+    # the TRE column is the landmarks' TRE at each alpha: at the chosen alpha it is metrics.json's
+    chosen = min(rows, key=lambda r: abs(float(r["alpha"]) - m["alpha"]))
+    assert float(chosen["tre"]) == pytest.approx(m["tre_after_mean"], abs=1e-5)
+    best = min(rows, key=lambda r: float(r["tre"]))
+    assert m["tre_oracle_mean"] == pytest.approx(float(best["tre"]), abs=1e-5) and m["tre_oracle_mean"] <= m["tre_after_mean"]
+    assert m["alpha_oracle"] == pytest.approx(float(best["alpha"]), rel=1e-5)
 
 
 def test_exported_field_gives_metrics_tre_in_simpleitk(trained, phantom_item):

@@ -105,3 +105,12 @@ def test_mapping_outputs_and_unexpected_outputs():
 
 def test_docstring_examples():
     assert doctest.testmod(registration_metrics).failed == 0
+
+
+def test_alpha_curve_tre_refuses_unpaired_landmarks():
+    from monai_cidir.handlers import AlphaCurveTRE
+
+    with pytest.raises(ValueError, match="as many fixed as moving landmarks"):
+        AlphaCurveTRE(torch.zeros(5, 3), torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="at least one"):
+        AlphaCurveTRE(torch.zeros(0, 3), torch.zeros(0, 3))
