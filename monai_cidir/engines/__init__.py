@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 from monai_cidir.engines.alpha_search import AlphaSearch
-from monai_cidir.engines.alpha_selection import AlphaCurve, AlphaSelectionEvaluator, alpha_grid, coarse_steps, mask_region
+from monai_cidir.engines.alpha_selection import AlphaCurve, AlphaSelectionEvaluator, alpha_grid, coarse_steps, mask_region, selection_grid
 from monai_cidir.engines.export import (
     plot_alpha_curve,
     plot_lung_masks,
@@ -76,6 +76,7 @@ __all__ = [
     "load_registration_model",
     "make_point_sampler",
     "mask_region",
+    "selection_grid",
     "plot_alpha_curve",
     "plot_lung_masks",
     "prepare_lung_masks",

@@ -724,7 +724,7 @@ def evaluate_cohort(
     from monai.handlers.utils import write_metrics_reports
 
     from monai_cidir.engines.alpha_search import AlphaSearch
-    from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator
+    from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator, selection_grid
     from monai_cidir.engines.model import load_registration_model
     from monai_cidir.engines.quality import prepare_lung_masks
     from monai_cidir.engines.registration import format_summary_table, landmark_tre
@@ -745,7 +745,8 @@ def evaluate_cohort(
             raise ValueError(f"{name}: no alpha given and none stored in {pdir / 'metrics.json'} or model.pt")
         item, _ = prepare_lung_masks(item, "threshold")
         best = AlphaSelectionEvaluator(
-            model, item["fixed_mask"], item.get("moving_mask"), search=AlphaSearch(alphas=[a]), coarse_factor=coarse_factor
+            model, item["fixed_mask"], item.get("moving_mask"), search=AlphaSearch(alphas=[a]),
+            grid=selection_grid(model.mapping, item["fixed_mask"], coarse_factor=coarse_factor),
         ).run().best
         weights = np.atleast_1d(np.asarray(a, dtype=np.float64)).tolist()
         names_k = model.info.get("regularizer_names") or [str(i) for i in range(len(weights))]

@@ -37,7 +37,7 @@ from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.data.datalist import PAIR_PATH_KEYS
 from monai_cidir.data.validation import check_image_file, check_image_values, check_pair_names
 from monai_cidir.engines.alpha_search import AlphaSearch
-from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator, alpha_values, format_alpha
+from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator, alpha_values, format_alpha, selection_grid
 from monai_cidir.engines.export import (
     dilate_mask,
     map_displacement,
@@ -525,16 +525,10 @@ def select_and_export(
     start = time.perf_counter()
     factory = evaluator or AlphaSelectionEvaluator
     search = factory_keywords(factory).get("search") or AlphaSearch(num_alphas, golden_section_steps=golden_section_steps)
-    options = dict(
-        mode=selection_mode,
-        lung_mask_backend=lung_mask_backend,
-        lung_mask_kwargs=lung_mask_kwargs,
-        coarse_spacing_mm=coarse_spacing_mm,
-        coarse_factor=coarse_factor,
-        chunk_size=chunk_size,
-    )
+    options = dict(mode=selection_mode, lung_mask_backend=lung_mask_backend, lung_mask_kwargs=lung_mask_kwargs, chunk_size=chunk_size)
     inputs = (model, item["fixed_mask"], item.get("moving_mask"))
-    images = {"moving_image": item.get("moving_image"), "fixed_image": item.get("fixed_image")}
+    grid = selection_grid(model.mapping, item["fixed_mask"], coarse_spacing_mm, coarse_factor, bounding_box=selection_mode != "segment")
+    images = {"moving_image": item.get("moving_image"), "fixed_image": item.get("fixed_image"), "grid": grid}
     rows: list[dict] = []
     best: dict | None = None
     evaluator = None
@@ -755,7 +749,7 @@ SELECTION_OPTIONS = (
 EVALUATOR_OPTIONS = {
     "no_folding": "no_folding",
     "selection_mode": "mode", "lung_mask_backend": "lung_mask_backend", "lung_mask_kwargs": "lung_mask_kwargs",
-    "coarse_spacing_mm": "coarse_spacing_mm", "coarse_factor": "coarse_factor", "chunk_size": "chunk_size",
+    "chunk_size": "chunk_size",
 }  # fmt: skip
 
 

@@ -7,6 +7,7 @@ import torch
 
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines import AlphaPrior, AlphaSearch, AlphaSelectionEvaluator, RegistrationModel, alpha_grid
+from monai_cidir.engines.alpha_selection import coarse_steps, selection_grid
 from monai_cidir.handlers import AlphaChoice
 from monai_cidir.networks import ConditionedINR
 
@@ -46,11 +47,12 @@ def test_coarse_dice_within_0_005_of_full_resolution(phantom_item):
     alphas = [0.0, 0.5, 1.0]
     # 9 mm on this coarse phantom gives strides (2, 2, 1), as the 4 mm default does on a 1.7 x 1.7 x 5 mm CT
     coarse = AlphaSelectionEvaluator(
-        model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=alphas), coarse_spacing_mm=9.0
+        model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=alphas),
+        grid=selection_grid(model.mapping, phantom_item["fixed_mask"], coarse_spacing_mm=9.0),
     )
-    assert [r.step for r in coarse.region] == [2, 2, 1]
+    assert torch.allclose(coarse.grid.spacing, model.mapping.spacing * torch.tensor([2.0, 2.0, 1.0]))
     full = AlphaSelectionEvaluator(
-        model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=alphas), coarse_spacing_mm=None, bounding_box=False
+        model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=alphas), grid=model.mapping
     )
     c, f = coarse.run(), full.run()
     assert int(torch.tensor(coarse.shape).prod()) * 6 < int(torch.tensor(full.shape).prod())
@@ -160,7 +162,9 @@ def test_segment_mode_agrees_with_warped_mask(phantom_item):
     warp = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], **kw).run()
     seg = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], None, mode="segment", lung_mask_backend="threshold", **kw)
     # the threshold backend segments the fixed phantom close to its true mask...
-    truth = phantom_item["fixed_mask"][0][seg.region] > 0.5
+    steps = coarse_steps(model.mapping)  # segment mode scores on the whole field of view, ~4 mm apart
+    truth = phantom_item["fixed_mask"][0][tuple(slice(0, None, st) for st in steps)] > 0.5
+    assert tuple(truth.shape) == seg.grid.spatial_shape
     overlap = 2 * (seg.fixed_mask_grid & truth).sum() / (seg.fixed_mask_grid.sum() + truth.sum())
     assert float(overlap) > 0.95
     # ...so Dice of the segmented moved image tracks Dice of the warped mask
