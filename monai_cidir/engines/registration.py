@@ -563,28 +563,10 @@ def select_and_export(
     export_info = _export_images(model, alpha, item, patient_dir, export_coarse_mm, chunk_size) if export_images else {}
     export_seconds = time.perf_counter() - export_seconds
     metrics: dict[str, Any] = dict(previous or {})
-    metrics.update(
-        {
-            "name": name,
-            "alpha": plain_alpha(alpha),
-            "dice": float(chosen["dice"]),
-            "dice_before": evaluator.score_identity(),
-            "folding": float(chosen["folding"]),
-            "alpha_selection": "fixed" if not rows or best is None or alpha_values(alpha) != alpha_values(best["alpha"]) else "max_dice",
-            "num_alphas_evaluated": len(rows),
-        }
-    )
-    if k > 1:
-        metrics["alpha_names"] = names
-    if rows:
-        metrics["dice_at_alpha_min"] = float(rows[0]["dice"])
-        metrics["seconds_per_alpha"] = float(sum(r["seconds"] for r in rows) / len(rows))
-    if rows and all("tre" in r for r in rows):  # landmarks: the best TRE scored, to compare the choice with
-        oracle = min(rows, key=lambda r: r["tre"])
-        metrics["alpha_oracle"], metrics["tre_oracle_mean"] = plain_alpha(oracle["alpha"]), float(oracle["tre"])
+    metrics.update(name=name, alpha=plain_alpha(alpha), dice=float(chosen["dice"]), dice_before=evaluator.score_identity())
+    metrics.update(_curve_metrics(rows, best, alpha, chosen, names if k > 1 else None))
     for key, stats in (("tre_before", landmark_tre(None, None, item)), ("tre_after", landmark_tre(model, alpha, item))):
-        for stat, value in stats.items():
-            metrics[f"{key}_{stat}"] = value
+        metrics.update({f"{key}_{stat}": value for stat, value in stats.items()})
     metrics.update(registration_quality(model, alpha, item, evaluator))
     record_status(metrics)
     metrics["seconds_selection"] = seconds_selection
@@ -592,6 +574,22 @@ def select_and_export(
     metrics.update({f"export_{k}": v for k, v in export_info.items()})
     write_json(metrics, patient_dir / "metrics.json")
     return metrics
+
+
+def _curve_metrics(rows: list[dict], best: dict | None, alpha, chosen: dict, names: list[str] | None) -> dict:
+    """``metrics.json``'s entries about the search: the chosen row's folding, how alpha was set, the
+    curve's size and speed, and (with landmarks) the oracle alpha, the lowest TRE scored."""
+    selected = bool(rows) and best is not None and alpha_values(alpha) == alpha_values(best["alpha"])
+    out: dict[str, Any] = {"folding": float(chosen["folding"]), "alpha_selection": "max_dice" if selected else "fixed", "num_alphas_evaluated": len(rows)}
+    if names:  # one weight per regularizer
+        out["alpha_names"] = names
+    if rows:
+        out["dice_at_alpha_min"] = float(rows[0]["dice"])
+        out["seconds_per_alpha"] = float(sum(r["seconds"] for r in rows) / len(rows))
+    if rows and all("tre" in r for r in rows):  # landmarks: the best TRE scored, to compare the choice with
+        oracle = min(rows, key=lambda r: r["tre"])
+        out["alpha_oracle"], out["tre_oracle_mean"] = plain_alpha(oracle["alpha"]), float(oracle["tre"])
+    return out
 
 
 def _write_alpha_curve(rows: list[dict], alpha, patient_dir: Path, names: list[str], name: str, num_weights: int) -> None:
