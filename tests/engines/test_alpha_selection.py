@@ -75,6 +75,11 @@ def test_selection_prefers_best_dice_and_larger_alpha_on_ties():
     assert AlphaChoice().choose(rows)["alpha"] == 0.25
     assert AlphaChoice(no_folding=True).choose(rows)["alpha"] == 0.5  # 0.25 folds
     assert AlphaChoice(tie_tolerance=0.05).choose(rows)["alpha"] == 0.75  # all but alpha 0 tie
+    # long training: Dice creeps up by a few 1e-4 towards alpha 0 (the TRE does not follow); the
+    # default tolerance, 5e-4, keeps the smoother field, the former 1e-4 did not
+    creeping = [{"alpha": 0.0, "dice": 0.9843, "folding": 0.0}, {"alpha": 0.3, "dice": 0.9840, "folding": 0.0}]
+    assert AlphaChoice().choose(creeping)["alpha"] == 0.3
+    assert AlphaChoice(tie_tolerance=1e-4).choose(creeping)["alpha"] == 0.0
 
 
 class _LowestDice(AlphaChoice):
