@@ -227,14 +227,7 @@ class AlphaSelectionEvaluator(Evaluator):
         band_mm: float | None = 0.1,
         folding_stride: int | None = None,
     ) -> None:
-        if mode not in ("warp_mask", "segment"):
-            raise ValueError(f"mode must be 'warp_mask' or 'segment', found {mode!r}")
-        if mode == "warp_mask" and moving_mask is None:
-            raise ValueError("mode='warp_mask' needs the moving lung mask (moving_mask=None was given)")
-        if mode == "segment" and (moving_image is None or fixed_image is None):
-            raise ValueError("mode='segment' needs fixed_image and moving_image")
-        if band_mm is not None and not band_mm > 0:
-            raise ValueError(f"band_mm must be positive or None, found {band_mm}")
+        _check_inputs(mode, moving_mask, moving_image, fixed_image, band_mm)
         self.choice = _key_metric(key_metric, no_folding)
         if folding_stride is None:
             folding_stride = 2 if self.no_folding else 4
@@ -281,10 +274,7 @@ class AlphaSelectionEvaluator(Evaluator):
             fimg = _on_grid(fixed_image, CoordinateMapping.from_image(fixed_image), self.grid, "bilinear")
             self.fixed_mask_grid = self._segment(fimg) > 0.5
         self.curve = AlphaCurve()
-        if self.num_weights == 1:
-            self.reference_alpha = float(np.median(alphas)) if alphas else 0.5
-        else:
-            self.reference_alpha = tuple(float(np.median([a[i] for a in alphas])) for i in range(self.num_weights))
+        self.reference_alpha = _median_alpha(alphas, self.num_weights)
         source = self.moving_mask if mode == "warp_mask" else self.moving_image
         self._source = convert_to_tensor(source, track_meta=False).float()
         self._inside = torch.nonzero(self.fixed_mask_grid.reshape(-1)).reshape(-1)
@@ -548,6 +538,25 @@ class AlphaSelectionEvaluator(Evaluator):
                 best["folding"] = self.folding(best["alpha"], 1)
         self.curve.best = best
         return self.curve
+
+
+def _check_inputs(mode: str, moving_mask, moving_image, fixed_image, band_mm) -> None:
+    """Refuse an unknown mode, the inputs a mode lacks, and a non-positive band, before any work."""
+    if mode not in ("warp_mask", "segment"):
+        raise ValueError(f"mode must be 'warp_mask' or 'segment', found {mode!r}")
+    if mode == "warp_mask" and moving_mask is None:
+        raise ValueError("mode='warp_mask' needs the moving lung mask (moving_mask=None was given)")
+    if mode == "segment" and (moving_image is None or fixed_image is None):
+        raise ValueError("mode='segment' needs fixed_image and moving_image")
+    if band_mm is not None and not band_mm > 0:
+        raise ValueError(f"band_mm must be positive or None, found {band_mm}")
+
+
+def _median_alpha(alphas: list, num_weights: int):
+    """The boundary band's reference alpha: the first grid's median (per weight for K weights)."""
+    if num_weights == 1:
+        return float(np.median(alphas))
+    return tuple(float(np.median([a[i] for a in alphas])) for i in range(num_weights))
 
 
 def _key_metric(key_metric, no_folding: bool) -> AlphaChoice:

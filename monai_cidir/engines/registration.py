@@ -977,12 +977,8 @@ def register_patient(
         item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
         device = torch.device(device)
         set_determinism(seed=seed)
-        from monai_cidir.networks import ConditionedINR
-
         k = loss.cond_features  # one weight per regularizer: the network takes K conditioning values
-        default = functools.partial(ConditionedINR, alpha_encoding="log")
-        net = scale_initial_output(_build(network, default=default, **({"cond_features": k} if k > 1 else {})), init_output_scale)
-        opt = build_optimizer(net, optimizer, learning_rate=learning_rate, harmonizer_lr_factor=harmonizer_lr_factor)
+        net, opt = _network_and_optimizer(options, k)
         sampler = make_point_sampler(item["fixed_mask"], seed=seed)
         trainer = _call_factory(
             trainer or CIDIRTrainer,
@@ -996,14 +992,8 @@ def register_patient(
         )
         TrainingCheckpoint(ckpt_path, options["checkpoint_interval"], options["checkpoint_every_s"]).attach(trainer)
         max_iterations, num_points, time_budget_s = trainer.max_iterations, trainer.num_points, trainer.time_budget_s
-        resumed = resume and trainer.resume()
         start = time.perf_counter()
-        if resumed:
-            logger.info("%s: resuming from %s at iteration %d", name, ckpt_path, trainer.state.iteration)
-            prealign_info: dict[str, Any] = {"affine_prealign": trainer.model.affine is not None}
-        else:
-            prealign_info = _prealign(trainer, item, sampler, affine_prealign, affine_kwargs, name)
-            check_overlap(trainer.model, item, name)
+        prealign_info = _resume_or_prealign(trainer, item, sampler, options, name)
         budget = "" if time_budget_s is None else f" (at most {time_budget_s:g} s)"
         logger.info("%s: training %d iterations x %d points on %s%s", name, max_iterations, num_points, device, budget)
         trainer.run()
@@ -1031,6 +1021,29 @@ def register_patient(
             metrics["folding"], _fmt(metrics.get("tre_before_mean")), _fmt(metrics.get("tre_after_mean")),
         )  # fmt: skip
         return metrics
+
+
+def _network_and_optimizer(options: Mapping[str, Any], k: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A fresh network (``network``, default a log-alpha ``ConditionedINR`` with ``k`` conditioning
+    inputs), its output scaled, and its optimizer with the harmonizer's parameter group."""
+    from monai_cidir.networks import ConditionedINR
+
+    default = functools.partial(ConditionedINR, alpha_encoding="log")
+    net = _build(options["network"], default=default, **({"cond_features": k} if k > 1 else {}))
+    net = scale_initial_output(net, options["init_output_scale"])
+    opt = build_optimizer(net, options["optimizer"], learning_rate=options["learning_rate"], harmonizer_lr_factor=options["harmonizer_lr_factor"])
+    return net, opt
+
+
+def _resume_or_prealign(trainer: CIDIRTrainer, item: Mapping, sampler, options: Mapping[str, Any], name: str) -> dict:
+    """Resume from the attached checkpoint (when ``resume`` and it exists), else pre-align and check
+    the overlap; returns ``metrics.json``'s pre-alignment entries."""
+    if options["resume"] and trainer.resume():
+        logger.info("%s: resuming from %s at iteration %d", name, trainer.checkpoint.path, trainer.state.iteration)
+        return {"affine_prealign": trainer.model.affine is not None}
+    info = _prealign(trainer, item, sampler, options["affine_prealign"], options["affine_kwargs"], name)
+    check_overlap(trainer.model, item, name)
+    return info
 
 
 def _check_patient_inputs(item: Mapping, options: Mapping[str, Any]) -> RegistrationLoss:

@@ -451,11 +451,7 @@ class CIDIRTrainer(Trainer):
         self.fixed = as_plain(fixed_image).to(self.state.device)
         self.moving = as_plain(moving_image).to(self.state.device)
         self.smoothing_mm = [float(v) for v in (smoothing_mm or [])]
-        if any(not v > 0 for v in self.smoothing_mm):
-            raise ValueError(f"smoothing_mm must hold positive sigmas (mm), found {smoothing_mm}")
-        self._levels = [
-            (_smooth(self.fixed, self.fixed_mapping, v), _smooth(self.moving, self.moving_mapping, v)) for v in self.smoothing_mm
-        ] + [(self.fixed, self.moving)]
+        self._levels = self._image_levels(smoothing_mm)
         self.point_sampler = point_sampler
         self.num_points = int(num_points)
         self.loss_function = loss if isinstance(loss, RegistrationLoss) else RegistrationLoss(loss)
@@ -490,6 +486,13 @@ class CIDIRTrainer(Trainer):
 
         if handlers is not None:
             self._register_handlers(handlers)
+
+    def _image_levels(self, smoothing_mm) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(fixed, moving) per stage of the coarse-to-fine schedule: smoothed by each sigma, then as they are."""
+        if any(not v > 0 for v in self.smoothing_mm):
+            raise ValueError(f"smoothing_mm must hold positive sigmas (mm), found {smoothing_mm}")
+        smoothed = [(_smooth(self.fixed, self.fixed_mapping, v), _smooth(self.moving, self.moving_mapping, v)) for v in self.smoothing_mm]
+        return smoothed + [(self.fixed, self.moving)]
 
     @property
     def training_seconds(self) -> float:
