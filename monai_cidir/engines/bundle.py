@@ -403,6 +403,8 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> None:
         default, value = parser[key], _literal(raw)
         if isinstance(default, str) and default.startswith(("$", "@", "%")):
             continue  # an expression: its type is known only when evaluated
+        if key in _NULLABLE and (value is None or str(value).strip().lower() in ("none", "null")):
+            continue  # documented: null switches it off
         expected = (bool,) if isinstance(default, bool) else (int,) if isinstance(default, int) else (int, float) if isinstance(default, float) else (list, tuple) if isinstance(default, list) else None
         if expected is not None and (not isinstance(value, expected) or (bool not in expected and isinstance(value, bool))):
             if isinstance(value, str) and value.startswith(("$", "@", "%")):
@@ -411,6 +413,9 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> None:
     if problems:
         raise ValueError("command-line override(s) refused before anything ran:\n  " + "\n  ".join(problems))
 
+
+#: numeric options whose documented ``null`` switches them off (time-based checkpoints)
+_NULLABLE = ("checkpoint_every_s",)
 
 _FLAG_OPTIONS = ("overwrite", "resume", "no_folding", "export_images", "alpha_per_point", "affine_prealign", "progress")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
