@@ -524,7 +524,7 @@ def select_and_export(
     name = str(item.get("name", patient_dir.name))
     start = time.perf_counter()
     factory = evaluator or AlphaSelectionEvaluator
-    search = factory_keywords(factory).get("search") or AlphaSearch(num_alphas, golden_section_steps=golden_section_steps)
+    search = _factory_search(factory) or AlphaSearch(num_alphas, golden_section_steps=golden_section_steps)
     options = dict(mode=selection_mode, lung_mask_backend=lung_mask_backend, lung_mask_kwargs=lung_mask_kwargs, chunk_size=chunk_size)
     inputs = (model, item["fixed_mask"], item.get("moving_mask"))
     grid = selection_grid(model.mapping, item["fixed_mask"], coarse_spacing_mm, coarse_factor, bounding_box=selection_mode != "segment")
@@ -763,10 +763,22 @@ def _with_factory_options(options: dict, trainer, evaluator) -> dict:
     out.update({k: v for k, v in factory_keywords(trainer).items() if k in TRAINER_OPTIONS})
     from_evaluator = factory_keywords(evaluator)
     out.update({name: from_evaluator[key] for name, key in EVALUATOR_OPTIONS.items() if key in from_evaluator})
-    search = from_evaluator.get("search")
+    search = _factory_search(evaluator)
     if search is not None:  # the grid the factory's search scores (settings.json reports what runs)
         out.update(num_alphas=search.num_alphas, golden_section_steps=search.golden_section_steps)
     return out
+
+
+def _factory_search(factory) -> AlphaSearch | None:
+    """The :class:`AlphaSearch` an evaluator factory sets itself (``validate#evaluator#search``), if any.
+
+    Raises:
+        TypeError: when it is not an ``AlphaSearch`` instance (e.g. a ``_mode_: callable`` partial).
+    """
+    search = factory_keywords(factory).get("search")
+    if search is not None and not isinstance(search, AlphaSearch):
+        raise TypeError(f"the evaluator's search must be an AlphaSearch instance (no '_mode_: callable' in the config), found {search!r}")
+    return search
 
 
 def _call_factory(factory: Callable, args: tuple, options: Mapping[str, Any], **required):

@@ -129,3 +129,10 @@ def test_a_trainer_factory_that_sets_a_per_patient_option_is_refused(phantom_dir
     trainer = functools.partial(CIDIRTrainer, max_iterations=2, device="cpu")
     with pytest.raises(ValueError, match=r"sets \['device'\] itself"):
         register_patient(item, tmp_path, trainer=trainer, num_alphas=0, alpha=0.5, affine_prealign=False)
+    # an evaluator whose search is a partial instead of an AlphaSearch: refused before training too
+    from monai_cidir.engines import AlphaSearch
+
+    evaluator = functools.partial(AlphaSelectionEvaluator, search=functools.partial(AlphaSearch, 5))
+    with pytest.raises(TypeError, match="AlphaSearch instance"):
+        register_patient(item, tmp_path, evaluator=evaluator, max_iterations=2, affine_prealign=False)
+    assert not (tmp_path / item["name"] / "checkpoint.pt").exists()
