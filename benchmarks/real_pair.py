@@ -13,6 +13,8 @@ Run from the repository root (about 4 minutes on 2 idle cores)::
 
     python benchmarks/real_pair.py                      # writes benchmarks/results/real_pair.md
     python benchmarks/real_pair.py --pair /data/pair --output /tmp/out
+    python benchmarks/real_pair.py --model /tmp/cidir_real_pair_x/real_pair/model.pt --no-elastix --tag rescore \
+        --alphas 0,0.0127,0.0183,0.0379     # a trained model again, at other alphas; nothing retrained
 
 cIDIR runs with the bundle's defaults (300 iterations x 2000 points); elastix with its default
 maps (no mask, the setting that scored best on this pair), see :mod:`benchmarks.peers.elastix`.
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="register_patient option (VALUE in JSON), repeatable")
     p.add_argument("--tag", default="", help="variant name: writes real_pair_<tag>.md/json instead of real_pair.md/json")
     p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="alphas at which the lung NCC is also reported")
+    p.add_argument("--model", type=Path, default=None, help="score this trained model.pt (its metrics.json beside it) instead of training one")
     p.add_argument("--elastix-cache", type=Path, default=None, help="elastix's lung displacement, reused when present (default OUTPUT/real_pair_elastix.npz)")
     return p
 
@@ -95,14 +98,21 @@ def main(argv=None) -> int:
 
     item = load_case({"name": "real_pair", "fixed_image": str(fixed_path), "moving_image": str(moving_path)})
     fmap = CoordinateMapping.from_image(item["fixed_image"])
-    work = Path(tempfile.mkdtemp(prefix="cidir_real_pair_"))
     from benchmarks.compare import _engine_options
 
     options = {"max_iterations": args.max_iterations, "num_points": args.num_points, **_engine_options(args.option)}
-    start = time.perf_counter()
-    metrics = register_patient(item, work, overwrite=True, **options)
-    wall = time.perf_counter() - start
-    model = load_registration_model(work / "real_pair" / "model.pt")
+    if args.model is not None:  # rescore a trained model: its own metrics.json gives the chosen alpha and the times
+        metrics_path = args.model.parent / "metrics.json"
+        if not args.model.is_file() or not metrics_path.is_file():
+            raise SystemExit(f"--model: expected a trained model.pt with metrics.json beside it, found {args.model}")
+        metrics, wall = json.loads(metrics_path.read_text()), float("nan")
+        options = {"model": str(args.model), **{k: metrics.get(k) for k in ("iterations", "num_points")}}
+    else:
+        work = Path(tempfile.mkdtemp(prefix="cidir_real_pair_"))
+        start = time.perf_counter()
+        metrics = register_patient(item, work, overwrite=True, **options)
+        wall = time.perf_counter() - start
+    model = load_registration_model(args.model or work / "real_pair" / "model.pt")
     alpha = float(metrics["alpha"])
     lung = fmap.world_grid(dtype=torch.float64)[item["fixed_mask"][0].as_tensor() > 0]
     cidir_u = model.displacement(lung, alpha)
