@@ -181,7 +181,7 @@ class AlphaSelectionEvaluator(Evaluator):
         no_folding: only alphas with zero folding compete (the default key metric's rule).
         key_metric: the metric that chooses: an :class:`~monai_cidir.handlers.AlphaChoice` (or a
             subclass), or a callable that returns a fresh one (a config partial); default
-            ``AlphaChoice(no_folding=no_folding)`` (lung Dice, ties within 5e-4 to the larger alpha).
+            ``AlphaChoice(no_folding=no_folding)`` (lung Dice, ties within 1e-3 to the larger alpha).
         mode: ``"warp_mask"`` or ``"segment"``.
         moving_image: moving MetaTensor (``mode="segment"``).
         fixed_image: fixed MetaTensor (``mode="segment"``).

@@ -357,7 +357,7 @@ def test_command_line_overrides_that_nothing_reads_are_refused(tmp_path, monkeyp
     good = [argv[0], "run", "training", "--config_file", config, "--max_iterations", "5", "--network_def#hidden_features", "16",
             "--overwrite", "true", "--alpha_range", "[0, 0.5]", "--dataset_dir", "/data/x", "--alpha_range", "$[0, 1]",
             "--loss#balance", "100", "--alpha_distribution", "uniform", "--checkpoint_every_s", "null",
-            "--validate#evaluator#key_metric#tie_tolerance", "0.001", "--validate#evaluator#search#num_alphas", "5"]  # fmt: skip
+            "--validate#evaluator#key_metric#tie_tolerance", "0.002", "--validate#evaluator#search#num_alphas", "5"]  # fmt: skip
     from monai_cidir.engines.bundle import check_cli_overrides
 
     check_cli_overrides(good)

@@ -163,7 +163,7 @@ def test_two_weights_end_to_end(two_weight_run):
     assert list(rows[0]) == ["alpha_bending", "alpha_jacobian", "dice", "folding", "seconds", "tre"]  # tre: the pair has landmarks
     assert len(rows) == m["num_alphas_evaluated"] >= 9
     best = max(float(r["dice"]) for r in rows)
-    assert m["dice"] == pytest.approx(best, abs=5e-4 + 1e-6) or m["folding"] > 0  # ties within 5e-4 -> the smoother field
+    assert m["dice"] == pytest.approx(best, abs=1e-3 + 1e-6) or m["folding"] > 0  # ties within 1e-3 -> the smoother field
     model = load_registration_model(pdir / "model.pt")
     assert model.info["regularizer_names"] == ["bending", "jacobian"] and model.info["cond_features"] == 2
     assert model.info["alpha"] == m["alpha"]

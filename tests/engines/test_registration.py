@@ -61,7 +61,7 @@ def test_register_patient_improves_and_exports(trained, phantom_item):
     with open(pdir / "alpha_curve.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 11 and set(rows[0]) == {"alpha", "dice", "folding", "seconds", "tre"}  # tre: the phantom has landmarks
-    assert max(float(r["dice"]) for r in rows) == pytest.approx(m["dice"], abs=5e-4 + 1e-6)  # ties within 5e-4 -> larger alpha
+    assert max(float(r["dice"]) for r in rows) == pytest.approx(m["dice"], abs=1e-3 + 1e-6)  # ties within 1e-3 -> larger alpha
     # the TRE column is the landmarks' TRE at each alpha: at the chosen alpha it is metrics.json's
     chosen = min(rows, key=lambda r: abs(float(r["alpha"]) - m["alpha"]))
     assert float(chosen["tre"]) == pytest.approx(m["tre_after_mean"], abs=1e-5)
