@@ -68,14 +68,13 @@ def score_curve(model_path: Path, item: dict, num_alphas: int = 21) -> list[dict
     """Rows (alpha, dice, folding, tre) of the model's grid; masks computed when the pair has none."""
     import torch
 
-    from monai_cidir.engines import AlphaSearch, AlphaSelectionEvaluator, load_registration_model
+    from monai_cidir.engines import AlphaSearch, AlphaSelectionEvaluator, load_registration_model, model_prior
     from monai_cidir.engines.quality import prepare_lung_masks
-    from monai_cidir.engines.registration import make_alpha_prior
     from monai_cidir.handlers import AlphaCurveTRE
 
     model = load_registration_model(model_path)
     item, _ = prepare_lung_masks(item, "threshold")
-    prior = make_alpha_prior(model.info.get("alpha_range", (0.0, 1.0)), model.info.get("alpha_distribution", "uniform"), model.num_weights)
+    prior = model_prior(model)
     tre = AlphaCurveTRE(item["fixed_landmarks"], item["moving_landmarks"])
     evaluator = AlphaSelectionEvaluator(model, item["fixed_mask"], item["moving_mask"], prior=prior, search=AlphaSearch(num_alphas), val_handlers=[tre])
     with torch.no_grad():

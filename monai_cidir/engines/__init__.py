@@ -39,9 +39,11 @@ from monai_cidir.engines.registration import (
     format_summary_table,
     landmark_tre,
     make_point_sampler,
+    model_prior,
     register_patient,
     run_cohort,
     select_and_export,
+    selection_evaluator,
     write_cohort_table,
 )
 from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer, build_lr_scheduler, build_optimizer, scale_initial_output
@@ -76,6 +78,7 @@ __all__ = [
     "load_registration_model",
     "make_point_sampler",
     "mask_region",
+    "model_prior",
     "selection_grid",
     "plot_alpha_curve",
     "plot_lung_masks",
@@ -86,6 +89,7 @@ __all__ = [
     "save_registration_model",
     "scale_initial_output",
     "select_and_export",
+    "selection_evaluator",
     "write_alpha_curve",
     "write_cohort_table",
     "write_displacement_field",

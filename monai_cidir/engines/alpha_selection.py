@@ -189,9 +189,11 @@ class AlphaSelectionEvaluator(Evaluator):
         lung_mask_kwargs: extra arguments of ``LungMask``.
         grid: where each alpha is scored: a grid of the fixed image's world (a
             :class:`~monai_cidir.coordinates.CoordinateMapping`, e.g. ``model.mapping`` for every
-            voxel); the fixed mask (and, for ``"segment"``, the fixed image) is read on it. Default
-            :func:`selection_grid`: the fixed lung mask's bounding box plus 5 mm, about every 4 mm
-            (the whole field of view for ``"segment"``: segmentation backends need the body in view).
+            voxel), or a factory ``grid(model.mapping, fixed_mask, bounding_box=...)`` of one (e.g.
+            ``functools.partial(selection_grid, coarse_spacing_mm=2.0)``); the fixed mask (and, for
+            ``"segment"``, the fixed image) is read on it. Default :func:`selection_grid`: the fixed
+            lung mask's bounding box plus 5 mm, about every 4 mm (the whole field of view for
+            ``"segment"``: segmentation backends need the body in view).
         chunk_size: points per network call (bounds memory).
         val_handlers: more handlers.
         band_mm: smallest radius (mm) of the boundary band (see the module docstring); ``None``
@@ -221,7 +223,7 @@ class AlphaSelectionEvaluator(Evaluator):
         fixed_image: torch.Tensor | None = None,
         lung_mask_backend: str = "threshold",
         lung_mask_kwargs: dict | None = None,
-        grid: CoordinateMapping | None = None,
+        grid: CoordinateMapping | Callable[..., CoordinateMapping] | None = None,
         chunk_size: int = 65536,
         val_handlers: Sequence | None = None,
         band_mm: float | None = 0.1,
@@ -258,8 +260,8 @@ class AlphaSelectionEvaluator(Evaluator):
         self.dice_metric = DiceMetric(include_background=True, reduction="mean")
         fmap = model.mapping
         self.fixed_mapping = fmap
-        if grid is None:
-            grid = selection_grid(fmap, fixed_mask, bounding_box=mode != "segment")
+        if not isinstance(grid, CoordinateMapping):  # None or a factory of the grid
+            grid = (grid or selection_grid)(fmap, fixed_mask, bounding_box=mode != "segment")
         self.grid = grid  # where each alpha is scored
         self.shape = self.grid.spatial_shape
         self.fixed_mask_grid = _on_grid(fixed_mask, fmap, self.grid, "nearest") > 0.5

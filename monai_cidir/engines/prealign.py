@@ -94,6 +94,17 @@ def _ncc(loss_fn, fixed_values, moving_values) -> torch.Tensor:
     return -loss_fn(fixed_values, moving_values)
 
 
+def _check_levels(levels) -> list[tuple[int, float]]:
+    """``levels`` as ``[(steps, sigma_mm), ...]``, or a ValueError naming what was found."""
+    try:
+        out = [(int(n), float(sigma)) for n, sigma in levels]
+        if not out or any(n < 0 or not sigma >= 0 or n != float(m) for (n, sigma), (m, _) in zip(out, levels)):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"levels must be (steps >= 0, sigma_mm >= 0) pairs, coarse to fine, e.g. [(100, 6.0), (40, 0.0)], found {levels!r}") from None
+    return out
+
+
 def fit_affine(
     fixed_image: torch.Tensor,
     moving_image: torch.Tensor,
@@ -101,11 +112,9 @@ def fit_affine(
     fixed_mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
     num_points: int = 4096,
-    iterations: Sequence[int] = (100, 60, 40),
-    smoothing_mm: Sequence[float] = (6.0, 3.0, 0.0),
+    levels: Sequence[tuple[int, float]] = ((100, 6.0), (60, 3.0), (40, 0.0)),
     learning_rate: float = 0.01,
     min_improvement: float = 0.01,
-    rigid_init: bool = True,
     similarity: torch.nn.Module | None = None,
 ) -> AffinePrealignment:
     """Fit a global affine (12 parameters) on NCC over points of the fixed lung mask.
@@ -115,14 +124,13 @@ def fit_affine(
         moving_image: moving MetaTensor (its own grid).
         sampler: ``sampler(n) -> (n, 3)`` world points in the fixed lung mask (e.g. the
             trainer's point sampler); called afresh for every step.
-        fixed_mask: fixed lung mask (for the centre-of-mass initialisation).
-        moving_mask: moving lung mask (for the centre-of-mass initialisation).
+        fixed_mask: fixed lung mask; with ``moving_mask``, the translation starts from the masks'
+            centres of mass (without them, from the identity).
+        moving_mask: moving lung mask.
         num_points: points per step.
-        iterations: Adam steps per level.
-        smoothing_mm: Gaussian sigma (mm) of each level (same length as ``iterations``).
+        levels: the image pyramid, coarse to fine: ``(Adam steps, Gaussian sigma in mm)`` per level.
         learning_rate: Adam's learning rate on the normalised parameters.
         min_improvement: keep rule, see the module docstring.
-        rigid_init: initialise the translation from the masks' centres of mass.
         similarity: the loss to minimise, ``f(fixed_values, moving_values)`` (default -NCC,
             :class:`~monai_cidir.losses.GlobalNCCLoss`; the trainer passes its
             :class:`~monai_cidir.losses.RegistrationLoss`'s). ``ncc_identity``/``ncc_affine`` report
@@ -132,12 +140,17 @@ def fit_affine(
         :class:`AffinePrealignment` (``matrix`` is the identity when not kept).
 
     Raises:
-        ValueError: when ``iterations`` and ``smoothing_mm`` differ in length.
+        ValueError: when a level is not ``(steps >= 0, sigma_mm >= 0)``.
+
+    Example::
+
+        >>> sampler = make_point_sampler(item["fixed_mask"], seed=0)
+        >>> result = fit_affine(item["fixed_image"], item["moving_image"], sampler, item["fixed_mask"], item["moving_mask"])
+        >>> result.kept, result.ncc_identity, result.ncc_affine
     """
     from monai_cidir.losses import GlobalNCCLoss
 
-    if len(iterations) != len(smoothing_mm):
-        raise ValueError(f"iterations {tuple(iterations)} and smoothing_mm {tuple(smoothing_mm)} differ in length")
+    levels = _check_levels(levels)
     start = time.perf_counter()
     fmap = CoordinateMapping.from_image(fixed_image)
     mmap = CoordinateMapping.from_image(moving_image)
@@ -145,7 +158,7 @@ def fit_affine(
     loss_fn = GlobalNCCLoss() if similarity is None else similarity
     b = torch.zeros(3, 3, requires_grad=True)
     t = torch.zeros(3)
-    if rigid_init and fixed_mask is not None and moving_mask is not None:
+    if fixed_mask is not None and moving_mask is not None:
         t = ((mask_center_of_mass(moving_mask, mmap) - mask_center_of_mass(fixed_mask, fmap)) / s).float()
     t = t.clone().requires_grad_(True)
 
@@ -164,7 +177,7 @@ def fit_affine(
 
     ncc_identity = evaluate(lambda p: p)
     optimizer = torch.optim.Adam([b, t], lr=learning_rate)
-    for n_iter, sigma in zip(iterations, smoothing_mm):
+    for n_iter, sigma in levels:
         fixed_s = smooth_image(fixed_image, sigma, fmap.spacing.tolist())
         moving_s = smooth_image(moving_image, sigma, mmap.spacing.tolist())
         for _ in range(int(n_iter)):

@@ -301,32 +301,34 @@ def make_alpha_prior(alpha_range: Sequence, alpha_distribution: str | Sequence[s
         raise ValueError(f"alpha_range / alpha_distribution: {e}") from None
 
 
-def check_options(
-    alpha: float | None = None,
-    alpha_range: Sequence[float] = (0.0, 1.0),
-    device: str | torch.device = "cpu",
-    selection_mode: str = "warp_mask",
-    num_alphas: int = 21,
-    regularizer: str | Sequence[str] | Mapping[str, float] = "bending",
-    regularizer_scales: Mapping[str, float] | None = None,
-    alpha_distribution: str = "log-uniform",
-    loss_balance: float | None = None,
-    loss: RegistrationLoss | None = None,
-    **_,
-) -> None:
+def check_options(options: Mapping[str, Any]) -> RegistrationLoss:
     """The run's options that can be wrong whatever the data: checked once for a cohort, before training.
+
+    Args:
+        options: :func:`register_patient`'s keyword options (absent keys take its defaults; others
+            are ignored): ``alpha``, ``alpha_range``, ``alpha_distribution``, ``device``,
+            ``selection_mode``, ``num_alphas`` and the loss (``loss``, or ``regularizer`` /
+            ``regularizer_scales`` / ``loss_balance``).
+
+    Returns:
+        the run's :class:`~monai_cidir.losses.RegistrationLoss`.
 
     Raises:
         ValueError: naming the option, what was expected and what was found.
     """
-    k = _registration_loss(loss, regularizer, regularizer_scales, loss_balance).cond_features  # names, scales; not two losses
-    make_alpha_prior(alpha_range, alpha_distribution, k)  # ranges and distributions, one per weight or for all
-    check_alpha(alpha, alpha_range, k)
-    check_device(device)
+    default = _REGISTER_DEFAULTS
+    get = lambda key: options.get(key, default[key])  # noqa: E731
+    loss = _registration_loss(get("loss"), get("regularizer"), get("regularizer_scales"), get("loss_balance"))  # not two losses
+    alpha_range, k = get("alpha_range"), loss.cond_features
+    make_alpha_prior(alpha_range, get("alpha_distribution"), k)  # ranges and distributions, one per weight or for all
+    check_alpha(get("alpha"), alpha_range, k)
+    check_device(get("device"))
+    selection_mode, num_alphas = get("selection_mode"), get("num_alphas")
     if selection_mode not in ("warp_mask", "segment"):
         raise ValueError(f"selection_mode must be 'warp_mask' or 'segment', found {selection_mode!r}")
     if isinstance(num_alphas, bool) or not isinstance(num_alphas, int) or num_alphas < 0:
         raise ValueError(f"num_alphas must be a whole number >= 0 (0: export at the given alpha), found {num_alphas!r}")
+    return loss
 
 
 def _registration_loss(loss, regularizer, regularizer_scales, loss_balance) -> RegistrationLoss:
@@ -470,23 +472,13 @@ def select_and_export(
     model: RegistrationModel,
     item: dict,
     patient_dir: str | os.PathLike,
-    alpha: float | None = None,
-    alpha_range: Sequence[float] = (0.0, 1.0),
-    num_alphas: int = 21,
-    golden_section_steps: int = 0,
-    no_folding: bool = False,
-    selection_mode: str = "warp_mask",
-    lung_mask_backend: str = "threshold",
-    lung_mask_kwargs: dict | None = None,
-    coarse_spacing_mm: float | None = 4.0,
-    coarse_factor: int | Sequence[int] | None = None,
-    chunk_size: int = 65536,
-    export_images: bool = True,
-    previous: dict | None = None,
-    alpha_distribution: str = "uniform",
-    selection_handlers: Sequence | None = None,
-    export_coarse_mm: float | None = 6.0,
     evaluator: Callable[..., AlphaSelectionEvaluator] | None = None,
+    prior: AlphaPrior | None = None,
+    alpha: float | None = None,
+    export_images: bool = True,
+    export_coarse_mm: float | None = 6.0,
+    previous: dict | None = None,
+    selection_handlers: Sequence | None = None,
 ) -> dict:
     """Alpha selection (or a fixed ``alpha``), TRE, exports and ``metrics.json`` for one trained model.
 
@@ -494,69 +486,56 @@ def select_and_export(
         model: the trained registration.
         item: the loaded pair (images, masks, optional landmarks, name).
         patient_dir: where the outputs go.
-        alpha: export at this alpha; the sweep still runs (its curve is written) unless
-            ``num_alphas=0``.
-        alpha_range, alpha_distribution: the training prior (:func:`make_alpha_prior`), which spaces the grid.
-        num_alphas, golden_section_steps: the search (:class:`~monai_cidir.engines.AlphaSearch`).
-        no_folding, selection_mode, lung_mask_backend, lung_mask_kwargs, coarse_spacing_mm,
-            coarse_factor, chunk_size: see :class:`~monai_cidir.engines.alpha_selection.AlphaSelectionEvaluator`.
+        evaluator: a factory of the selection evaluator, ``evaluator(model, fixed_mask, moving_mask,
+            prior=..., moving_image=..., fixed_image=..., val_handlers=...) -> AlphaSelectionEvaluator``:
+            the one owner of the selection settings (search, scoring mode, grid, key metric, chunk
+            size), e.g. the bundle's ``validate#evaluator`` (a ``_mode_: callable`` partial) or
+            :func:`selection_evaluator`'s partial of the keyword options. Default:
+            ``selection_evaluator()`` (21 alphas, lung Dice, the 4 mm grid of the lung's box).
+        prior: the training prior, which spaces the search's grid and bounds ``alpha`` (default: the
+            one stored in ``model.pt``, :func:`model_prior`).
+        alpha: export at this alpha; the sweep still runs (its curve is written) unless the
+            evaluator's search has ``num_alphas=0``.
         export_images: write ``displacement.nii.gz`` and ``warped_moving.nii.gz``.
-        previous: entries to carry into ``metrics.json`` (e.g. training seconds).
-        selection_handlers: handlers attached to the selection evaluator.
         export_coarse_mm: the exported field is exact in the fixed lung mask grown by 10 mm and
             interpolated from a grid this coarse (mm) elsewhere
             (:func:`~monai_cidir.engines.export.map_displacement`; its measured error goes to
             ``metrics.json`` as ``export_interpolation_max_mm``); ``None``: exact everywhere.
-        evaluator: a factory of the selection evaluator, ``evaluator(model, fixed_mask, moving_mask,
-            **options) -> AlphaSelectionEvaluator`` (the bundle's ``validate#evaluator``, a
-            ``_mode_: callable`` partial); the options it sets itself (``search``, an
-            :class:`~monai_cidir.engines.AlphaSearch` that then holds ``num_alphas`` and
-            ``golden_section_steps``; ``mode``, ``val_handlers``, ...) win over the arguments of the
-            same name here. Default: ``AlphaSelectionEvaluator``.
+        previous: entries to carry into ``metrics.json`` (e.g. training seconds).
+        selection_handlers: handlers attached to the selection evaluator (the landmark TRE handler
+            is added when the pair has landmarks).
 
     Returns:
         the metrics dict written to ``metrics.json``.
+
+    Example::
+
+        >>> factory = selection_evaluator(num_alphas=11, selection_mode="segment")
+        >>> metrics = select_and_export(model, item, "outputs/pair1", evaluator=factory)  # doctest: +SKIP
     """
     k = model.num_weights
-    check_alpha(alpha, alpha_range, k)
+    prior = model_prior(model) if prior is None else prior
+    check_alpha(alpha, prior_ranges(prior), k)
     names = list(getattr(model, "info", {}).get("regularizer_names") or [str(i) for i in range(k)])
     patient_dir = Path(patient_dir)
     name = str(item.get("name", patient_dir.name))
     start = time.perf_counter()
-    factory = evaluator or AlphaSelectionEvaluator
-    search = _factory_search(factory) or AlphaSearch(num_alphas, golden_section_steps=golden_section_steps)
-    options = dict(mode=selection_mode, lung_mask_backend=lung_mask_backend, lung_mask_kwargs=lung_mask_kwargs, chunk_size=chunk_size)
-    inputs = (model, item["fixed_mask"], item.get("moving_mask"))
-    grid = selection_grid(model.mapping, item["fixed_mask"], coarse_spacing_mm, coarse_factor, bounding_box=selection_mode != "segment")
-    images = {"moving_image": item.get("moving_image"), "fixed_image": item.get("fixed_image"), "grid": grid}
-    rows: list[dict] = []
-    best: dict | None = None
-    evaluator = None
-    if search.num_alphas > 0:
-        handlers = list(selection_handlers or [])
-        if item.get("fixed_landmarks") is not None and item.get("moving_landmarks") is not None:
-            handlers.append(AlphaCurveTRE(item["fixed_landmarks"], item["moving_landmarks"]))  # the TRE-vs-alpha curve
-        sweep = dict(options, search=search, no_folding=no_folding, val_handlers=handlers)
-        evaluator = _call_factory(factory, inputs, sweep, prior=make_alpha_prior(alpha_range, alpha_distribution, k), **images)
-        curve = evaluator.run()
-        rows, best = curve.rows, curve.best
+    handlers = list(selection_handlers or [])
+    if item.get("fixed_landmarks") is not None and item.get("moving_landmarks") is not None:
+        handlers.append(AlphaCurveTRE(item["fixed_landmarks"], item["moving_landmarks"]))  # the TRE-vs-alpha curve
+    evaluator, rows, best = _sweep(selection_evaluator(evaluator), model, item, prior, handlers, alpha)
     seconds_selection = time.perf_counter() - start
     if alpha is None:
-        if best is None:
-            raise ValueError("no alpha to export: give alpha=... or num_alphas > 0")
         alpha, chosen = plain_alpha(best["alpha"]), best
     else:
         alpha = plain_alpha(alpha)
         chosen = next((r for r in rows if np.allclose(alpha_values(r["alpha"]), alpha_values(alpha), rtol=0, atol=1e-12)), None)
-        if chosen is not None and evaluator.folding_stride > 1:  # the sweep's folding was thinned
-            with torch.no_grad():
-                chosen = dict(chosen, folding=evaluator.folding(alpha, 1))
-        if chosen is None:  # off the grid, or no sweep: score the given alpha alone
-            if evaluator is None:
-                single = functools.partial(factory, search=AlphaSearch(alphas=[alpha]))  # replaces the factory's own search
-                evaluator = _call_factory(single, inputs, options, **images)
-            with torch.no_grad():
+        with torch.no_grad():
+            if chosen is None:  # off the grid, or no sweep: score the given alpha alone (every lung point's folding)
                 chosen = evaluator.score(alpha, folding_stride=1)
+            elif evaluator.folding_stride > 1:  # the sweep's folding was thinned
+                chosen = dict(chosen, folding=evaluator.folding(alpha, 1))
+    chunk_size = evaluator.chunk_size
     if rows:
         _write_alpha_curve(rows, alpha, patient_dir, names, name, k)
     export_seconds = time.perf_counter()
@@ -574,6 +553,86 @@ def select_and_export(
     metrics.update({f"export_{k}": v for k, v in export_info.items()})
     write_json(metrics, patient_dir / "metrics.json")
     return metrics
+
+
+def _sweep(factory: Callable, model: RegistrationModel, item: Mapping, prior: AlphaPrior, handlers: list, alpha) -> tuple:
+    """Run the factory's search: ``(evaluator, rows, best)``. With ``num_alphas=0`` nothing is scored:
+    the evaluator is built for the given ``alpha`` only (to score it), rows empty, best ``None``."""
+    search = _factory_search(factory) or AlphaSearch()
+    inputs = (model, item["fixed_mask"], item.get("moving_mask"))
+    images = {"moving_image": item.get("moving_image"), "fixed_image": item.get("fixed_image")}
+    if search.num_alphas == 0:
+        if alpha is None:
+            raise ValueError("no alpha to export: give alpha=... or an evaluator whose search has num_alphas > 0")
+        single = functools.partial(factory, search=AlphaSearch(alphas=[alpha]))  # replaces the factory's own search
+        return _call_factory(single, inputs, {}, prior=prior, **images), [], None
+    evaluator = _call_factory(factory, inputs, {"val_handlers": handlers}, prior=prior, **images)
+    curve = evaluator.run()
+    return evaluator, curve.rows, curve.best
+
+
+def selection_evaluator(
+    evaluator: Callable[..., AlphaSelectionEvaluator] | None = None,
+    num_alphas: int = 21,
+    golden_section_steps: int = 0,
+    no_folding: bool = False,
+    selection_mode: str = "warp_mask",
+    lung_mask_backend: str = "threshold",
+    lung_mask_kwargs: dict | None = None,
+    coarse_spacing_mm: float | None = 4.0,
+    coarse_factor: int | Sequence[int] | None = None,
+    chunk_size: int = 65536,
+) -> functools.partial:
+    """The selection evaluator factory of the keyword options: one place that turns
+    :func:`register_patient`'s flat selection options into an evaluator partial.
+
+    Args:
+        evaluator: a factory to complete (a class, or a ``functools.partial`` such as the bundle's
+            ``validate#evaluator``); what it sets itself wins over the options below.
+            Default :class:`~monai_cidir.engines.AlphaSelectionEvaluator`.
+        num_alphas, golden_section_steps: the search, ``AlphaSearch(num_alphas,
+            golden_section_steps=...)`` (``num_alphas=0``: no sweep, export at a given alpha).
+        no_folding: only alphas without folding compete.
+        selection_mode: the evaluator's ``mode``, ``"warp_mask"`` or ``"segment"``.
+        lung_mask_backend, lung_mask_kwargs: the lung-mask transform of ``"segment"``.
+        coarse_spacing_mm, coarse_factor: the selection grid (:func:`selection_grid`).
+        chunk_size: points per network call.
+
+    Returns:
+        a ``functools.partial`` of the evaluator class with every option set.
+
+    Example::
+
+        >>> factory = selection_evaluator(num_alphas=11, coarse_spacing_mm=2.0)
+        >>> evaluator = factory(model, item["fixed_mask"], item["moving_mask"], prior=AlphaPrior())  # doctest: +SKIP
+    """
+    base = evaluator or AlphaSelectionEvaluator
+    own = factory_keywords(base)
+    _factory_search(base)  # refuses a search that is not an AlphaSearch, before anything runs
+    options = {
+        "search": AlphaSearch(num_alphas, golden_section_steps=golden_section_steps), "no_folding": no_folding,
+        "mode": selection_mode, "lung_mask_backend": lung_mask_backend, "lung_mask_kwargs": lung_mask_kwargs,
+        "grid": functools.partial(selection_grid, coarse_spacing_mm=coarse_spacing_mm, coarse_factor=coarse_factor),
+        "chunk_size": chunk_size,
+    }  # fmt: skip
+    return functools.partial(getattr(base, "func", base), **{**options, **own})
+
+
+def model_prior(model: RegistrationModel, alpha_range: Sequence | None = None, alpha_distribution: str | Sequence[str] | None = None) -> AlphaPrior:
+    """The prior a model was trained with (stored in ``model.pt``), or one of the given range /
+    distribution (each overrides the stored one; models saved before the prior was stored give
+    their range and distribution, else the paper's uniform [0, 1])."""
+    info = getattr(model, "info", {}) or {}
+    if alpha_range is None and alpha_distribution is None and info.get("alpha_prior"):
+        return AlphaPrior(**info["alpha_prior"])
+    alpha_range = info.get("alpha_range", (0.0, 1.0)) if alpha_range is None else alpha_range
+    alpha_distribution = info.get("alpha_distribution", "uniform") if alpha_distribution is None else alpha_distribution
+    return make_alpha_prior(alpha_range, alpha_distribution, model.num_weights)
+
+
+def prior_ranges(prior: AlphaPrior) -> list[tuple[float, float]]:
+    """``(low, high)`` of each weight of the prior."""
+    return list(zip(prior.lows, prior.highs))
 
 
 def _curve_metrics(rows: list[dict], best: dict | None, alpha, chosen: dict, names: list[str] | None) -> dict:
@@ -737,10 +796,10 @@ TRAINER_OPTIONS = (
     "iterations_per_epoch", "smoothing_mm", "time_budget_s",
 )  # fmt: skip
 
-#: register_patient arguments handed on to select_and_export
+#: register_patient arguments that set up the selection evaluator (:func:`selection_evaluator`)
 SELECTION_OPTIONS = (
-    "alpha", "alpha_range", "alpha_distribution", "num_alphas", "golden_section_steps", "no_folding", "selection_mode",
-    "lung_mask_backend", "lung_mask_kwargs", "coarse_spacing_mm", "coarse_factor", "chunk_size", "export_images",
+    "num_alphas", "golden_section_steps", "no_folding", "selection_mode", "lung_mask_backend", "lung_mask_kwargs",
+    "coarse_spacing_mm", "coarse_factor", "chunk_size",
 )  # fmt: skip
 
 #: select_and_export arguments an ``evaluator`` factory may set itself (the AlphaSelectionEvaluator names)
@@ -1025,14 +1084,19 @@ def register_patient(
             "training_device": describe_device(device),
             "stopped_by_time_budget": bool(trainer.stopped_by_time_budget),
         }
-        selection = {key: options[key] for key in SELECTION_OPTIONS}
-        metrics = select_and_export(model, item, pdir, previous=previous, selection_handlers=selection_handlers, evaluator=evaluator, **selection)
+        factory = selection_evaluator(evaluator, **{key: options[key] for key in SELECTION_OPTIONS})
+        metrics = select_and_export(
+            model, item, pdir, factory, trainer.alpha_prior, alpha, export_images, previous=previous, selection_handlers=selection_handlers
+        )
         save_registration_model(model, pdir / "model.pt", alpha=metrics["alpha"], **model_info)
         logger.info(
             "%s: alpha %s, Dice %.4f, folding %.2g, TRE %s -> %s mm", name, format_alpha(metrics["alpha"]), metrics["dice"],
             metrics["folding"], _fmt(metrics.get("tre_before_mean")), _fmt(metrics.get("tre_after_mean")),
         )  # fmt: skip
         return metrics
+
+
+_REGISTER_DEFAULTS = {k: p.default for k, p in inspect.signature(register_patient).parameters.items() if p.default is not p.empty}
 
 
 def _network_and_optimizer(options: Mapping[str, Any], k: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -1064,8 +1128,7 @@ def _check_patient_inputs(item: Mapping, options: Mapping[str, Any]) -> Registra
         if item.get(key) is None:
             raise ValueError(f"the pair has no '{key}': expected a loaded pair with keys {sorted(item)}")
         check_image_values(item[key], f"{item.get('name') or 'pair'}: {key}", ct=False)
-    loss = _registration_loss(options["loss"], options["regularizer"], options["regularizer_scales"], options["loss_balance"])
-    check_options(**{key: options[key] for key in ("alpha", "alpha_range", "device", "selection_mode", "num_alphas", "alpha_distribution")})
+    loss = check_options(options)
     check_landmark_pair(item.get("fixed_landmarks"), item.get("moving_landmarks"), str(item.get("name") or "pair"))
     return loss
 
@@ -1117,9 +1180,11 @@ def export_registration(
         lung_mask_kwargs: extra arguments of the lung-mask transform.
         network_def: rebuild this architecture and load the stored weights into it (see
             :func:`~monai_cidir.engines.load_registration_model`; ``None``: the stored network).
-        selection_kwargs: :func:`select_and_export` options (``num_alphas``, ``alpha_range``,
-            ``golden_section_steps``, ``no_folding``, ``selection_mode``, ``coarse_factor``,
-            ``evaluator``, ...).
+        selection_kwargs: the selection options of :func:`selection_evaluator` (``evaluator``,
+            ``num_alphas``, ``golden_section_steps``, ``no_folding``, ``selection_mode``,
+            ``coarse_factor``, ...), the prior's ``alpha_range`` / ``alpha_distribution`` (default:
+            the model's own, :func:`model_prior`) and :func:`select_and_export`'s
+            ``export_images``, ``export_coarse_mm`` and ``selection_handlers``.
 
     Returns:
         the new metrics dict (training entries of the previous ``metrics.json`` are kept).
@@ -1132,26 +1197,17 @@ def export_registration(
     model_path = Path(model_path) if model_path is not None else pdir / "model.pt"
     with PatientDirLock(pdir):  # not while a training run writes this patient
         model = load_registration_model(model_path, device=device, network_def=network_def)
-        check_alpha(alpha, model.info.get("alpha_range", selection_kwargs.get("alpha_range", (0.0, 1.0))), model.num_weights)
+        check_alpha(alpha, prior_ranges(model_prior(model)), model.num_weights)  # the range it was trained on
+        prior = model_prior(model, selection_kwargs.pop("alpha_range", None), selection_kwargs.pop("alpha_distribution", None))
+        export = {key: selection_kwargs.pop(key) for key in ("export_images", "export_coarse_mm", "selection_handlers") if key in selection_kwargs}
+        factory = selection_evaluator(lung_mask_backend=lung_mask_backend, lung_mask_kwargs=lung_mask_kwargs, **selection_kwargs)
         previous = {}
         if (pdir / "metrics.json").is_file():
             old = json.loads((pdir / "metrics.json").read_text())
             previous = {k: v for k, v in old.items() if k in ("iterations", "num_points", "regularizer", "seed", "seconds_affine", "seconds_training", "training_device", "affine_prealign")}
         item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
         previous.update(mask_entries(mask_reports))
-        for key in ("alpha_range", "alpha_distribution"):  # the prior the model was trained with
-            if key not in selection_kwargs and key in model.info:
-                selection_kwargs[key] = model.info[key]
-        metrics = select_and_export(
-            model,
-            item,
-            pdir,
-            alpha=alpha,
-            lung_mask_backend=lung_mask_backend,
-            lung_mask_kwargs=lung_mask_kwargs,
-            previous=previous,
-            **selection_kwargs,
-        )
+        metrics = select_and_export(model, item, pdir, factory, prior, alpha, previous=previous, **export)
         save_registration_model(model, pdir / "model.pt", **{**model.info, "alpha": metrics["alpha"]})
         return metrics
 
@@ -1284,7 +1340,7 @@ def run_cohort(
         >>> rows = run_cohort(RegistrationPairDataset("phantom/datalist.json"), "outputs", max_iterations=500)
     """
     output_dir = Path(output_dir)
-    check_options(**_with_factory_options(kwargs, kwargs.get("trainer"), kwargs.get("evaluator")))
+    check_options(_with_factory_options(kwargs, kwargs.get("trainer"), kwargs.get("evaluator")))
     _precheck_cohort(dataset)
     rows: list[dict] = []
     seen: set[str] = set()

@@ -249,3 +249,27 @@ def test_sweep_folding_is_thinned_and_the_choice_uses_every_point(phantom_item):
         AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], folding_stride=0)
     with pytest.raises(ValueError, match="band_mm"):
         AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], band_mm=-1.0)
+
+
+def test_selection_evaluator_folds_the_keyword_options_and_the_factory_wins(phantom_item):
+    import functools
+
+    from monai_cidir.engines import selection_evaluator
+
+    model = RegistrationModel(_AlphaScaledField(c=0.3), CoordinateMapping.from_image(phantom_item["fixed_image"]))
+    args = (model, phantom_item["fixed_mask"], phantom_item["fixed_mask"])
+    factory = selection_evaluator(num_alphas=3, golden_section_steps=2, coarse_spacing_mm=9.0, chunk_size=4096)
+    assert factory.func is AlphaSelectionEvaluator and factory.keywords["mode"] == "warp_mask"
+    ev = factory(*args, prior=AlphaPrior(0.0, 1.0))
+    search = ev.search
+    assert (search.num_alphas, search.golden_section_steps, ev.chunk_size) == (3, 2, 4096)
+    # the grid factory: the same sub-grid as selection_grid at that spacing (the lung box, every 2nd voxel here)
+    expected = selection_grid(model.mapping, phantom_item["fixed_mask"], 9.0)
+    assert ev.grid.spatial_shape == expected.spatial_shape and torch.allclose(ev.grid.affine, expected.affine)
+    assert ev.grid.spatial_shape != selection_grid(model.mapping, phantom_item["fixed_mask"]).spatial_shape
+    # what a config partial sets itself wins over the keyword options
+    own = functools.partial(AlphaSelectionEvaluator, search=AlphaSearch(alphas=[0.0, 1.0]), chunk_size=512)
+    ev = selection_evaluator(own, num_alphas=7, chunk_size=4096)(*args, prior=AlphaPrior())
+    assert ev.chunk_size == 512 and [r["alpha"] for r in ev.run().rows] == [0.0, 1.0]
+    with pytest.raises(TypeError, match="AlphaSearch instance"):
+        selection_evaluator(functools.partial(AlphaSelectionEvaluator, search=functools.partial(AlphaSearch, 3)))

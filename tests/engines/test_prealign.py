@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from engine_fixtures import make_blob_pair
@@ -48,8 +49,16 @@ def test_affine_not_kept_for_aligned_pair():
     item = make_blob_pair()  # identical images: the identity is already optimal
     result = fit_affine(
         item["fixed_image"], item["moving_image"], make_point_sampler(item["fixed_mask"], seed=0),
-        item["fixed_mask"], item["moving_mask"], iterations=(20,), smoothing_mm=(0.0,),
+        item["fixed_mask"], item["moving_mask"], levels=[(20, 0.0)],
     )
     assert not result.kept
     assert torch.equal(result.matrix, torch.eye(4, dtype=torch.float64))
     assert result.ncc_identity > 0.999
+
+
+def test_affine_levels_are_checked_before_fitting():
+    item = make_blob_pair()
+    sampler = make_point_sampler(item["fixed_mask"], seed=0)
+    for bad in ([(20, 6.0, 1)], [], [(-1, 0.0)], [(20, -2.0)], [(2.5, 0.0)], 20):
+        with pytest.raises(ValueError, match=r"levels must be \(steps >= 0, sigma_mm >= 0\) pairs"):
+            fit_affine(item["fixed_image"], item["moving_image"], sampler, levels=bad)

@@ -12,7 +12,7 @@ import torch
 from engine_fixtures import breathing_motion, make_blob_pair
 
 from monai_cidir.coordinates import CoordinateMapping
-from monai_cidir.engines import RegistrationModel, register_patient, run_cohort, select_and_export
+from monai_cidir.engines import RegistrationModel, register_patient, run_cohort, select_and_export, selection_evaluator
 from monai_cidir.engines.quality import assess_registration, prepare_lung_masks, registration_quality
 from monai_cidir.engines.registration import RegistrationFailed
 from monai_cidir.networks import ConditionedINR
@@ -78,7 +78,7 @@ def test_worse_than_its_affine_is_failed_and_said(tmp_path, caplog):
         net.layers[-1].weight.mul_(20.0)  # displacements of several centimetres, changing every few mm
     model = RegistrationModel(net, CoordinateMapping.from_image(item["fixed_image"]))
     with caplog.at_level(logging.WARNING, logger="monai_cidir.engines"):
-        m = select_and_export(model, item, tmp_path / "blob1", alpha=0.5, num_alphas=0, export_images=False)
+        m = select_and_export(model, item, tmp_path / "blob1", selection_evaluator(num_alphas=0), alpha=0.5, export_images=False)
     assert m["status"] == "failed", m
     assert m["ncc_after"] < m["ncc_affine"] - 0.005
     assert any("registration FAILED: worse than no registration" in r.message and r.levelname == "WARNING" for r in caplog.records)

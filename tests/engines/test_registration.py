@@ -330,7 +330,7 @@ def test_model_pt_keeps_the_prior_and_reexport_sweeps_its_grid(trained, phantom_
     assert state["alpha"] == pytest.approx(m["alpha"]) and state["regularizer"] == "bending"
     assert state["regularizer_lambda_scales"] == {"bending": REGULARIZER_SCALES["bending"]}
     for distribution, expected in (("log-uniform", [0.0, 1e-3, 1e-2, 1e-1, 1.0]), ("uniform", [0.0, 0.25, 0.5, 0.75, 1.0])):
-        state["alpha_distribution"] = distribution
+        state["alpha_distribution"] = state["alpha_prior"]["distribution"] = distribution  # the prior owns it; the key mirrors it
         pdir = tmp_path / distribution / phantom_item["name"]
         pdir.mkdir(parents=True)
         torch.save(state, pdir / "model.pt")
