@@ -26,7 +26,7 @@ TINY = dict(shape=(48, 48, 32), spacing=(5.6, 5.6, 8.0))
 def test_one_weight_prior_draws_what_it_drew_before():
     """K = 1 stays bit-identical: the same generator stream, the same transform as the single-alpha prior."""
     for dist in ("uniform", "log-uniform"):
-        got = AlphaPrior(0.0, 1.0, dist, per_point=True).sample(1000, torch.Generator().manual_seed(3))
+        got = AlphaPrior(0.0, 1.0, dist, per_point=True, log_floor=1e-3).sample(1000, torch.Generator().manual_seed(3))
         r = torch.rand(1000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
         want = r if dist == "uniform" else torch.exp(math.log(1e-3) + (0.0 - math.log(1e-3)) * r)
         assert got.shape == (1000, 1)
@@ -34,7 +34,7 @@ def test_one_weight_prior_draws_what_it_drew_before():
 
 
 def test_vector_prior_samples_each_weight_from_its_own_range():
-    prior = AlphaPrior([0.0, 0.2], [1.0, 0.5], ["log-uniform", "uniform"], per_point=True)
+    prior = AlphaPrior([0.0, 0.2], [1.0, 0.5], ["log-uniform", "uniform"], per_point=True, log_floor=1e-3)
     a = prior.sample(20000, torch.Generator().manual_seed(0))
     assert prior.num_weights == 2 and a.shape == (20000, 2)
     assert float(a[:, 0].min()) >= 1e-3 and float(a[:, 0].max()) <= 1.0
@@ -105,7 +105,7 @@ def test_search_refines_towards_the_known_optimum(rounds):
 
     item = make_blob_pair(shape=(16, 14, 12))
     model = RegistrationModel(ConditionedINR(hidden_features=8, cond_features=2), CoordinateMapping.from_image(item["fixed_image"]))
-    prior = AlphaPrior(0.0, [1.0, 1.0], "log-uniform")
+    prior = AlphaPrior(0.0, [1.0, 1.0], "log-uniform", log_floor=1e-3)
     evaluator = AlphaSelectionEvaluator(model, item["fixed_mask"], item["moving_mask"], prior=prior, search=AlphaSearch(21, refine_rounds=rounds))
 
     ones = torch.ones(1, 1, 2, 2, 2)  # MeanDice (the key metric) still sees a prediction and a label

@@ -18,6 +18,7 @@ from monai_cidir.engines import (
     register_patient,
     run_cohort,
 )
+from monai_cidir.engines.alphas import LOG_FLOOR
 from monai_cidir.networks import ConditionedINR
 
 sitk = pytest.importorskip("SimpleITK")
@@ -329,7 +330,8 @@ def test_model_pt_keeps_the_prior_and_reexport_sweeps_its_grid(trained, phantom_
     assert state["alpha_range"] == [0.0, 1.0] and state["alpha_distribution"] == "log-uniform"  # the default
     assert state["alpha"] == pytest.approx(m["alpha"]) and state["regularizer"] == "bending"
     assert state["regularizer_lambda_scales"] == {"bending": REGULARIZER_SCALES["bending"]}
-    for distribution, expected in (("log-uniform", [0.0, 1e-3, 1e-2, 1e-1, 1.0]), ("uniform", [0.0, 0.25, 0.5, 0.75, 1.0])):
+    log_grid = [0.0] + [LOG_FLOOR ** (1 - i / 3) for i in range(4)]  # 0, then log-spaced from the default floor to 1
+    for distribution, expected in (("log-uniform", log_grid), ("uniform", [0.0, 0.25, 0.5, 0.75, 1.0])):
         state["alpha_distribution"] = state["alpha_prior"]["distribution"] = distribution  # the prior owns it; the key mirrors it
         pdir = tmp_path / distribution / phantom_item["name"]
         pdir.mkdir(parents=True)
