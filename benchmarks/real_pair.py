@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="register_patient option (VALUE in JSON), repeatable")
     p.add_argument("--tag", default="", help="variant name: writes real_pair_<tag>.md/json instead of real_pair.md/json")
     p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="alphas at which the lung NCC is also reported")
+    p.add_argument("--log-floor", type=float, default=None, help="the log-uniform prior's floor for this run (default: monai_cidir's LOG_FLOOR)")
     p.add_argument("--model", type=Path, default=None, help="score this trained model.pt (its metrics.json beside it) instead of training one")
     p.add_argument("--elastix-cache", type=Path, default=None, help="elastix's lung displacement, reused when present (default OUTPUT/real_pair_elastix.npz)")
     return p
@@ -101,6 +102,10 @@ def main(argv=None) -> int:
     from benchmarks.compare import _engine_options
 
     options = {"max_iterations": args.max_iterations, "num_points": args.num_points, **_engine_options(args.option)}
+    from monai_cidir.engines import alphas as alpha_defaults
+
+    if args.log_floor is not None:  # the module default every prior of this process reads
+        alpha_defaults.LOG_FLOOR = float(args.log_floor)
     if args.model is not None:  # rescore a trained model: its own metrics.json gives the chosen alpha and the times
         metrics_path = args.model.parent / "metrics.json"
         if not args.model.is_file() or not metrics_path.is_file():
@@ -124,6 +129,7 @@ def main(argv=None) -> int:
         "alpha": alpha, "wall_s": wall, "dice_cidir": metrics.get("dice"), "options": options,
         "seconds": {k: metrics.get(f"seconds_{k}") for k in ("affine", "training", "selection", "export")},
         "ncc_affine": metrics.get("ncc_affine"), "lung_points": int(len(lung)),
+        "log_floor": model.info.get("alpha_prior", {}).get("log_floor", alpha_defaults.LOG_FLOOR),
     }  # fmt: skip
     elastix = None if args.no_elastix else _elastix_reference(item, lung, args)
     if elastix is not None:
@@ -154,7 +160,7 @@ def write_report(row: dict, args, stem: str = "real_pair") -> Path:
         "# The real lung CT pair without landmarks: cIDIR against elastix",
         "",
         f"`python benchmarks/real_pair.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
-        f"{args.threads} threads; cIDIR options {json.dumps(row['options'], default=repr)}, elastix default maps without a mask.",
+        f"{args.threads} threads; cIDIR options {json.dumps(row['options'], default=repr)}, log-uniform floor {row.get('log_floor')}, elastix default maps without a mask.",
         "",
         "| method | lung NCC | lung-mask Dice | time (s) |",
         "|---|---|---|---|",

@@ -15,19 +15,23 @@ __all__ = ["LOG_FLOOR", "alpha_grid", "alpha_key", "alpha_values", "format_alpha
 #: about 1e-3 (lambda 3) the fields hardly differ from alpha 0's, so the decades under it act as prior
 #: mass at the unregularised end: with 1e-5 (two of five decades) the conditioned model's alpha-0 end
 #: comes within 0.010 lung NCC of a network trained at alpha 0 alone on the real lung pair (0.898
-#: against 0.908; 0.883 with 1e-3), see README "The prior's floor"
+#: against 0.908; 0.883 with 1e-3), see README "The prior's floor". It is read when a prior or a grid
+#: is made without an explicit ``log_floor``, so a script may set ``monai_cidir.engines.alphas.LOG_FLOOR``
+#: before training (``benchmarks/real_pair.py --log-floor``); a trained model keeps its own in ``model.pt``.
 LOG_FLOOR = 1e-5
 
 
 def alpha_grid(
-    low: float = 0.0, high: float = 1.0, num: int = 21, distribution: str = "uniform", log_floor: float = LOG_FLOOR
+    low: float = 0.0, high: float = 1.0, num: int = 21, distribution: str = "uniform", log_floor: float | None = None
 ) -> list[float]:
     """The sweep's alphas: ``num`` values over ``[low, high]``, spaced as the training prior samples them.
 
     ``"uniform"``: evenly spaced. ``"log-uniform"``: evenly spaced in log alpha over
     ``[max(low, log_floor), high]``; when ``low`` is below ``log_floor`` (e.g. 0) it is the first
     value and the other ``num - 1`` are log-spaced, so the unregularised end stays on the grid.
+    ``log_floor=None`` reads :data:`LOG_FLOOR`.
     """
+    log_floor = LOG_FLOOR if log_floor is None else float(log_floor)
     if num < 1:
         raise ValueError(f"num must be >= 1, found {num}")
     if distribution not in ("uniform", "log-uniform"):

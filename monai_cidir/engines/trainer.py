@@ -36,7 +36,8 @@ from monai.handlers import LrScheduleHandler
 from monai.inferers import SimpleInferer
 
 from monai_cidir.coordinates import CoordinateMapping
-from monai_cidir.engines.alphas import LOG_FLOOR, alpha_grid
+from monai_cidir.engines import alphas
+from monai_cidir.engines.alphas import alpha_grid
 from monai_cidir.engines.model import RegistrationModel
 from monai_cidir.losses.registration import RegistrationLoss
 
@@ -68,7 +69,8 @@ class AlphaPrior:
             ``[max(low, log_floor), high]``); one name, or one per weight.
         per_point: draw one alpha per point (one batch then covers the whole prior) instead
             of one per batch.
-        log_floor: lower end used by the log-uniform prior when ``low`` is 0.
+        log_floor: lower end used by the log-uniform prior when ``low`` is 0 (``None``: the module
+            default :data:`~monai_cidir.engines.alphas.LOG_FLOOR`, 1e-5).
         num_weights: ``K``; default: the length of the longest of ``low``, ``high`` and
             ``distribution`` given as a list, else 1.
 
@@ -91,7 +93,7 @@ class AlphaPrior:
         high: float | Sequence[float] = 1.0,
         distribution: str | Sequence[str] = "uniform",
         per_point: bool = False,
-        log_floor: float = LOG_FLOOR,
+        log_floor: float | None = None,
         num_weights: int | None = None,
     ) -> None:
         given = [v for v in (low, high, distribution) if not isinstance(v, (str, int, float))]
@@ -109,7 +111,7 @@ class AlphaPrior:
         self.lows, self.highs = [float(v) for v in lows], [float(v) for v in highs]
         self.distributions = [str(v) for v in dists]
         self.per_point = bool(per_point)
-        self.log_floor = float(log_floor)
+        self.log_floor = float(alphas.LOG_FLOOR if log_floor is None else log_floor)
 
     @property
     def low(self) -> float:

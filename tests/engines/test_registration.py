@@ -339,7 +339,7 @@ def test_model_pt_keeps_the_prior_and_reexport_sweeps_its_grid(trained, phantom_
         export_registration(phantom_item, tmp_path / distribution, num_alphas=5, export_images=False)
         with open(pdir / "alpha_curve.csv") as f:
             alphas = sorted(float(r["alpha"]) for r in csv.DictReader(f))
-        assert alphas == pytest.approx(expected)  # golden section is off: the grid only
+        assert alphas == pytest.approx(expected, rel=1e-5)  # golden section is off: the grid only (the CSV keeps 6 digits)
 
 
 def test_a_loss_object_and_regularizer_options_together_are_refused_before_training(phantom_item, tmp_path):
