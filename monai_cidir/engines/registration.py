@@ -796,11 +796,29 @@ TRAINER_OPTIONS = (
     "iterations_per_epoch", "smoothing_mm", "time_budget_s",
 )  # fmt: skip
 
-#: register_patient arguments that set up the selection evaluator (:func:`selection_evaluator`)
-SELECTION_OPTIONS = (
-    "num_alphas", "golden_section_steps", "no_folding", "selection_mode", "lung_mask_backend", "lung_mask_kwargs",
-    "coarse_spacing_mm", "coarse_factor", "chunk_size",
-)  # fmt: skip
+#: register_patient keywords owned by :func:`selection_evaluator` (``**selection``)
+SELECTION_OPTIONS = ("num_alphas", "golden_section_steps", "no_folding", "selection_mode", "coarse_spacing_mm", "coarse_factor", "chunk_size")
+
+
+def selection_options(given: Mapping[str, Any]) -> dict:
+    """:data:`SELECTION_OPTIONS` with :func:`selection_evaluator`'s defaults for those not given.
+
+    Raises:
+        TypeError: naming a keyword that is neither a :func:`register_patient` argument nor a selection option.
+    """
+    unknown = sorted(set(given) - set(SELECTION_OPTIONS))
+    if unknown:
+        import difflib
+
+        known = [*inspect.signature(register_patient).parameters, *SELECTION_OPTIONS]
+        hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hint = "; ".join(f"{k!r}: did you mean {h[0]!r}?" for k, h in hints.items() if h)
+        raise TypeError(
+            f"register_patient() got unexpected keyword argument(s) {unknown}{' (' + hint + ')' if hint else ''}; "
+            f"the selection options are {list(SELECTION_OPTIONS)}"
+        )
+    defaults = {k: p.default for k, p in inspect.signature(selection_evaluator).parameters.items() if k in SELECTION_OPTIONS}
+    return {**defaults, **given}
 
 #: select_and_export arguments an ``evaluator`` factory may set itself (the AlphaSelectionEvaluator names)
 EVALUATOR_OPTIONS = {
@@ -919,14 +937,8 @@ def register_patient(
     regularization_points: int | None = 2000,
     affine_prealign: bool | str = "auto",
     affine_kwargs: dict | None = None,
-    num_alphas: int = 21,
-    golden_section_steps: int = 0,
-    no_folding: bool = False,
-    selection_mode: str = "warp_mask",
     lung_mask_backend: str = "threshold",
     lung_mask_kwargs: dict | None = None,
-    coarse_spacing_mm: float | None = 4.0,
-    coarse_factor: int | Sequence[int] | None = None,
     alpha: float | None = None,
     export_images: bool = True,
     device: str | torch.device = "cpu",
@@ -939,9 +951,9 @@ def register_patient(
     iterations_per_epoch: int = 100,
     overwrite: bool = False,
     resume: bool = True,
-    chunk_size: int = 65536,
     trainer: Callable[..., CIDIRTrainer] | None = None,
     evaluator: Callable[..., AlphaSelectionEvaluator] | None = None,
+    **selection: Any,
 ) -> dict:
     """Register one loaded pair with cIDIR and write its outputs to ``output_dir/<name>/``.
 
@@ -989,8 +1001,8 @@ def register_patient(
             the other points cost a plain forward pass (3x cheaper steps, see README).
         affine_prealign: ``"auto"`` (fit, keep if it improves NCC), ``True`` (always keep), ``False``.
         affine_kwargs: extra arguments of :func:`~monai_cidir.engines.prealign.fit_affine`.
-        num_alphas, golden_section_steps, no_folding, selection_mode, lung_mask_backend,
-            lung_mask_kwargs, coarse_spacing_mm, coarse_factor: alpha selection, see :func:`select_and_export`.
+        lung_mask_backend, lung_mask_kwargs: the lung masks computed when the pair has none (and the
+            segmentation of ``selection_mode="segment"``), see :func:`~monai_cidir.engines.quality.prepare_lung_masks`.
         alpha: export at this fixed alpha instead of the selected one.
         export_images: write the displacement field and warped image.
         device: torch device.
@@ -1006,7 +1018,6 @@ def register_patient(
         iterations_per_epoch: the trainer's Ignite epoch length.
         overwrite: redo a patient whose ``metrics.json`` exists (otherwise it is skipped).
         resume: continue from ``checkpoint.pt`` when present.
-        chunk_size: points per network call in evaluation (bounds memory).
         trainer: a factory of the patient's trainer, ``trainer(network, optimizer, fixed_image,
             moving_image, point_sampler, **options) -> CIDIRTrainer`` (the bundle's
             ``train#trainer``, a ``_mode_: callable`` partial of
@@ -1016,6 +1027,9 @@ def register_patient(
             come from here. Default: ``CIDIRTrainer``.
         evaluator: a factory of the alpha-selection evaluator (the bundle's
             ``validate#evaluator``), see :func:`select_and_export`.
+        selection: the selection options of :func:`selection_evaluator`, which owns them
+            (``num_alphas``, ``golden_section_steps``, ``no_folding``, ``selection_mode``,
+            ``coarse_spacing_mm``, ``coarse_factor``, ``chunk_size``); any other keyword is an error.
 
     Returns:
         the metrics dict (also in ``metrics.json``); a skipped patient returns its stored one
@@ -1035,12 +1049,11 @@ def register_patient(
     """
     from monai.utils import set_determinism
 
-    options = _with_factory_options(dict(locals()), trainer, evaluator)
+    options = _with_factory_options({**locals(), **selection_options(selection)}, trainer, evaluator)
     loss = _check_patient_inputs(item, options)
     name = str(item.get("name") or "pair")
     pdir = _patient_dir(output_dir, name)
     with PatientDirLock(pdir):  # one writer per patient folder
-        ckpt_path = pdir / "checkpoint.pt"
         stored = _open_patient_dir(pdir, result_settings(options, item), overwrite, name)
         if stored is not None:
             return stored
@@ -1061,7 +1074,7 @@ def register_patient(
             seed=seed,
             handlers=handlers() if callable(handlers) else handlers,
         )
-        TrainingCheckpoint(ckpt_path, options["checkpoint_interval"], options["checkpoint_every_s"]).attach(trainer)
+        TrainingCheckpoint(pdir / "checkpoint.pt", options["checkpoint_interval"], options["checkpoint_every_s"]).attach(trainer)
         max_iterations, num_points, time_budget_s = trainer.max_iterations, trainer.num_points, trainer.time_budget_s
         start = time.perf_counter()
         prealign_info = _resume_or_prealign(trainer, item, sampler, options, name)
@@ -1084,7 +1097,7 @@ def register_patient(
             "training_device": describe_device(device),
             "stopped_by_time_budget": bool(trainer.stopped_by_time_budget),
         }
-        factory = selection_evaluator(evaluator, **{key: options[key] for key in SELECTION_OPTIONS})
+        factory = selection_evaluator(evaluator, **{key: options[key] for key in (*SELECTION_OPTIONS, "lung_mask_backend", "lung_mask_kwargs")})
         metrics = select_and_export(
             model, item, pdir, factory, trainer.alpha_prior, alpha, export_images, previous=previous, selection_handlers=selection_handlers
         )
@@ -1097,6 +1110,7 @@ def register_patient(
 
 
 _REGISTER_DEFAULTS = {k: p.default for k, p in inspect.signature(register_patient).parameters.items() if p.default is not p.empty}
+_REGISTER_DEFAULTS.update(selection_options({}))
 
 
 def _network_and_optimizer(options: Mapping[str, Any], k: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -293,6 +293,10 @@ def test_pairs_that_cannot_be_scored_or_do_not_overlap_stop_before_training(phan
         register_patient(phantom_item, out, **{**FAST, "selection_mode": "dice"})
     with pytest.raises(ValueError, match="num_alphas must be"):
         register_patient(phantom_item, out, **{**FAST, "num_alphas": -3})
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['num_alpha'\] \('num_alpha': did you mean 'num_alphas'\?\)"):
+        register_patient(phantom_item, out, **{**FAST, "num_alpha": 5})  # a misspelt selection option
+    with pytest.raises(TypeError, match="did you mean 'max_iterations'"):
+        register_patient(phantom_item, out, max_iteration=5)
     assert not out.exists()
     far = phantom_item["moving_image"]
     affine = torch.as_tensor(far.affine).clone()
