@@ -92,7 +92,7 @@ RESULT_SETTINGS = (
     "alpha_per_point", "lr_schedule", "grad_clip", "derivatives", "regularization_points", "affine_prealign",
     "affine_kwargs", "num_alphas", "golden_section_steps", "no_folding", "selection_mode", "lung_mask_backend",
     "lung_mask_kwargs", "coarse_spacing_mm", "coarse_factor", "alpha", "export_images", "seed", "smoothing_mm",
-    "trainer", "evaluator",
+    "trainer", "evaluator", "alpha_prior",
 )  # fmt: skip
 
 COHORT_COLUMNS = (
@@ -1051,6 +1051,9 @@ def register_patient(
 
     options = _with_factory_options({**locals(), **selection_options(selection)}, trainer, evaluator)
     loss = _check_patient_inputs(item, options)
+    k = loss.cond_features  # one weight per regularizer: the network takes K conditioning values
+    prior = make_alpha_prior(alpha_range, alpha_distribution, k, per_point=alpha_per_point)
+    options["alpha_prior"] = prior.state_dict()  # with its floor: a code default, so settings.json must record it
     name = str(item.get("name") or "pair")
     pdir = _patient_dir(output_dir, name)
     with PatientDirLock(pdir):  # one writer per patient folder
@@ -1061,7 +1064,6 @@ def register_patient(
         item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
         device = torch.device(device)
         set_determinism(seed=seed)
-        k = loss.cond_features  # one weight per regularizer: the network takes K conditioning values
         net, opt = _network_and_optimizer(options, k)
         sampler = make_point_sampler(item["fixed_mask"], seed=seed)
         trainer = _call_factory(
@@ -1069,7 +1071,7 @@ def register_patient(
             (net, opt, item["fixed_image"], item["moving_image"], sampler),
             {key: options[key] for key in TRAINER_OPTIONS},
             loss=loss,
-            alpha_prior=make_alpha_prior(alpha_range, alpha_distribution, k, per_point=alpha_per_point),
+            alpha_prior=prior,
             device=device,
             seed=seed,
             handlers=handlers() if callable(handlers) else handlers,

@@ -178,6 +178,16 @@ def test_a_rerun_with_other_settings_or_inputs_neither_reuses_nor_touches_the_re
     moved[0, 10, 10, 10] += 100.0
     with pytest.raises(ValueError, match=r"inputs: stored .*'moving_image'"):
         register_patient({**phantom_item, "moving_image": moved}, out, seed=0, **FAST)
+    # a code default that defines the result (the prior's floor, 1e-3 before 0.9.0) is a setting too
+    from monai_cidir.engines import alphas
+
+    floor = alphas.LOG_FLOOR
+    try:
+        alphas.LOG_FLOOR = 1e-3
+        with pytest.raises(ValueError, match=r"other settings \(alpha_prior: stored .*'log_floor': 1e-05.*now .*'log_floor': 0.001"):
+            register_patient(phantom_item, out, seed=0, **FAST)
+    finally:
+        alphas.LOG_FLOOR = floor
     assert _tree(out) == before
 
 
