@@ -77,7 +77,11 @@ def run_case(case: dict, args, options: dict, cidir_options: dict, cache: dict) 
 
     item = load_case(case["record"])
     grid = alpha_grid(0.0, 1.0, args.num_alphas, cidir_options.get("alpha_distribution", options.get("alpha_distribution", "uniform")))
-    work = Path(tempfile.mkdtemp(prefix="cidir_conditioning_"))
+    with tempfile.TemporaryDirectory(prefix="cidir_conditioning_") as work:  # the trained models are not kept
+        return _run_case(case, item, grid, Path(work), args, options, cidir_options, cache)
+
+
+def _run_case(case: dict, item: dict, grid: list, work: Path, args, options: dict, cidir_options: dict, cache: dict) -> dict:
     t0 = time.perf_counter()
     metrics, model = _train(item, {**options, **cidir_options, "num_alphas": args.num_alphas}, work / "cidir")
     curve = [_tre(model, item, a) for a in grid]

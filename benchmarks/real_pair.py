@@ -16,8 +16,9 @@ Run from the repository root (about 4 minutes on 2 idle cores)::
     python benchmarks/real_pair.py --model /tmp/cidir_real_pair_x/real_pair/model.pt --no-elastix --tag rescore \
         --alphas 0,0.0127,0.0183,0.0379     # a trained model again, at other alphas; nothing retrained
 
-cIDIR runs with the bundle's defaults (300 iterations x 2000 points); elastix with its default
-maps (no mask, the setting that scored best on this pair), see :mod:`benchmarks.peers.elastix`.
+cIDIR runs with the bundle's training budget (read from ``train.json``: 600 iterations x 2000
+points, the regularizer on 500 of them); elastix with its default maps (no mask, the setting that
+scored best on this pair), see :mod:`benchmarks.peers.elastix`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+#: the bundle's training budget: this script runs what ``python -m monai.bundle run training`` runs
+BUNDLE_DEFAULTS = {
+    k: v
+    for k, v in json.loads((REPO / "bundles" / "cidir_lung_ct" / "configs" / "train.json").read_text()).items()
+    if k in ("max_iterations", "num_points", "regularization_points")
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair", type=Path, default=DEFAULT_SHARED / "data" / "real_lung_pair", help="folder with baseline.mha and followup.mha")
     p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--max-iterations", type=int, default=300)
-    p.add_argument("--num-points", type=int, default=2000)
+    p.add_argument("--max-iterations", type=int, default=BUNDLE_DEFAULTS["max_iterations"])
+    p.add_argument("--num-points", type=int, default=BUNDLE_DEFAULTS["num_points"])
     p.add_argument("--no-elastix", action="store_true")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="register_patient option (VALUE in JSON), repeatable")
     p.add_argument("--tag", default="", help="variant name: writes real_pair_<tag>.md/json instead of real_pair.md/json")
@@ -101,7 +108,12 @@ def main(argv=None) -> int:
     fmap = CoordinateMapping.from_image(item["fixed_image"])
     from benchmarks.compare import _engine_options
 
-    options = {"max_iterations": args.max_iterations, "num_points": args.num_points, **_engine_options(args.option)}
+    options = {
+        "max_iterations": args.max_iterations,
+        "num_points": args.num_points,
+        "regularization_points": BUNDLE_DEFAULTS["regularization_points"],
+        **_engine_options(args.option),
+    }
     from monai_cidir.engines import alphas as alpha_defaults
 
     if args.log_floor is not None:  # the module default every prior of this process reads
@@ -117,6 +129,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         metrics = register_patient(item, work, overwrite=True, **options)
         wall = time.perf_counter() - start
+        print(f"trained model kept in {work / 'real_pair' / 'model.pt'} (rescore it with --model; delete the folder when done)", flush=True)
     model = load_registration_model(args.model or work / "real_pair" / "model.pt")
     alpha = float(metrics["alpha"])
     lung = fmap.world_grid(dtype=torch.float64)[item["fixed_mask"][0].as_tensor() > 0]

@@ -414,8 +414,9 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> None:
         raise ValueError("command-line override(s) refused before anything ran:\n  " + "\n  ".join(problems))
 
 
-#: numeric options whose documented ``null`` switches them off (time-based checkpoints)
-_NULLABLE = ("checkpoint_every_s",)
+#: numeric options whose documented ``null`` switches them off (time-based checkpoints; the
+#: regularizer's point subset, so that every point is regularised)
+_NULLABLE = ("checkpoint_every_s", "regularization_points")
 
 _FLAG_OPTIONS = ("overwrite", "resume", "no_folding", "export_images", "alpha_per_point", "affine_prealign", "progress")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

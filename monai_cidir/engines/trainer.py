@@ -431,6 +431,8 @@ class CIDIRTrainer(Trainer):
             raise ValueError(f"expected max_iterations >= 1 and num_points >= 2, found {max_iterations}, {num_points}")
         if max_epochs is not None and int(max_epochs) < 1:
             raise ValueError(f"max_epochs must be >= 1 or None, found {max_epochs}")
+        if regularization_points is not None and int(regularization_points) < 2:
+            raise ValueError(f"regularization_points must be >= 2 or None (every point), found {regularization_points}")
         epoch_length = int(min(iterations_per_epoch, max_iterations))
         if max_epochs is not None:
             max_iterations = min(int(max_iterations), int(max_epochs) * epoch_length)
@@ -515,7 +517,7 @@ class CIDIRTrainer(Trainer):
         points = torch.as_tensor(batchdata["points"]).to(device=self.state.device, dtype=torch.float32)
         n = points.shape[0]
         alpha = self.alpha_prior.sample(n, self.generator).to(self.state.device)
-        nr = n if self.regularization_points is None else max(2, min(int(self.regularization_points), n))
+        nr = n if self.regularization_points is None else min(int(self.regularization_points), n)
         self.network.train()
         alpha_r = alpha if alpha.numel() == 1 else alpha[:nr]
         moved, jac, hess = self.inferer(points[:nr], self.model.forward_with_derivatives, alpha_r, order=self.loss_function.order)

@@ -145,6 +145,7 @@ def test_paper_settings_layer_on_train():
     parser = _config("train.json", "paper_dirlab.json")
     assert parser.get_parsed_content("max_iterations") == 50000
     assert parser.get_parsed_content("num_points") == 10000
+    assert parser.get_parsed_content("train#trainer").keywords["regularization_points"] is None  # every point, as the paper
     assert parser.get_parsed_content("regularizer") == "bending"
     assert parser.get_parsed_content("alpha_range") == [0.0, 1.0]
     assert parser["dataset_format"] == "dirlab"
@@ -336,8 +337,9 @@ def test_lung_mask_weights_reach_the_lungmask_backend(tmp_path):
     [
         (["--max_iteration", "50000"], r"--max_iteration: no config id 'max_iteration' .* closest: --max_iterations"),
         (["--regulariser", "jacobian"], r"--regulariser: no config id 'regulariser' .* closest: --regularizer"),
-        (["--max_iterations", "abc"], r"--max_iterations abc: expected int like the default 300, found str"),
+        (["--max_iterations", "abc"], r"--max_iterations abc: expected int like the default 600, found str"),
         (["--network_def#hidden_feature", "64"], r"no config id 'network_def#hidden_feature'"),
+        (["--regularization_points", "half"], r"--regularization_points half: expected int like the default 500, found str"),
     ],
 )
 def test_command_line_overrides_that_nothing_reads_are_refused(tmp_path, monkeypatch, flags, message):
@@ -356,7 +358,7 @@ def test_command_line_overrides_that_nothing_reads_are_refused(tmp_path, monkeyp
     # the same check accepts what the configs read, nested ids and expressions included
     good = [argv[0], "run", "training", "--config_file", config, "--max_iterations", "5", "--network_def#hidden_features", "16",
             "--overwrite", "true", "--alpha_range", "[0, 0.5]", "--dataset_dir", "/data/x", "--alpha_range", "$[0, 1]",
-            "--loss#balance", "100", "--alpha_distribution", "uniform", "--checkpoint_every_s", "null",
+            "--loss#balance", "100", "--alpha_distribution", "uniform", "--checkpoint_every_s", "null", "--regularization_points", "null",
             "--validate#evaluator#key_metric#tie_tolerance", "0.002", "--validate#evaluator#search#num_alphas", "5"]  # fmt: skip
     from monai_cidir.engines.bundle import check_cli_overrides
 

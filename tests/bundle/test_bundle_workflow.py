@@ -38,7 +38,8 @@ def test_train_config_has_every_property_monai_requires(phantom_dir, tmp_path):
     trainer, evaluator = workflow.trainer, workflow.parser.get_parsed_content("validate#evaluator")
     assert isinstance(trainer, functools.partial) and trainer.func is CIDIRTrainer  # one fresh trainer per patient
     assert isinstance(evaluator, functools.partial) and evaluator.func is AlphaSelectionEvaluator
-    assert workflow.max_epochs == math.ceil(300 / 100) and trainer.keywords["max_epochs"] == workflow.max_epochs
+    assert workflow.max_epochs == math.ceil(600 / 100) and trainer.keywords["max_epochs"] == workflow.max_epochs
+    assert trainer.keywords["regularization_points"] == 500  # the regularizer on 500 of the 2000 points per step
     assert [item["name"] for item in workflow.train_dataset] == ["phantom_seed0"]
     assert callable(workflow.train_inferer)
     network = workflow.network_def()

@@ -266,3 +266,8 @@ def test_the_training_forward_goes_through_the_inferer(pair):
     trainer = _trainer(pair, max_iterations=3, regularization_points=100, inferer=Counting())
     trainer.run()
     assert Counting.calls == 6  # per step: the regularised points with derivatives, the rest plainly
+
+
+def test_a_regularizer_subset_below_two_points_is_refused_before_training(pair):
+    with pytest.raises(ValueError, match=r"regularization_points must be >= 2 or None \(every point\), found 1"):
+        _trainer(pair, regularization_points=1)
