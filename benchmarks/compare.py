@@ -176,13 +176,11 @@ def _engine_options(items: list[str], flag: str = "--engine-option", partial: bo
 
 
 def _network_partial(options: dict) -> dict:
-    """``network={"modulation": "per_neuron"}`` (JSON) becomes a partial of ConditionedINR with those options."""
+    """``network={"modulation": "per_neuron"}`` (JSON) becomes the pipeline's network with those options on top."""
     if isinstance(options.get("network"), dict):
-        import functools
+        from monai_cidir.engines.registration import default_network
 
-        from monai_cidir.networks import ConditionedINR
-
-        options = {**options, "network": functools.partial(ConditionedINR, **options["network"])}
+        options = {**options, "network": default_network(**options["network"])}
     return options
 
 

@@ -301,15 +301,15 @@ def _run_inr(item: dict, method: str, budget: dict, workdir: Path) -> dict:
     import itertools
 
     from monai_cidir.engines import alpha_grid, register_patient
-    from monai_cidir.networks import ConditionedINR, SirenINR
+    from monai_cidir.networks import SirenINR
 
     variant = dict(budget.get("variants", {}).get(method, {}))
     conditioned = method == "cidir" or method in budget.get("variants", {})
     engine_options = {**budget.get("engine_options", {}), **variant}
-    if isinstance(engine_options.get("network"), dict):  # network={"modulation": "per_neuron"} (JSON): ConditionedINR's options
-        import functools
+    if isinstance(engine_options.get("network"), dict):  # network={"modulation": "per_neuron"} (JSON): on top of the pipeline's network
+        from monai_cidir.engines.registration import default_network
 
-        engine_options["network"] = functools.partial(ConditionedINR, **engine_options["network"])
+        engine_options["network"] = default_network(**engine_options["network"])
     distribution = engine_options.get("alpha_distribution", "uniform")
     k = _weights(engine_options)
     grid = alpha_grid(0.0, 1.0, int(budget.get("num_alphas", 21)), distribution)  # the selection's grid
@@ -325,7 +325,7 @@ def _run_inr(item: dict, method: str, budget: dict, workdir: Path) -> dict:
         time_limit=budget.get("time_limit"),
     )
     options: dict[str, Any] = dict(
-        network=ConditionedINR if conditioned else SirenINR,
+        network=None if conditioned else SirenINR,  # None: register_patient's network, the bundle's (log-alpha ConditionedINR)
         max_iterations=int(budget["iterations"]),
         num_points=int(budget["num_points"]),
         derivatives="autograd" if method == "idir_autograd" else "forward",

@@ -1115,13 +1115,23 @@ _REGISTER_DEFAULTS = {k: p.default for k, p in inspect.signature(register_patien
 _REGISTER_DEFAULTS.update(selection_options({}))
 
 
-def _network_and_optimizer(options: Mapping[str, Any], k: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """A fresh network (``network``, default a log-alpha ``ConditionedINR`` with ``k`` conditioning
-    inputs), its output scaled, and its optimizer with the harmonizer's parameter group."""
+def default_network(**options: Any) -> Callable[..., torch.nn.Module]:
+    """The pipeline's network factory: the paper's ``ConditionedINR`` reading log alpha
+    (``alpha_encoding="log"``), with ``options`` on top.
+
+    Example::
+
+        >>> net = default_network(modulation="per_neuron")()  # per-neuron modulation, log alpha
+    """
     from monai_cidir.networks import ConditionedINR
 
-    default = functools.partial(ConditionedINR, alpha_encoding="log")
-    net = _build(options["network"], default=default, **({"cond_features": k} if k > 1 else {}))
+    return functools.partial(ConditionedINR, **{"alpha_encoding": "log", **options})
+
+
+def _network_and_optimizer(options: Mapping[str, Any], k: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A fresh network (``network``, default :func:`default_network` with ``k`` conditioning
+    inputs), its output scaled, and its optimizer with the harmonizer's parameter group."""
+    net = _build(options["network"], default=default_network(), **({"cond_features": k} if k > 1 else {}))
     net = scale_initial_output(net, options["init_output_scale"])
     opt = build_optimizer(net, options["optimizer"], learning_rate=options["learning_rate"], harmonizer_lr_factor=options["harmonizer_lr_factor"])
     return net, opt

@@ -60,6 +60,10 @@ def test_compare_tiny_phantom(tmp_path):
     assert curve[0][1] == 0 and curve[-1][1] == 12
     assert curve[0][2] == pytest.approx(float(c["tre_before_mean"]), abs=0.3)  # starts near the identity
     assert curve[-1][2] < curve[0][2]
+    from monai_cidir.engines import load_registration_model
+
+    model = load_registration_model(next((out / "runs" / "phantom_s0__cidir").rglob("model.pt")))
+    assert model.network.alpha_encoding == "log"  # the bundle's network (register_patient's default), not the paper's linear input
     # benchmarks/alpha_sweep.py on the trained model: the band sweep equals the whole-grid sweep
     from benchmarks.alpha_sweep import main as sweep_main, sweep_case
 

@@ -364,3 +364,11 @@ def test_a_loss_object_and_regularizer_options_together_are_refused_before_train
     with pytest.raises(TypeError, match="loss must be a monai_cidir.losses.RegistrationLoss"):
         register_patient(phantom_item, tmp_path, loss="jacobian")
     assert not any(tmp_path.iterdir())
+
+
+def test_default_network_is_the_log_alpha_conditioned_inr_with_options_on_top():
+    from monai_cidir.engines import default_network
+
+    net = default_network(hidden_features=8, num_hidden_layers=1, modulation="per_neuron")()
+    assert type(net).__name__ == "ConditionedINR" and net.alpha_encoding == "log" and net.modulation == "per_neuron"
+    assert default_network(alpha_encoding="linear", hidden_features=8)().alpha_encoding == "linear"  # an option wins
