@@ -74,9 +74,10 @@ def run_case(case: dict, args, options: dict, cidir_options: dict, cache: dict) 
     """Train the conditioned model and the IDIR-mode networks on one case; return its rows."""
     from benchmarks.methods import load_case
     from monai_cidir.engines import alpha_grid
+    from monai_cidir.engines.alphas import DEFAULT_DISTRIBUTION
 
     item = load_case(case["record"])
-    grid = alpha_grid(0.0, 1.0, args.num_alphas, cidir_options.get("alpha_distribution", options.get("alpha_distribution", "uniform")))
+    grid = alpha_grid(0.0, 1.0, args.num_alphas, cidir_options.get("alpha_distribution", options.get("alpha_distribution", DEFAULT_DISTRIBUTION)))
     with tempfile.TemporaryDirectory(prefix="cidir_conditioning_") as work:  # the trained models are not kept
         return _run_case(case, item, grid, Path(work), args, options, cidir_options, cache)
 

@@ -301,6 +301,7 @@ def _run_inr(item: dict, method: str, budget: dict, workdir: Path) -> dict:
     import itertools
 
     from monai_cidir.engines import alpha_grid, register_patient
+    from monai_cidir.engines.alphas import DEFAULT_DISTRIBUTION
     from monai_cidir.networks import SirenINR
 
     variant = dict(budget.get("variants", {}).get(method, {}))
@@ -310,7 +311,7 @@ def _run_inr(item: dict, method: str, budget: dict, workdir: Path) -> dict:
         from monai_cidir.engines.registration import default_network
 
         engine_options["network"] = default_network(**engine_options["network"])
-    distribution = engine_options.get("alpha_distribution", "uniform")
+    distribution = engine_options.get("alpha_distribution", DEFAULT_DISTRIBUTION)  # the grid the selection scores
     k = _weights(engine_options)
     grid = alpha_grid(0.0, 1.0, int(budget.get("num_alphas", 21)), distribution)  # the selection's grid
     if k > 1:  # the search's coarse grid: ~num_alphas^(1/K) values per weight

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["LOG_FLOOR", "alpha_grid", "alpha_key", "alpha_values", "format_alpha"]
+__all__ = ["DEFAULT_DISTRIBUTION", "LOG_FLOOR", "alpha_grid", "alpha_key", "alpha_values", "format_alpha"]
 
 
 #: the smallest positive alpha of a log-uniform prior and of its grid (lambda = 0.03 for bending). Below
@@ -19,6 +19,10 @@ __all__ = ["LOG_FLOOR", "alpha_grid", "alpha_key", "alpha_values", "format_alpha
 #: is made without an explicit ``log_floor``, so a script may set ``monai_cidir.engines.alphas.LOG_FLOOR``
 #: before training (``benchmarks/real_pair.py --log-floor``); a trained model keeps its own in ``model.pt``.
 LOG_FLOOR = 1e-5
+
+#: the pipeline's alpha prior (``register_patient``, the bundle's ``alpha_distribution``): log alpha uniform
+#: on [LOG_FLOOR, 1]; ``"uniform"`` is the paper's
+DEFAULT_DISTRIBUTION = "log-uniform"
 
 
 def alpha_grid(

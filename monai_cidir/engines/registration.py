@@ -38,6 +38,7 @@ from monai_cidir.data.datalist import PAIR_PATH_KEYS
 from monai_cidir.data.validation import check_image_file, check_image_values, check_pair_names
 from monai_cidir.engines.alpha_search import AlphaSearch
 from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator, alpha_values, format_alpha, selection_grid
+from monai_cidir.engines.alphas import DEFAULT_DISTRIBUTION
 from monai_cidir.engines.export import (
     dilate_mask,
     map_displacement,
@@ -929,7 +930,7 @@ def register_patient(
     loss_balance: float | None = None,
     loss: RegistrationLoss | Mapping | None = None,
     alpha_range: Sequence[float] = (0.0, 1.0),
-    alpha_distribution: str = "log-uniform",
+    alpha_distribution: str = DEFAULT_DISTRIBUTION,
     alpha_per_point: bool = True,
     lr_schedule: str | Callable | None = "cosine",
     grad_clip: float | None = 1.0,
