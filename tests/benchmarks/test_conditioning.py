@@ -22,7 +22,8 @@ def test_conditioning_gap_table(tmp_path):
             "--output", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     (row,) = json.loads((tmp_path / "conditioning.json").read_text())
-    assert row["grid"] == [0.0, 0.5, 1.0] and len(row["cidir_curve"]) == 3
+    # the curve is read on the grid the selection scores: the default prior's (0, then log-spaced from the floor)
+    assert row["grid"] == pytest.approx([0.0, 1e-5, 1.0]) and len(row["cidir_curve"]) == 3
     assert row["tre_oracle"] == min(row["cidir_curve"]) and row["alpha_oracle"] in row["grid"]
     assert sorted(v["alpha"] for v in row["idir"].values()) == [0.0, 1.0]
     assert all(0 < v["tre"] < row["tre_before"] * 2 for v in row["idir"].values())
@@ -32,9 +33,10 @@ def test_conditioning_gap_table(tmp_path):
     cache = json.loads((tmp_path / "idir_cache.json").read_text())
     assert len(cache) == 2
     # a second variant reuses the cached single-alpha networks and keeps the first variant's rows
-    assert main(args[:-2] + ["--cidir-option", "alpha_distribution=\"log-uniform\"", "--tag", "log", "--output", str(tmp_path)]) == 0
+    assert main(args[:-2] + ["--cidir-option", "alpha_distribution=\"uniform\"", "--tag", "uniform", "--output", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "conditioning.json").read_text())
-    assert [r["tag"] for r in rows] == ["default", "log"] and rows[0]["idir"] == rows[1]["idir"]
+    assert [r["tag"] for r in rows] == ["default", "uniform"] and rows[0]["idir"] == rows[1]["idir"]
+    assert rows[1]["grid"] == [0.0, 0.5, 1.0]  # the paper's prior: an evenly spaced grid
 
 
 @pytest.mark.slow
