@@ -27,6 +27,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -337,6 +338,20 @@ def _ramp(signed_distance, width):
     return np.clip(0.5 - signed_distance / width, 0.0, 1.0)
 
 
+def _tubes(r: np.ndarray, segments, w: float, max_shift: float, index_range) -> np.ndarray:
+    """Occupancy (0..1, soft edge ``w``) of the union of tubes ``(a, b, radius)`` at the points ``r``
+    ``(3, ...)``, rendered segment by segment in the index box each can reach (``index_range``)."""
+    occupancy = np.zeros(r.shape[1:], dtype=np.float64)
+    for a, b, radius in segments:
+        pad = radius + w + max_shift + 1e-3
+        sl = index_range(np.minimum(a, b) - pad, np.maximum(a, b) + pad)
+        if sl is None:
+            continue
+        occ = _ramp(_segment_distance(r[(slice(None),) + sl], a, b) - radius, w)
+        np.maximum(occupancy[sl], occ, out=occupancy[sl])
+    return occupancy
+
+
 def _segment_distance(r: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Distance (mm) from component-first points ``r`` (3, ...) to the segment [a, b]."""
     ab = b - a
@@ -527,25 +542,10 @@ class _Anatomy:
         lung_f = self.lungs_sdf(r)
         hu += (_HU_LUNG + 30.0 * tex - hu) * _ramp(lung_f, w)
         # vessels (local rendering, segment by segment)
-        vessel = np.zeros(r.shape[1:], dtype=np.float64)
-        for a, b, radius, _, _ in self.segments:
-            pad = radius + w + max_shift + 1e-3
-            sl = index_range(np.minimum(a, b) - pad, np.maximum(a, b) + pad)
-            if sl is None:
-                continue
-            occ = _ramp(_segment_distance(r[(slice(None),) + sl], a, b) - radius, w)
-            np.maximum(vessel[sl], occ, out=vessel[sl])
+        vessel = _tubes(r, [seg[:3] for seg in self.segments], w, max_shift, index_range)
         hu += (_HU_VESSEL - hu) * vessel
         # airways and stomach gas
-        airway = np.zeros_like(vessel)
-        for a, b, radius in self.airways:
-            pad = radius + w + max_shift + 1e-3
-            sl = index_range(np.minimum(a, b) - pad, np.maximum(a, b) + pad)
-            if sl is None:
-                continue
-            occ = _ramp(_segment_distance(r[(slice(None),) + sl], a, b) - radius, w)
-            np.maximum(airway[sl], occ, out=airway[sl])
-        hu += (_HU_AIR - hu) * airway
+        hu += (_HU_AIR - hu) * _tubes(r, self.airways, w, max_shift, index_range)
         hu += (_HU_AIR - hu) * _ramp(self._ellipsoid(r, self.gas_c, self.gas_semi), w)
         # spine with discs, ribs
         spine_d = np.hypot(r[0] - self.spine_c[0], r[1] - self.spine_c[1]) - self.spine_r
@@ -862,23 +862,10 @@ def write_registration_pair(item: dict, output_dir: str | os.PathLike, overwrite
     return datalist_path
 
 
-def make_breathing_phantom(
-    output_dir: str | os.PathLike,
-    seed: int = 0,
-    shape: Sequence[int] = (112, 96, 80),
-    spacing: Sequence[float] = (2.8, 2.8, 3.2),
-    amplitude_mm: float = 10.0,
-    num_landmarks: int = 200,
-    noise_hu: float = 10.0,
-    orientation: str = "LPS",
-    center_mm: Sequence[float] = (0.0, -20.0, -150.0),
-    moving_shift_mm: Sequence[float] = (0.0, 0.0, 0.0),
-    name: str | None = None,
-    overwrite: bool = False,
-) -> Path:
+def make_breathing_phantom(output_dir: str | os.PathLike, *, overwrite: bool = False, **phantom: Any) -> Path:
     """Write the synthetic breathing phantom (inhale/exhale CT, masks, landmarks, datalist.json).
 
-    Renders :func:`generate_breathing_phantom` (same arguments) and writes it with
+    Renders :func:`generate_breathing_phantom` (``phantom`` are its arguments) and writes it with
     :func:`write_registration_pair`: NIfTI images (int16 HU), lung masks (uint8), landmark CSVs
     (``x,y,z`` world LPS mm, exact ground truth: moving = ``motion(fixed)``), the motion as JSON,
     and ``datalist.json`` (records follow the loaded-pair contract; paths relative to
@@ -888,17 +875,11 @@ def make_breathing_phantom(
 
     Args:
         output_dir: folder to write into (created when missing).
-        seed: see :func:`generate_breathing_phantom`.
-        shape: see :func:`generate_breathing_phantom` (e.g. ``(48, 48, 32)`` for a tiny test phantom).
-        spacing: see :func:`generate_breathing_phantom`.
-        amplitude_mm: see :func:`generate_breathing_phantom`.
-        num_landmarks: see :func:`generate_breathing_phantom` (at least 100 by default size).
-        noise_hu: see :func:`generate_breathing_phantom`.
-        orientation: see :func:`generate_breathing_phantom`.
-        center_mm: see :func:`generate_breathing_phantom`.
-        moving_shift_mm: see :func:`generate_breathing_phantom`.
-        name: see :func:`generate_breathing_phantom`.
         overwrite: replace files that differ instead of raising.
+        phantom: the keyword arguments of :func:`generate_breathing_phantom` (``seed``, ``shape``,
+            e.g. ``(48, 48, 32)`` for a tiny test phantom, ``spacing``, ``amplitude_mm``,
+            ``num_landmarks``, ``noise_hu``, ``orientation``, ``center_mm``, ``moving_shift_mm``,
+            ``name``); an unknown one is a ``TypeError`` naming it.
 
     Returns:
         the path of ``output_dir/datalist.json``.
@@ -913,18 +894,7 @@ def make_breathing_phantom(
         >>> from monai_cidir.transforms import LoadRegistrationPaird
         >>> item = LoadRegistrationPaird()(load_pair_datalist(datalist)[0])  # doctest: +SKIP
     """
-    item = generate_breathing_phantom(
-        seed=seed,
-        shape=shape,
-        spacing=spacing,
-        amplitude_mm=amplitude_mm,
-        num_landmarks=num_landmarks,
-        noise_hu=noise_hu,
-        orientation=orientation,
-        center_mm=center_mm,
-        moving_shift_mm=moving_shift_mm,
-        name=name,
-    )
+    item = generate_breathing_phantom(**phantom)
     return write_registration_pair(item, output_dir, overwrite=overwrite)
 
 

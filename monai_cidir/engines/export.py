@@ -256,6 +256,18 @@ def _symlog_axis(ax, values: Sequence[float], axis: str = "x") -> bool:
     return True
 
 
+def _save_figure(fig, ax, path: Path, title: str = "") -> Path:
+    """Title ``ax`` (when given), lay ``fig`` out, write it to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_alpha_map(rows: Sequence[dict], best_alpha: Sequence[float], path: str | os.PathLike, names: Sequence[str], title: str = "") -> Path:
     """Write ``alpha_curve.png`` for two weights: the evaluated vectors coloured by lung Dice, the choice marked.
 
@@ -290,12 +302,7 @@ def plot_alpha_map(rows: Sequence[dict], best_alpha: Sequence[float], path: str 
         ax.plot(range(len(rows)), dice, "o-", ms=3)
         ax.set_xlabel("evaluated alpha vector")
         ax.set_ylabel("lung Dice")
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, ax, path, title)
 
 
 def plot_alpha_curve(rows: Sequence[dict], best_alpha: float, path: str | os.PathLike, title: str = "") -> Path:
@@ -333,12 +340,7 @@ def plot_alpha_curve(rows: Sequence[dict], best_alpha: float, path: str | os.Pat
         ax_tre.axvline(oracle["alpha"], color="tab:green", ls=":", lw=1, label=f"lowest TRE at alpha = {oracle['alpha']:.3g}")
         ax_tre.set_ylabel("TRE (mm)", color="tab:green")
         ax_tre.legend(loc="upper center", fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, ax, path, title)
 
 
 def _radiological(image, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from monai_cidir.losses import functional as _functional
 from monai_cidir.losses.functional import (
     bending_energy,
     cofactor_matrix,
@@ -32,15 +33,5 @@ __all__ = [
     "BendingEnergyRegularizer",
     "JacobianRegularizer",
     "HyperelasticRegularizer",
-    "global_ncc",
-    "deformation_gradient",
-    "determinant_3x3",
-    "cofactor_matrix",
-    "jacobian_determinant",
-    "smooth_clamp_determinant",
-    "bending_energy",
-    "jacobian_penalty",
-    "hyperelastic_terms",
-    "hyperelastic_energy",
-    "weighted_reduction",
+    *_functional.__all__,  # the functional core, re-exported as listed there
 ]

@@ -186,6 +186,28 @@ def _unpack(ctx, saved):
     return [saved.pop(0) if t else f for t, f in zip(ctx.param_is_tensor, ctx.param_floats)]
 
 
+def _chain_to_params(z, sn, cs, g0, gk1, gk2, p, sl, grads, params):
+    """Chain a chunk's gradients through the activation: accumulate those of the modulation
+    parameters ``(a, w, c, d)`` into ``grads`` and return the gradient at the sine's input."""
+    ga, gw, gc, gd = grads
+    a, w, c, d = params
+    gs, g_a, g_w = _scalar_chain(z, sn, cs, g0, gk1, gk2, p, ga is not None, gw is not None)
+    _accumulate(gc, sl, gs, c)
+    _accumulate(gd, sl, g0, d)
+    _accumulate(ga, sl, g_a, a)
+    _accumulate(gw, sl, g_w, w)
+    return gs
+
+
+def _forward_outputs(ctx, out, k1_all, k2_all):
+    """A sine block's outputs: ``out``, or with the activation's factors ``k1``, ``k2`` when they were
+    asked for (``with_k``); their gradients may then be ``None`` (not materialised as zeros)."""
+    if k1_all is None:
+        return out
+    ctx.set_materialize_grads(False)
+    return out, k1_all, k2_all
+
+
 class _SineLayer(torch.autograd.Function):
     """Element-wise block of a hidden sine layer on stacked pre-activations (S, N, F)."""
 
@@ -215,10 +237,7 @@ class _SineLayer(torch.autograd.Function):
                 oc[8].addcmul_(t[0], jz[2])
                 oc[9].addcmul_(t[1], jz[2])
         ctx.save_for_backward(z_stack, bias, sin_all, cos_all, *_pack(ctx, a, w, c, d))
-        if not with_k:
-            return out
-        ctx.set_materialize_grads(False)
-        return out, k1_all, k2_all
+        return _forward_outputs(ctx, out, k1_all, k2_all)
 
     @staticmethod
     @once_differentiable
@@ -255,12 +274,7 @@ class _SineLayer(torch.autograd.Function):
                 r[1].addcmul_(gh[3], jz[0]).addcmul_(gh[5], jz[2])
                 r[2].addcmul_(gh[4], jz[0]).addcmul_(gh[5], jz[1])
                 gzc[1:4].addcmul_(r, k2)
-            g0 = gc_in[0]
-            gs, g_a, g_w = _scalar_chain(z, sn, cs, g0, gk1, gk2, p, ga is not None, gw is not None)
-            _accumulate(gc, sl, gs, c)
-            _accumulate(gd, sl, g0, d)
-            _accumulate(ga, sl, g_a, a)
-            _accumulate(gw, sl, g_w, w)
+            gs = _chain_to_params(z, sn, cs, gc_in[0], gk1, gk2, p, sl, (ga, gw, gc, gd), (a, w, c, d))
             torch.mul(gs, p.w, out=gzc[0])
             if gbias is not None:
                 gbias += gzc[0].sum(0)
@@ -293,10 +307,7 @@ class _FirstSineLayer(torch.autograd.Function):
             if hw3 is not None:
                 torch.mul(hw3, sn * (-p.aww), out=oc[4:10])
         ctx.save_for_backward(z0, jw, hw, sin_all, cos_all, *_pack(ctx, a, w, c, d))
-        if not with_k:
-            return out
-        ctx.set_materialize_grads(False)
-        return out, k1_all, k2_all
+        return _forward_outputs(ctx, out, k1_all, k2_all)
 
     @staticmethod
     @once_differentiable
@@ -331,12 +342,7 @@ class _FirstSineLayer(torch.autograd.Function):
                 gk2 = (gh * hw3).sum(0) if gk2 is None else (gh * hw3).sum(0).add_(gk2)
                 if ghw is not None:
                     ghw -= (gh * (sn * p.aww)).sum(1)
-            g0 = gc_in[0]
-            gs, g_a, g_w = _scalar_chain(z, sn, cs, g0, gk1, gk2, p, ga is not None, gw is not None)
-            _accumulate(gc, sl, gs, c)
-            _accumulate(gd, sl, g0, d)
-            _accumulate(ga, sl, g_a, a)
-            _accumulate(gw, sl, g_w, w)
+            gs = _chain_to_params(z, sn, cs, gc_in[0], gk1, gk2, p, sl, (ga, gw, gc, gd), (a, w, c, d))
             torch.mul(gs, p.w, out=gz0[sl])
         return gz0, gjw, ghw, ga, gw, gc, gd, None
 

@@ -274,3 +274,11 @@ def test_pair_on_the_real_ct(shared_dir):
     a, b = mapping.sample(fixed_s, fixed).numpy(), mapping.sample(moving_s, moving).numpy()
     c = mapping.sample(moving_s, fixed).numpy()
     assert np.corrcoef(a, b)[0, 1] > 0.97 and np.corrcoef(a, c)[0, 1] < np.corrcoef(a, b)[0, 1] - 0.05  # 0.99 vs 0.86
+
+
+def test_make_breathing_phantom_names_an_unknown_argument_and_refuses_a_positional_seed(tmp_path):
+    with pytest.raises(TypeError, match="amplitude"):
+        make_breathing_phantom(tmp_path, amplitude=5.0)  # the argument is amplitude_mm
+    with pytest.raises(TypeError):
+        make_breathing_phantom(tmp_path, 1)  # seed is a keyword: a positional 1 must not become overwrite
+    assert not any(tmp_path.iterdir())  # nothing written
