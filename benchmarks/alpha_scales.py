@@ -56,7 +56,7 @@ def main(argv=None) -> None:
                 harmonizer_lr_factor=factor,
             )
             trainer, _ = training.train_variant(item, affine, options, args.budget, 1e9, args.seed, 100000)
-            ev = AlphaSelectionEvaluator(trainer.model, item["fixed_mask"], item["moving_mask"], search=AlphaSearch(alphas=alphas))
+            ev = AlphaSelectionEvaluator(trainer.model, item, search=AlphaSearch(alphas=alphas))
             curve = ev.run()
             tre = [landmark_tre(trainer.model, a, item)["mean"] for a in alphas]
             print(f"| {scale:g} | {factor:g} | " + " / ".join(f"{t:.2f}" for t in tre)

@@ -47,7 +47,7 @@ def sweep_case(run_dir: Path, num_alphas: int = 21) -> dict | None:
     model = load_registration_model(models[0])
     out = {"case": spec["case"]["name"]}
     for label, kwargs in (("band", {}), ("whole", {"band_mm": None, "folding_stride": 1})):
-        ev = AlphaSelectionEvaluator(model, item["fixed_mask"], item["moving_mask"], search=AlphaSearch(num_alphas), **kwargs)
+        ev = AlphaSelectionEvaluator(model, item, search=AlphaSearch(num_alphas), **kwargs)
         start = time.perf_counter()
         with torch.no_grad():
             curve = ev.run()

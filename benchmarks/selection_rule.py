@@ -76,7 +76,7 @@ def score_curve(model_path: Path, item: dict, num_alphas: int = 21) -> list[dict
     item, _ = prepare_lung_masks(item, "threshold")
     prior = model_prior(model)
     tre = AlphaCurveTRE(item["fixed_landmarks"], item["moving_landmarks"])
-    evaluator = AlphaSelectionEvaluator(model, item["fixed_mask"], item["moving_mask"], prior=prior, search=AlphaSearch(num_alphas), val_handlers=[tre])
+    evaluator = AlphaSelectionEvaluator(model, item, prior=prior, search=AlphaSearch(num_alphas), val_handlers=[tre])
     with torch.no_grad():
         return evaluator.run().rows
 

@@ -39,19 +39,19 @@ SHARED = REPO.parent / "shared" / "data"
 # name -> (trainer options, description)
 VARIANTS: dict[str, tuple[dict, str]] = {
     "paper": (
-        dict(num_points=10000, learning_rate=1e-4, lr_schedule="constant", alpha_per_point=False, init_output_scale=None),
+        dict(num_points=10000, learning_rate=1e-4, lr_schedule="constant", alpha_per_point=False, init_output_scale=None, regularization_points=None),
         "paper-like: 10K points, Adam 1e-4 constant, one alpha per batch, regularizer on all points, SIREN init",
     ),
     "init": (
-        dict(num_points=10000, learning_rate=1e-4, lr_schedule="constant", alpha_per_point=False, init_output_scale=0.01),
+        dict(num_points=10000, learning_rate=1e-4, lr_schedule="constant", alpha_per_point=False, init_output_scale=0.01, regularization_points=None),
         "+ output layer x0.01 at initialisation",
     ),
     "cosine": (
-        dict(num_points=10000, learning_rate=1e-4, lr_schedule="cosine", alpha_per_point=False, init_output_scale=0.01),
+        dict(num_points=10000, learning_rate=1e-4, lr_schedule="cosine", alpha_per_point=False, init_output_scale=0.01, regularization_points=None),
         "+ cosine learning-rate decay",
     ),
     "per_point": (
-        dict(num_points=10000, learning_rate=1e-4, lr_schedule="cosine", alpha_per_point=True, init_output_scale=0.01),
+        dict(num_points=10000, learning_rate=1e-4, lr_schedule="cosine", alpha_per_point=True, init_output_scale=0.01, regularization_points=None),
         "+ one alpha per point",
     ),
     "reg_subset": (
@@ -111,10 +111,10 @@ def train_variant(item, affine, options: dict, budget: float, eval_every: float,
         make_point_sampler(item["fixed_mask"], seed=seed),
         max_iterations=max_iterations,
         alpha_prior=AlphaPrior(per_point=per_point),
-        affine=affine,
         seed=seed,
         **opts,
     )
+    trainer.model.set_affine(affine)
     grid = [i / 10 for i in range(11)]
     history: list[tuple[float, int, float]] = []
     clock = {"train": 0.0, "last": time.perf_counter(), "next_eval": 0.0}
@@ -144,7 +144,7 @@ def summarize(item, trainer, history) -> dict:
     from monai_cidir.engines.registration import landmark_tre
 
     t = time.perf_counter()
-    ev = AlphaSelectionEvaluator(trainer.model, item["fixed_mask"], item["moving_mask"], search=AlphaSearch(11))
+    ev = AlphaSelectionEvaluator(trainer.model, item, search=AlphaSearch(11))
     curve = ev.run()
     sel_s = time.perf_counter() - t
     row = {

@@ -1,6 +1,9 @@
 """Engines: per-patient cIDIR training, affine pre-alignment, alpha selection and exports.
 
 * :class:`CIDIRTrainer` (trainer.py): the per-patient MONAI/Ignite training workflow.
+* :class:`RegistrationOptions`, :class:`TrainingSettings`, :class:`SelectionSettings` (options.py):
+  the keyword options of :func:`register_patient`, the trainer and the selection: names, defaults
+  and the checks that need no data, one owner per group.
 * :func:`fit_affine` (prealign.py): the global affine the INR's residual starts from.
 * :class:`AlphaSelectionEvaluator` (alpha_selection.py): the alpha sweep scored by lung Dice; its key
   metric (:class:`~monai_cidir.handlers.AlphaChoice`) decides, :class:`AlphaSearch` (alpha_search.py)
@@ -27,6 +30,7 @@ from monai_cidir.engines.export import (
     write_json,
     write_warped_image,
 )
+from monai_cidir.engines.options import RegistrationOptions, SelectionSettings, TrainingSettings
 from monai_cidir.engines.model import RegistrationModel, iter_grid_chunks, load_registration_model, save_registration_model
 from monai_cidir.engines.prealign import AffinePrealignment, fit_affine
 from monai_cidir.engines.quality import assess_registration, prepare_lung_masks, registration_quality
@@ -64,6 +68,9 @@ __all__ = [
     "REGULARIZER_SCALES",
     "RegistrationFailed",
     "RegistrationModel",
+    "RegistrationOptions",
+    "SelectionSettings",
+    "TrainingSettings",
     "TrainingProgressBar",
     "alpha_grid",
     "assess_registration",

@@ -37,7 +37,7 @@ class AlphaSearch:
 
     Example::
 
-        >>> evaluator = AlphaSelectionEvaluator(model, fixed_mask, moving_mask, prior=prior,
+        >>> evaluator = AlphaSelectionEvaluator(model, item, prior=prior,
         ...                                     search=AlphaSearch(num_alphas=11, golden_section_steps=4))
         >>> evaluator.run().alpha
     """

@@ -47,8 +47,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,7 +105,7 @@ def selection_grid(
     Example::
 
         >>> grid = selection_grid(model.mapping, item["fixed_mask"])  # bounding box + 5 mm, ~4 mm apart
-        >>> AlphaSelectionEvaluator(model, item["fixed_mask"], item["moving_mask"], grid=grid)  # doctest: +SKIP
+        >>> AlphaSelectionEvaluator(model, item, grid=grid)  # doctest: +SKIP
     """
     step = coarse_steps(mapping, coarse_spacing_mm, coarse_factor)
     if not bounding_box:
@@ -170,23 +171,23 @@ class AlphaSelectionEvaluator(Evaluator):
 
     Args:
         model: the trained registration.
-        fixed_mask: fixed lung mask MetaTensor ``(1, X, Y, Z)`` (the model's fixed grid).
-        moving_mask: moving lung mask MetaTensor (its own grid); needed by ``mode="warp_mask"``.
+        item: the loaded pair: ``fixed_mask`` (MetaTensor ``(1, X, Y, Z)`` on the model's fixed grid),
+            ``moving_mask`` (its own grid; needed by ``mode="warp_mask"``) and, for ``mode="segment"``,
+            ``fixed_image`` and ``moving_image``.
         prior: the training prior (:class:`~monai_cidir.engines.AlphaPrior`, as stored in
             ``model.pt``): the search's first grid is spaced as it samples alpha. ``None``: the
             paper's uniform prior on ``[0, 1]``; required for a model conditioned on ``K > 1`` weights.
         search: which alphas are scored (:class:`~monai_cidir.engines.AlphaSearch`: the grid size or
             explicit alphas, golden-section steps, refinement rounds); default ``AlphaSearch()``
             (21 alphas, no refinement for one weight).
-        no_folding: only alphas with zero folding compete (the default key metric's rule).
-        key_metric: the metric that chooses: an :class:`~monai_cidir.handlers.AlphaChoice` (or a
-            subclass), or a callable that returns a fresh one (a config partial); default
-            ``AlphaChoice(no_folding=no_folding)`` (lung Dice, ties within 1e-3 to the larger alpha).
-        mode: ``"warp_mask"`` or ``"segment"``.
-        moving_image: moving MetaTensor (``mode="segment"``).
-        fixed_image: fixed MetaTensor (``mode="segment"``).
-        lung_mask_backend: backend of :class:`~monai_cidir.transforms.LungMask` for ``"segment"``.
-        lung_mask_kwargs: extra arguments of ``LungMask``.
+        key_metric: the metric that chooses, and its rule: an :class:`~monai_cidir.handlers.AlphaChoice`
+            (or a subclass), or a callable that returns a fresh one (a config partial); default
+            ``AlphaChoice()`` (lung Dice, ties within 1e-3 to the larger alpha;
+            ``AlphaChoice(no_folding=True)``: only alphas with zero folding compete).
+        mode: ``"warp_mask"`` (warp the moving lung mask) or ``"segment"`` (segment the warped
+            moving image with ``lung_mask``).
+        lung_mask: the segmentation of ``"segment"``, a :class:`~monai_cidir.transforms.LungMask`
+            (default ``LungMask(backend="threshold")``); unused by ``"warp_mask"``.
         grid: where each alpha is scored: a grid of the fixed image's world (a
             :class:`~monai_cidir.coordinates.CoordinateMapping`, e.g. ``model.mapping`` for every
             voxel), or a factory ``grid(model.mapping, fixed_mask, bounding_box=...)`` of one (e.g.
@@ -199,12 +200,12 @@ class AlphaSelectionEvaluator(Evaluator):
         band_mm: smallest radius (mm) of the boundary band (see the module docstring); ``None``
             maps every grid point for every alpha. Ignored by ``mode="segment"``.
         folding_stride: count folding on every this-many-th lung point per axis during the sweep
-            (1: all); the chosen alpha is always counted on all of them. Default: 2 with
-            ``no_folding`` (the sweep's folding then decides), else 4 (it is only reported).
+            (1: all); the chosen alpha is always counted on all of them. Default: 2 when the key
+            metric refuses folding (the sweep's folding then decides), else 4 (it is only reported).
 
     Example::
 
-        >>> evaluator = AlphaSelectionEvaluator(model, item["fixed_mask"], item["moving_mask"])
+        >>> evaluator = AlphaSelectionEvaluator(model, item)
         >>> evaluator.run()
         >>> evaluator.curve.alpha, evaluator.curve.best["dice"]
     """
@@ -212,25 +213,20 @@ class AlphaSelectionEvaluator(Evaluator):
     def __init__(
         self,
         model: RegistrationModel,
-        fixed_mask: torch.Tensor,
-        moving_mask: torch.Tensor | None = None,
+        item: Mapping[str, Any],
         prior=None,
         search: AlphaSearch | None = None,
-        no_folding: bool = False,
         key_metric: AlphaChoice | Callable[[], AlphaChoice] | None = None,
         mode: str = "warp_mask",
-        moving_image: torch.Tensor | None = None,
-        fixed_image: torch.Tensor | None = None,
-        lung_mask_backend: str = "threshold",
-        lung_mask_kwargs: dict | None = None,
+        lung_mask: Callable | None = None,
         grid: CoordinateMapping | Callable[..., CoordinateMapping] | None = None,
         chunk_size: int = 65536,
         val_handlers: Sequence | None = None,
         band_mm: float | None = 0.1,
         folding_stride: int | None = None,
     ) -> None:
-        _check_inputs(mode, moving_mask, moving_image, fixed_image, band_mm)
-        self.choice = _key_metric(key_metric, no_folding)
+        fixed_mask, moving_mask, moving_image, fixed_image = _pair_inputs(item, mode, band_mm)
+        self.choice = _key_metric(key_metric)
         if folding_stride is None:
             folding_stride = 2 if self.no_folding else 4
         if int(folding_stride) < 1:
@@ -272,7 +268,7 @@ class AlphaSelectionEvaluator(Evaluator):
         if mode == "segment":
             from monai_cidir.transforms import LungMask
 
-            self.lung_mask = LungMask(backend=lung_mask_backend, **(lung_mask_kwargs or {}))
+            self.lung_mask = LungMask(backend="threshold") if lung_mask is None else lung_mask
             fimg = _on_grid(fixed_image, CoordinateMapping.from_image(fixed_image), self.grid, "bilinear")
             self.fixed_mask_grid = self._segment(fimg) > 0.5
         self.curve = AlphaCurve()
@@ -542,16 +538,22 @@ class AlphaSelectionEvaluator(Evaluator):
         return self.curve
 
 
-def _check_inputs(mode: str, moving_mask, moving_image, fixed_image, band_mm) -> None:
-    """Refuse an unknown mode, the inputs a mode lacks, and a non-positive band, before any work."""
+def _pair_inputs(item: Mapping[str, Any], mode: str, band_mm) -> tuple:
+    """``(fixed_mask, moving_mask, moving_image, fixed_image)`` of the pair; refuses an unknown mode,
+    the inputs a mode lacks, and a non-positive band, before any work."""
+    if not isinstance(item, Mapping) or item.get("fixed_mask") is None:
+        found = sorted(item) if isinstance(item, Mapping) else type(item).__name__
+        raise ValueError(f"expected the loaded pair (a dict with 'fixed_mask', 'moving_mask' and the images), found {found}")
     if mode not in ("warp_mask", "segment"):
         raise ValueError(f"mode must be 'warp_mask' or 'segment', found {mode!r}")
+    moving_mask, moving_image, fixed_image = item.get("moving_mask"), item.get("moving_image"), item.get("fixed_image")
     if mode == "warp_mask" and moving_mask is None:
-        raise ValueError("mode='warp_mask' needs the moving lung mask (moving_mask=None was given)")
+        raise ValueError("mode='warp_mask' needs the moving lung mask (the pair has no 'moving_mask')")
     if mode == "segment" and (moving_image is None or fixed_image is None):
-        raise ValueError("mode='segment' needs fixed_image and moving_image")
+        raise ValueError("mode='segment' needs the pair's fixed_image and moving_image")
     if band_mm is not None and not band_mm > 0:
         raise ValueError(f"band_mm must be positive or None, found {band_mm}")
+    return item["fixed_mask"], moving_mask, moving_image, fixed_image
 
 
 def _median_alpha(alphas: list, num_weights: int):
@@ -561,18 +563,15 @@ def _median_alpha(alphas: list, num_weights: int):
     return tuple(float(np.median([a[i] for a in alphas])) for i in range(num_weights))
 
 
-def _key_metric(key_metric, no_folding: bool) -> AlphaChoice:
+def _key_metric(key_metric) -> AlphaChoice:
     """The evaluator's key metric: the default, the one given, or a fresh one from a factory."""
     if key_metric is None:
-        return AlphaChoice(no_folding=no_folding)
+        return AlphaChoice()
     if isinstance(key_metric, AlphaChoice):
-        if no_folding and not key_metric.no_folding:
-            raise ValueError("no_folding=True but the key_metric given has no_folding=False: set it on the key metric (AlphaChoice(no_folding=True))")
         return key_metric
     choice = key_metric()  # a factory (e.g. a config partial): a fresh metric for this search
     if not isinstance(choice, AlphaChoice):
         raise TypeError(f"key_metric must be an AlphaChoice or a callable returning one; the callable returned {type(choice).__name__}")
-    choice.no_folding = choice.no_folding or bool(no_folding)
     return choice
 
 

@@ -751,7 +751,7 @@ def evaluate_cohort(
             raise ValueError(f"{name}: no alpha given and none stored in {pdir / 'metrics.json'} or model.pt")
         item, _ = prepare_lung_masks(item, "threshold")
         best = AlphaSelectionEvaluator(
-            model, item["fixed_mask"], item.get("moving_mask"), search=AlphaSearch(alphas=[a]),
+            model, item, search=AlphaSearch(alphas=[a]),
             grid=selection_grid(model.mapping, item["fixed_mask"], coarse_factor=coarse_factor),
         ).run().best
         weights = np.atleast_1d(np.asarray(a, dtype=np.float64)).tolist()

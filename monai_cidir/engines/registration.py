@@ -50,9 +50,11 @@ from monai_cidir.engines.export import (
     write_warped_image,
 )
 from monai_cidir.engines.model import RegistrationModel, load_registration_model, save_registration_model
+from monai_cidir.engines.options import RegistrationOptions, SelectionSettings, TrainingSettings
 from monai_cidir.engines.prealign import fit_affine
 from monai_cidir.engines.quality import mask_entries, prepare_lung_masks, record_status, registration_quality
 from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer, build_optimizer, scale_initial_output
+from monai_cidir.handlers.alpha_choice import AlphaChoice
 from monai_cidir.handlers.checkpoint import TrainingCheckpoint
 from monai_cidir.handlers.registration_metrics import AlphaCurveTRE
 from monai_cidir.handlers.progress import TrainingProgressBar
@@ -317,18 +319,13 @@ def check_options(options: Mapping[str, Any]) -> RegistrationLoss:
     Raises:
         ValueError: naming the option, what was expected and what was found.
     """
-    default = _REGISTER_DEFAULTS
-    get = lambda key: options.get(key, default[key])  # noqa: E731
-    loss = _registration_loss(get("loss"), get("regularizer"), get("regularizer_scales"), get("loss_balance"))  # not two losses
-    alpha_range, k = get("alpha_range"), loss.cond_features
-    make_alpha_prior(alpha_range, get("alpha_distribution"), k)  # ranges and distributions, one per weight or for all
-    check_alpha(get("alpha"), alpha_range, k)
-    check_device(get("device"))
-    selection_mode, num_alphas = get("selection_mode"), get("num_alphas")
-    if selection_mode not in ("warp_mask", "segment"):
-        raise ValueError(f"selection_mode must be 'warp_mask' or 'segment', found {selection_mode!r}")
-    if isinstance(num_alphas, bool) or not isinstance(num_alphas, int) or num_alphas < 0:
-        raise ValueError(f"num_alphas must be a whole number >= 0 (0: export at the given alpha), found {num_alphas!r}")
+    given = {k: v for k, v in options.items() if k not in (*COMPONENTS, "alpha_prior")}
+    opts = RegistrationOptions.from_keywords(given, extra=COMPONENTS)  # the names and the value checks
+    loss = _registration_loss(options.get("loss"), opts.regularizer, opts.regularizer_scales, opts.loss_balance)  # not two losses
+    k = loss.cond_features
+    make_alpha_prior(opts.alpha_range, opts.alpha_distribution, k)  # ranges and distributions, one per weight or for all
+    check_alpha(opts.alpha, opts.alpha_range, k)
+    check_device(opts.device)
     return loss
 
 
@@ -487,8 +484,8 @@ def select_and_export(
         model: the trained registration.
         item: the loaded pair (images, masks, optional landmarks, name).
         patient_dir: where the outputs go.
-        evaluator: a factory of the selection evaluator, ``evaluator(model, fixed_mask, moving_mask,
-            prior=..., moving_image=..., fixed_image=..., val_handlers=...) -> AlphaSelectionEvaluator``:
+        evaluator: a factory of the selection evaluator, ``evaluator(model, item, prior=...,
+            val_handlers=...) -> AlphaSelectionEvaluator``:
             the one owner of the selection settings (search, scoring mode, grid, key metric, chunk
             size), e.g. the bundle's ``validate#evaluator`` (a ``_mode_: callable`` partial) or
             :func:`selection_evaluator`'s partial of the keyword options. Default:
@@ -560,29 +557,22 @@ def _sweep(factory: Callable, model: RegistrationModel, item: Mapping, prior: Al
     """Run the factory's search: ``(evaluator, rows, best)``. With ``num_alphas=0`` nothing is scored:
     the evaluator is built for the given ``alpha`` only (to score it), rows empty, best ``None``."""
     search = _factory_search(factory) or AlphaSearch()
-    inputs = (model, item["fixed_mask"], item.get("moving_mask"))
-    images = {"moving_image": item.get("moving_image"), "fixed_image": item.get("fixed_image")}
+    inputs = (model, item)
     if search.num_alphas == 0:
         if alpha is None:
             raise ValueError("no alpha to export: give alpha=... or an evaluator whose search has num_alphas > 0")
         single = functools.partial(factory, search=AlphaSearch(alphas=[alpha]))  # replaces the factory's own search
-        return _call_factory(single, inputs, {}, prior=prior, **images), [], None
-    evaluator = _call_factory(factory, inputs, {"val_handlers": handlers}, prior=prior, **images)
+        return _call_factory(single, inputs, {}, prior=prior), [], None
+    evaluator = _call_factory(factory, inputs, {"val_handlers": handlers}, prior=prior)
     curve = evaluator.run()
     return evaluator, curve.rows, curve.best
 
 
 def selection_evaluator(
     evaluator: Callable[..., AlphaSelectionEvaluator] | None = None,
-    num_alphas: int = 21,
-    golden_section_steps: int = 0,
-    no_folding: bool = False,
-    selection_mode: str = "warp_mask",
     lung_mask_backend: str = "threshold",
     lung_mask_kwargs: dict | None = None,
-    coarse_spacing_mm: float | None = 4.0,
-    coarse_factor: int | Sequence[int] | None = None,
-    chunk_size: int = 65536,
+    **settings: Any,
 ) -> functools.partial:
     """The selection evaluator factory of the keyword options: one place that turns
     :func:`register_patient`'s flat selection options into an evaluator partial.
@@ -591,13 +581,12 @@ def selection_evaluator(
         evaluator: a factory to complete (a class, or a ``functools.partial`` such as the bundle's
             ``validate#evaluator``); what it sets itself wins over the options below.
             Default :class:`~monai_cidir.engines.AlphaSelectionEvaluator`.
-        num_alphas, golden_section_steps: the search, ``AlphaSearch(num_alphas,
-            golden_section_steps=...)`` (``num_alphas=0``: no sweep, export at a given alpha).
-        no_folding: only alphas without folding compete.
-        selection_mode: the evaluator's ``mode``, ``"warp_mask"`` or ``"segment"``.
-        lung_mask_backend, lung_mask_kwargs: the lung-mask transform of ``"segment"``.
-        coarse_spacing_mm, coarse_factor: the selection grid (:func:`selection_grid`).
-        chunk_size: points per network call.
+        lung_mask_backend, lung_mask_kwargs: the lung-mask transform of ``selection_mode="segment"``.
+        settings: the :class:`~monai_cidir.engines.options.SelectionSettings` keywords: the search
+            ``AlphaSearch(num_alphas, golden_section_steps=...)`` (``num_alphas=0``: no sweep, export
+            at a given alpha), ``no_folding``, ``selection_mode`` (the evaluator's ``mode``), the
+            selection grid ``coarse_spacing_mm`` / ``coarse_factor`` (:func:`selection_grid`) and
+            ``chunk_size`` (points per network call).
 
     Returns:
         a ``functools.partial`` of the evaluator class with every option set.
@@ -610,13 +599,28 @@ def selection_evaluator(
     base = evaluator or AlphaSelectionEvaluator
     own = factory_keywords(base)
     _factory_search(base)  # refuses a search that is not an AlphaSearch, before anything runs
+    s = SelectionSettings.from_keywords(settings)
     options = {
-        "search": AlphaSearch(num_alphas, golden_section_steps=golden_section_steps), "no_folding": no_folding,
-        "mode": selection_mode, "lung_mask_backend": lung_mask_backend, "lung_mask_kwargs": lung_mask_kwargs,
-        "grid": functools.partial(selection_grid, coarse_spacing_mm=coarse_spacing_mm, coarse_factor=coarse_factor),
-        "chunk_size": chunk_size,
+        "search": AlphaSearch(s.num_alphas, golden_section_steps=s.golden_section_steps), "mode": s.selection_mode,
+        "grid": functools.partial(selection_grid, coarse_spacing_mm=s.coarse_spacing_mm, coarse_factor=s.coarse_factor),
+        "chunk_size": s.chunk_size,
     }  # fmt: skip
-    return functools.partial(getattr(base, "func", base), **{**options, **own})
+    if s.selection_mode == "segment":
+        from monai_cidir.transforms import LungMask
+
+        options["lung_mask"] = LungMask(backend=lung_mask_backend, **(lung_mask_kwargs or {}))
+    merged = {**options, **own}
+    if s.no_folding:  # the key metric owns the folding rule
+        merged["key_metric"] = functools.partial(_refusing_folding, merged.get("key_metric"))
+    return functools.partial(getattr(base, "func", base), **merged)
+
+
+def _refusing_folding(key_metric=None) -> AlphaChoice:
+    """A fresh key metric (the given one, or its factory's, default :class:`AlphaChoice`) that lets
+    only alphas without folding compete."""
+    choice = AlphaChoice() if key_metric is None else key_metric if isinstance(key_metric, AlphaChoice) else key_metric()
+    choice.no_folding = True
+    return choice
 
 
 def model_prior(model: RegistrationModel, alpha_range: Sequence | None = None, alpha_distribution: str | Sequence[str] | None = None) -> AlphaPrior:
@@ -791,42 +795,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-#: register_patient arguments a ``trainer`` factory may set itself (they are passed when it does not)
-TRAINER_OPTIONS = (
-    "max_iterations", "num_points", "lr_schedule", "grad_clip", "derivatives", "regularization_points",
-    "iterations_per_epoch", "smoothing_mm", "time_budget_s",
-)  # fmt: skip
+#: register_patient's keyword arguments that are components (the bundle's config ids), not options
+COMPONENTS = ("network", "optimizer", "loss", "trainer", "evaluator", "handlers", "selection_handlers")
 
-#: register_patient keywords owned by :func:`selection_evaluator` (``**selection``)
-SELECTION_OPTIONS = ("num_alphas", "golden_section_steps", "no_folding", "selection_mode", "coarse_spacing_mm", "coarse_factor", "chunk_size")
-
-
-def selection_options(given: Mapping[str, Any]) -> dict:
-    """:data:`SELECTION_OPTIONS` with :func:`selection_evaluator`'s defaults for those not given.
-
-    Raises:
-        TypeError: naming a keyword that is neither a :func:`register_patient` argument nor a selection option.
-    """
-    unknown = sorted(set(given) - set(SELECTION_OPTIONS))
-    if unknown:
-        import difflib
-
-        known = [*inspect.signature(register_patient).parameters, *SELECTION_OPTIONS]
-        hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
-        hint = "; ".join(f"{k!r}: did you mean {h[0]!r}?" for k, h in hints.items() if h)
-        raise TypeError(
-            f"register_patient() got unexpected keyword argument(s) {unknown}{' (' + hint + ')' if hint else ''}; "
-            f"the selection options are {list(SELECTION_OPTIONS)}"
-        )
-    defaults = {k: p.default for k, p in inspect.signature(selection_evaluator).parameters.items() if k in SELECTION_OPTIONS}
-    return {**defaults, **given}
+#: register_patient options a ``trainer`` factory may set itself (they are passed when it does not)
+TRAINER_OPTIONS = TrainingSettings.names()
 
 #: select_and_export arguments an ``evaluator`` factory may set itself (the AlphaSelectionEvaluator names)
-EVALUATOR_OPTIONS = {
-    "no_folding": "no_folding",
-    "selection_mode": "mode", "lung_mask_backend": "lung_mask_backend", "lung_mask_kwargs": "lung_mask_kwargs",
-    "chunk_size": "chunk_size",
-}  # fmt: skip
+EVALUATOR_OPTIONS = {"selection_mode": "mode", "chunk_size": "chunk_size"}
 
 
 def factory_keywords(factory) -> dict:
@@ -917,120 +893,52 @@ def _prealign(trainer: CIDIRTrainer, item: Mapping, sampler, affine_prealign: bo
 def register_patient(
     item: dict,
     output_dir: str | os.PathLike,
+    *,
     network: Callable[[], torch.nn.Module] | None = None,
     optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-    learning_rate: float = 1e-4,
-    harmonizer_lr_factor: float = 1.0,
-    init_output_scale: float | None = 0.01,
-    max_iterations: int = 1000,
-    num_points: int = 10000,
-    time_budget_s: float | None = None,
-    regularizer: str | Sequence[str] | Mapping[str, float] = "bending",
-    regularizer_scales: Mapping[str, float] | None = None,
-    loss_balance: float | None = None,
     loss: RegistrationLoss | Mapping | None = None,
-    alpha_range: Sequence[float] = (0.0, 1.0),
-    alpha_distribution: str = DEFAULT_DISTRIBUTION,
-    alpha_per_point: bool = True,
-    lr_schedule: str | Callable | None = "cosine",
-    grad_clip: float | None = 1.0,
-    derivatives: str = "forward",
-    regularization_points: int | None = 2000,
-    affine_prealign: bool | str = "auto",
-    affine_kwargs: dict | None = None,
-    lung_mask_backend: str = "threshold",
-    lung_mask_kwargs: dict | None = None,
-    alpha: float | None = None,
-    export_images: bool = True,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    handlers: Sequence | Callable[[], Sequence] | None = None,
-    selection_handlers: Sequence | None = None,
-    checkpoint_interval: int = 500,
-    checkpoint_every_s: float | None = 60.0,
-    smoothing_mm: Sequence[float] | None = None,
-    iterations_per_epoch: int = 100,
-    overwrite: bool = False,
-    resume: bool = True,
     trainer: Callable[..., CIDIRTrainer] | None = None,
     evaluator: Callable[..., AlphaSelectionEvaluator] | None = None,
-    **selection: Any,
+    handlers: Sequence | Callable[[], Sequence] | None = None,
+    selection_handlers: Sequence | None = None,
+    **options: Any,
 ) -> dict:
     """Register one loaded pair with cIDIR and write its outputs to ``output_dir/<name>/``.
+
+    The components (network, optimizer, loss, trainer, evaluator, handlers) are the bundle's config
+    ids; every other setting is a keyword option of :class:`~monai_cidir.engines.options.RegistrationOptions`,
+    which owns their names, defaults and checks (``max_iterations``, ``num_points``,
+    ``regularization_points``, ``alpha_range``, ``num_alphas``, ``selection_mode``, ``device``,
+    ``overwrite``, ...; a misspelt name is a ``TypeError`` naming the closest option).
 
     Args:
         item: a loaded pair (``fixed_image``, ``moving_image``, optional masks, landmarks, ``name``).
         output_dir: the cohort's output folder.
-        network: a factory returning a fresh INR (default ``ConditionedINR(alpha_encoding="log")``:
-            the paper's network, its harmonizer reading log alpha, which spreads the small alphas the
-            log-uniform prior draws most; the paper's linear input is ``alpha_encoding="linear"``).
+        network: a factory returning a fresh INR (default :func:`default_network`: the paper's
+            ``ConditionedINR`` reading log alpha, which spreads the small alphas the log-uniform
+            prior draws most; the paper's linear input is ``alpha_encoding="linear"``).
         optimizer: a factory ``f(param_groups) -> optimizer`` (default ``Adam(groups, lr=learning_rate)``).
-        learning_rate: Adam's initial learning rate (used by the default optimizer).
-        harmonizer_lr_factor: the harmonizer's learning rate relative to the main network's
-            (:func:`~monai_cidir.engines.trainer.build_optimizer`; 1, the paper's setting, is the
-            default: on the real lung pair a faster harmonizer (x3, x30, x100) lowered the lung NCC at
-            small alpha, see README).
-        init_output_scale: shrink the fresh network's output layer by this factor so training
-            starts from ~zero displacement (:func:`~monai_cidir.engines.trainer.scale_initial_output`;
-            ``None``: keep the network's own initialisation).
-        max_iterations: training steps (paper: 50,000).
-        num_points: points per step (paper: 10,000).
-        time_budget_s: stop training after this many seconds even before ``max_iterations`` (the
-            learning-rate schedule follows whichever limit is further along; ``None``: no limit).
-        regularizer: ``"bending"``, ``"jacobian"``, ``"hyperelastic"``, a list or a weight mapping.
-        regularizer_scales: overrides of :data:`~monai_cidir.losses.REGULARIZER_SCALES` (both build the
-            :class:`~monai_cidir.losses.RegistrationLoss`).
-        loss_balance: :class:`~monai_cidir.losses.RegistrationLoss` ``balance`` (``None``: the paper's sum).
         loss: a ready :class:`~monai_cidir.losses.RegistrationLoss` (the bundle's ``loss`` id), or its
-            keyword arguments as a dict, instead of ``regularizer`` / ``regularizer_scales`` /
-            ``loss_balance``; giving both is an error. With ``conditioning="per_regularizer"`` alpha
-            is a vector of one weight per regularizer: the network gets ``cond_features=K``, the
+            keyword arguments as a dict, instead of the ``regularizer`` / ``regularizer_scales`` /
+            ``loss_balance`` options; giving both is an error. With ``conditioning="per_regularizer"``
+            alpha is a vector of one weight per regularizer: the network gets ``cond_features=K``, the
             prior draws K weights, the selection searches the K-dimensional space and
             ``metrics.json`` / ``model.pt`` store the chosen vector as a list (with the names in order).
-        alpha_range: the prior's range (paper: (0, 1)): ``[low, high]`` for every weight, or one
-            ``[low, high]`` per weight.
-        alpha_distribution: ``"log-uniform"`` (default: log alpha uniform on [1e-5, 1], the selection
-            grid 0 then log-spaced) or ``"uniform"`` (the paper). Log-uniform trains more at small
-            lambda, where real motion needs it: on the real pair lung NCC 0.864 at alpha 0 against
-            0.820 (uniform), and lower TRE at the chosen alpha on three of the four realistic cases
-            (README, "Realistic motion on real CT").
-        alpha_per_point: one alpha per point (default; converges faster, see README) or one per batch.
-        lr_schedule: ``"cosine"``, ``"step"``, ``"constant"`` or a callable.
-        grad_clip: gradient-norm clipping (``None``: off).
-        derivatives: ``"forward"`` (exact forward-mode) or ``"autograd"`` (nested autograd baseline).
-        regularization_points: regularizer on this many of the points only (default 2000; ``None``: all);
-            the other points cost a plain forward pass (3x cheaper steps, see README).
-        affine_prealign: ``"auto"`` (fit, keep if it improves NCC), ``True`` (always keep), ``False``.
-        affine_kwargs: extra arguments of :func:`~monai_cidir.engines.prealign.fit_affine`.
-        lung_mask_backend, lung_mask_kwargs: the lung masks computed when the pair has none (and the
-            segmentation of ``selection_mode="segment"``), see :func:`~monai_cidir.engines.quality.prepare_lung_masks`.
-        alpha: export at this fixed alpha instead of the selected one.
-        export_images: write the displacement field and warped image.
-        device: torch device.
-        seed: seeds network initialisation, points and alphas.
-        handlers: handlers (or a factory returning them, for one fresh set per patient) attached
-            to the trainer, e.g. ``StatsHandler(output_transform=lambda x: x["loss"])``.
-        selection_handlers: handlers attached to the alpha-selection evaluator.
-        checkpoint_interval: iterations between resumable checkpoints.
-        checkpoint_every_s: seconds between resumable checkpoints (``None``: by iterations only);
-            SIGINT/SIGTERM during training also write one before the process stops.
-        smoothing_mm: coarse-to-fine Gaussian sigmas (mm) of the images, see
-            :class:`~monai_cidir.engines.CIDIRTrainer`.
-        iterations_per_epoch: the trainer's Ignite epoch length.
-        overwrite: redo a patient whose ``metrics.json`` exists (otherwise it is skipped).
-        resume: continue from ``checkpoint.pt`` when present.
         trainer: a factory of the patient's trainer, ``trainer(network, optimizer, fixed_image,
             moving_image, point_sampler, **options) -> CIDIRTrainer`` (the bundle's
             ``train#trainer``, a ``_mode_: callable`` partial of
-            :class:`~monai_cidir.engines.CIDIRTrainer`). The options it sets itself
-            (``max_iterations``, ``num_points``, ``lr_schedule``, ...) win over the arguments of the
-            same name here; the per-patient ones (loss, prior, device, checkpoint path, handlers)
-            come from here. Default: ``CIDIRTrainer``.
+            :class:`~monai_cidir.engines.CIDIRTrainer`). The :class:`~monai_cidir.engines.options.TrainingSettings`
+            it sets itself win over the options of the same name here; the per-patient ones (loss,
+            prior, device, handlers) come from here. Default: ``CIDIRTrainer``.
         evaluator: a factory of the alpha-selection evaluator (the bundle's
             ``validate#evaluator``), see :func:`select_and_export`.
-        selection: the selection options of :func:`selection_evaluator`, which owns them
-            (``num_alphas``, ``golden_section_steps``, ``no_folding``, ``selection_mode``,
-            ``coarse_spacing_mm``, ``coarse_factor``, ``chunk_size``); any other keyword is an error.
+        handlers: handlers (or a factory returning them, for one fresh set per patient) attached
+            to the trainer, e.g. ``StatsHandler(output_transform=lambda x: x["loss"])``.
+        selection_handlers: handlers attached to the alpha-selection evaluator.
+        options: the :class:`~monai_cidir.engines.options.RegistrationOptions` keywords (its
+            docstring lists them with their defaults). ``checkpoint_interval`` /
+            ``checkpoint_every_s`` pace the resumable ``checkpoint.pt``; SIGINT/SIGTERM during
+            training also write one before the process stops.
 
     Returns:
         the metrics dict (also in ``metrics.json``); a skipped patient returns its stored one
@@ -1048,61 +956,27 @@ def register_patient(
         >>> metrics["tre_after_mean"] < metrics["tre_before_mean"]
         True
     """
-    from monai.utils import set_determinism
-
-    options = _with_factory_options({**locals(), **selection_options(selection)}, trainer, evaluator)
+    components = {"network": network, "optimizer": optimizer, "loss": loss, "trainer": trainer, "evaluator": evaluator}
+    options = _with_factory_options({**RegistrationOptions.from_keywords(options, extra=COMPONENTS).as_dict(), **components}, trainer, evaluator)
     loss = _check_patient_inputs(item, options)
     k = loss.cond_features  # one weight per regularizer: the network takes K conditioning values
-    prior = make_alpha_prior(alpha_range, alpha_distribution, k, per_point=alpha_per_point)
+    prior = make_alpha_prior(options["alpha_range"], options["alpha_distribution"], k, per_point=options["alpha_per_point"])
     options["alpha_prior"] = prior.state_dict()  # with its floor: a code default, so settings.json must record it
     name = str(item.get("name") or "pair")
     pdir = _patient_dir(output_dir, name)
     with PatientDirLock(pdir):  # one writer per patient folder
-        stored = _open_patient_dir(pdir, result_settings(options, item), overwrite, name)
+        stored = _open_patient_dir(pdir, result_settings(options, item), options["overwrite"], name)
         if stored is not None:
             return stored
 
-        item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
-        device = torch.device(device)
-        set_determinism(seed=seed)
-        net, opt = _network_and_optimizer(options, k)
-        sampler = make_point_sampler(item["fixed_mask"], seed=seed)
-        trainer = _call_factory(
-            trainer or CIDIRTrainer,
-            (net, opt, item["fixed_image"], item["moving_image"], sampler),
-            {key: options[key] for key in TRAINER_OPTIONS},
-            loss=loss,
-            alpha_prior=prior,
-            device=device,
-            seed=seed,
-            handlers=handlers() if callable(handlers) else handlers,
-        )
-        TrainingCheckpoint(pdir / "checkpoint.pt", options["checkpoint_interval"], options["checkpoint_every_s"]).attach(trainer)
-        max_iterations, num_points, time_budget_s = trainer.max_iterations, trainer.num_points, trainer.time_budget_s
-        start = time.perf_counter()
-        prealign_info = _resume_or_prealign(trainer, item, sampler, options, name)
-        budget = "" if time_budget_s is None else f" (at most {time_budget_s:g} s)"
-        logger.info("%s: training %d iterations x %d points on %s%s", name, max_iterations, num_points, device, budget)
-        trainer.run()
-        seconds_training = time.perf_counter() - start
-        model = trainer.model
-        model_info = _model_info(trainer, name, alpha_range, alpha_distribution)
-        model.info = dict(model_info)
-        save_registration_model(model, pdir / "model.pt", **model_info)  # before selection: re-export can resume
-        previous = {
-            "iterations": int(trainer.state.iteration),
-            "num_points": int(num_points),
-            "regularizer": model_info["regularizer"],
-            "seed": seed,
-            **prealign_info,
-            **mask_entries(mask_reports),
-            "seconds_training": seconds_training,
-            "training_device": describe_device(device),
-            "stopped_by_time_budget": bool(trainer.stopped_by_time_budget),
-        }
-        factory = selection_evaluator(evaluator, **{key: options[key] for key in (*SELECTION_OPTIONS, "lung_mask_backend", "lung_mask_kwargs")})
+        item, mask_reports = prepare_lung_masks(item, options["lung_mask_backend"], options["lung_mask_kwargs"], overlay=pdir / "lung_masks.png")
+        trainer, previous = _train(item, pdir, options, loss, prior, handlers() if callable(handlers) else handlers)
+        previous.update(mask_entries(mask_reports))
+        model, model_info = trainer.model, dict(trainer.model.info)
+        factory = selection_evaluator(evaluator, **{key: options[key] for key in (*SelectionSettings.names(), "lung_mask_backend", "lung_mask_kwargs")})
         metrics = select_and_export(
-            model, item, pdir, factory, trainer.alpha_prior, alpha, export_images, previous=previous, selection_handlers=selection_handlers
+            model, item, pdir, factory, trainer.alpha_prior, options["alpha"], options["export_images"], previous=previous,
+            selection_handlers=selection_handlers,
         )
         save_registration_model(model, pdir / "model.pt", alpha=metrics["alpha"], **model_info)
         logger.info(
@@ -1112,8 +986,46 @@ def register_patient(
         return metrics
 
 
-_REGISTER_DEFAULTS = {k: p.default for k, p in inspect.signature(register_patient).parameters.items() if p.default is not p.empty}
-_REGISTER_DEFAULTS.update(selection_options({}))
+def _train(item: Mapping, pdir: Path, options: Mapping[str, Any], loss: RegistrationLoss, prior: AlphaPrior, handlers) -> tuple[CIDIRTrainer, dict]:
+    """Build the patient's network, optimizer and trainer, resume or pre-align, train, and save
+    ``model.pt``; returns the trainer (its model carries ``info``) and ``metrics.json``'s training entries."""
+    from monai.utils import set_determinism
+
+    name = str(item.get("name") or "pair")
+    device, seed = torch.device(options["device"]), options["seed"]
+    set_determinism(seed=seed)
+    net, opt = _network_and_optimizer(options, loss.cond_features)
+    sampler = make_point_sampler(item["fixed_mask"], seed=seed)
+    trainer = _call_factory(
+        options["trainer"] or CIDIRTrainer,
+        (net, opt, item["fixed_image"], item["moving_image"], sampler),
+        {key: options[key] for key in TRAINER_OPTIONS},
+        loss=loss,
+        alpha_prior=prior,
+        device=device,
+        seed=seed,
+        handlers=handlers,
+    )
+    TrainingCheckpoint(pdir / "checkpoint.pt", options["checkpoint_interval"], options["checkpoint_every_s"]).attach(trainer)
+    start = time.perf_counter()
+    prealign_info = _resume_or_prealign(trainer, item, sampler, options, name)
+    budget = "" if trainer.time_budget_s is None else f" (at most {trainer.time_budget_s:g} s)"
+    logger.info("%s: training %d iterations x %d points on %s%s", name, trainer.max_iterations, trainer.num_points, device, budget)
+    trainer.run()
+    seconds_training = time.perf_counter() - start
+    model_info = _model_info(trainer, name, options["alpha_range"], options["alpha_distribution"])
+    trainer.model.info = dict(model_info)
+    save_registration_model(trainer.model, pdir / "model.pt", **model_info)  # before selection: re-export can resume
+    return trainer, {
+        "iterations": int(trainer.state.iteration),
+        "num_points": int(trainer.num_points),
+        "regularizer": model_info["regularizer"],
+        "seed": seed,
+        **prealign_info,
+        "seconds_training": seconds_training,
+        "training_device": describe_device(device),
+        "stopped_by_time_budget": bool(trainer.stopped_by_time_budget),
+    }
 
 
 def default_network(**options: Any) -> Callable[..., torch.nn.Module]:

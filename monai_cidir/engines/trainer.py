@@ -39,6 +39,7 @@ from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines import alphas
 from monai_cidir.engines.alphas import alpha_grid
 from monai_cidir.engines.model import RegistrationModel
+from monai_cidir.engines.options import TrainingSettings
 from monai_cidir.losses.registration import RegistrationLoss
 
 logger = logging.getLogger(__name__)
@@ -313,19 +314,6 @@ def scale_initial_output(network: torch.nn.Module, factor: float | None) -> torc
     return network
 
 
-def _positive_seconds(value) -> float | None:
-    """``None``, or ``value`` as a positive number of seconds (``ValueError`` naming ``time_budget_s``)."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = math.nan
-    if not seconds > 0 or math.isinf(seconds):
-        raise ValueError(f"time_budget_s must be a positive number of seconds or None, found {value!r}")
-    return seconds
-
-
 class PointStream:
     """Endless iterable of ``{"points": (N, 3)}`` batches from a point sampler (the trainer's data).
 
@@ -358,36 +346,27 @@ class CIDIRTrainer(Trainer):
         fixed_image: fixed MetaTensor ``(1, X, Y, Z)``, RAS affine.
         moving_image: moving MetaTensor (its own grid).
         point_sampler: ``sampler(n) -> (n, 3)`` world points in the fixed lung mask.
-        max_iterations: optimisation steps (paper: 50,000).
-        num_points: points per step (paper: 10,000).
         loss: the :class:`~monai_cidir.losses.RegistrationLoss` (similarity, regularizers, their
             scales and lambda(alpha)), or a regularizer specification it is built from
             (``"bending"``, ``["bending", "jacobian"]``, ``{"bending": 1.0, "jacobian": 0.5}``).
         alpha_prior: an :class:`AlphaPrior` (default uniform on [0, 1], one per batch).
-        lr_schedule: see :func:`build_lr_scheduler`.
-        grad_clip: max gradient norm (``None`` disables clipping).
-        derivatives: ``"forward"`` (exact forward-mode, default) or ``"autograd"`` (nested autograd).
-        regularization_points: evaluate the regularizer on only the first this-many points of
-            each batch (``None``: all of them); the other points cost one plain forward pass.
-        affine: optional 4x4 pre-alignment (world RAS mm), see :mod:`~monai_cidir.engines.prealign`.
         device: torch device.
         seed: seeds the alpha draws.
-        iterations_per_epoch: Ignite epoch length (epoch events and logging cadence).
-        smoothing_mm: coarse to fine: Gaussian sigmas (mm) of both images for equal shares of the
-            run, then the images as they are for the last share (e.g. ``(4, 2)``: sigma 4 mm for the
-            first third of the progress, 2 mm for the second, none for the last). Smoothing widens
-            the NCC's capture range for large residual motion, as an image pyramid does; ``None``
-            (default) trains on the images as they are.
         handlers: MONAI/Ignite handlers to attach.
-        time_budget_s: stop after this many seconds of training (``None``: no limit); the learning-rate
-            schedule then runs on ``max(iteration / max_iterations, seconds / time_budget_s)``, so it
-            anneals fully whichever limit comes first (resumed runs count the time already spent).
-        max_epochs: Ignite's epoch count (MONAI's ``train#trainer#max_epochs``): at most
-            ``max_epochs * iterations_per_epoch`` steps, and never more than ``max_iterations``;
-            ``None`` (default): ``ceil(max_iterations / iterations_per_epoch)``.
         inferer: how the training step calls the network (MONAI's ``Inferer`` protocol,
             ``inferer(points, network_fn, alpha, order=...)``; default ``SimpleInferer()``, one call
             per batch).
+        settings: the :class:`~monai_cidir.engines.options.TrainingSettings` keywords, which own
+            their defaults and checks: ``max_iterations`` (paper: 50,000), ``num_points`` (paper:
+            10,000), ``regularization_points``, ``derivatives``, ``grad_clip``, ``lr_schedule``,
+            ``smoothing_mm`` (coarse-to-fine image sigmas), ``time_budget_s`` (the learning-rate
+            schedule then runs on whichever of iterations and seconds is further along),
+            ``iterations_per_epoch`` and ``max_epochs`` (MONAI's ``train#trainer#max_epochs``: at
+            most ``max_epochs * iterations_per_epoch`` steps). A misspelt one is a ``TypeError``
+            naming the closest option. The run's settings are ``trainer.settings``.
+
+    The affine pre-alignment is the model's: ``trainer.model.set_affine(matrix)`` (see
+    :mod:`~monai_cidir.engines.prealign`).
 
     Checkpoints are a handler: attach a :class:`~monai_cidir.handlers.TrainingCheckpoint` to write a
     resumable ``checkpoint.pt`` (:meth:`checkpoint_state`); while one is attached, SIGINT / SIGTERM
@@ -409,66 +388,48 @@ class CIDIRTrainer(Trainer):
         fixed_image: torch.Tensor,
         moving_image: torch.Tensor,
         point_sampler: Callable[[int], torch.Tensor],
-        max_iterations: int = 2000,
-        num_points: int = 10000,
         loss: RegistrationLoss | str | Sequence[str] | Mapping[str, float] = "bending",
         alpha_prior: AlphaPrior | None = None,
-        lr_schedule: str | Callable | None = "cosine",
-        grad_clip: float | None = 1.0,
-        derivatives: str = "forward",
-        regularization_points: int | None = None,
-        affine: torch.Tensor | None = None,
         device: str | torch.device = "cpu",
         seed: int = 0,
-        iterations_per_epoch: int = 100,
         handlers: Sequence | None = None,
-        time_budget_s: float | None = None,
-        smoothing_mm: Sequence[float] | None = None,
-        max_epochs: int | None = None,
         inferer: Callable | None = None,
+        **settings: Any,
     ) -> None:
-        if max_iterations < 1 or num_points < 2:
-            raise ValueError(f"expected max_iterations >= 1 and num_points >= 2, found {max_iterations}, {num_points}")
-        if max_epochs is not None and int(max_epochs) < 1:
-            raise ValueError(f"max_epochs must be >= 1 or None, found {max_epochs}")
-        if regularization_points is not None and int(regularization_points) < 2:
-            raise ValueError(f"regularization_points must be >= 2 or None (every point), found {regularization_points}")
-        epoch_length = int(min(iterations_per_epoch, max_iterations))
-        if max_epochs is not None:
-            max_iterations = min(int(max_iterations), int(max_epochs) * epoch_length)
+        self.settings = TrainingSettings.from_keywords(settings)
         super().__init__(
             device=torch.device(device),
-            max_epochs=int(math.ceil(max_iterations / epoch_length)),
-            data_loader=PointStream(point_sampler, num_points),
-            epoch_length=epoch_length,
+            max_epochs=int(math.ceil(self.settings.total_iterations / self.settings.epoch_length)),
+            data_loader=PointStream(point_sampler, self.settings.num_points),
+            epoch_length=self.settings.epoch_length,
             decollate=False,
             handlers=None,
         )
-        self.max_iterations = int(max_iterations)
+        self.max_iterations = self.settings.total_iterations
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.network = network.to(self.state.device)
         self.optimizer = optimizer
         self.fixed_mapping = CoordinateMapping.from_image(fixed_image)
         self.moving_mapping = CoordinateMapping.from_image(moving_image)
-        self.model = RegistrationModel(self.network, self.fixed_mapping, affine=affine, derivatives=derivatives)
+        self.model = RegistrationModel(self.network, self.fixed_mapping, derivatives=self.settings.derivatives)
         as_plain = lambda x: convert_to_tensor(x, track_meta=False).float()  # noqa: E731
         self.fixed = as_plain(fixed_image).to(self.state.device)
         self.moving = as_plain(moving_image).to(self.state.device)
-        self.smoothing_mm = [float(v) for v in (smoothing_mm or [])]
-        self._levels = self._image_levels(smoothing_mm)
+        self.smoothing_mm = [float(v) for v in (self.settings.smoothing_mm or [])]
+        self._levels = self._image_levels()
         self.point_sampler = point_sampler
-        self.num_points = int(num_points)
+        self.num_points = int(self.settings.num_points)
         self.loss_function = loss if isinstance(loss, RegistrationLoss) else RegistrationLoss(loss)
         self.loss_function.to(self.state.device)
         self.alpha_prior = alpha_prior or AlphaPrior(num_weights=self.loss_function.cond_features)
         _check_weight_counts(self.network, self.loss_function, self.alpha_prior)
-        self.time_budget_s = _positive_seconds(time_budget_s)
+        self.time_budget_s = self.settings.time_budget_s
         self.seconds_spent = 0.0  # training seconds of earlier (resumed) runs
         self._run_start: float | None = None
         self.stopped_by_time_budget = False
-        self.lr_scheduler = build_lr_scheduler(lr_schedule, optimizer, self.max_iterations, progress=self.progress)
-        self.grad_clip = grad_clip
-        self.regularization_points = regularization_points
+        self.lr_scheduler = build_lr_scheduler(self.settings.lr_schedule, optimizer, self.max_iterations, progress=self.progress)
+        self.grad_clip = self.settings.grad_clip
+        self.regularization_points = self.settings.regularization_points
         self.generator = torch.Generator().manual_seed(int(seed))
         self.checkpoint = None  # a TrainingCheckpoint attached to this trainer (it sets this)
         self.signal_caught: int | None = None
@@ -491,10 +452,8 @@ class CIDIRTrainer(Trainer):
         if handlers is not None:
             self._register_handlers(handlers)
 
-    def _image_levels(self, smoothing_mm) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _image_levels(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(fixed, moving) per stage of the coarse-to-fine schedule: smoothed by each sigma, then as they are."""
-        if any(not v > 0 for v in self.smoothing_mm):
-            raise ValueError(f"smoothing_mm must hold positive sigmas (mm), found {smoothing_mm}")
         smoothed = [(_smooth(self.fixed, self.fixed_mapping, v), _smooth(self.moving, self.moving_mapping, v)) for v in self.smoothing_mm]
         return smoothed + [(self.fixed, self.moving)]
 

@@ -26,13 +26,15 @@ __all__ = ["CohortTrainingWorkflow", "CohortInferenceWorkflow"]
 
 
 def _normalised_factory(factory: Callable | None) -> Callable | None:
-    """A partial whose command-line strings (``"none"``, ``"true"``) are turned into values."""
+    """A partial whose command-line strings (``"none"``, ``"true"``) are turned into values, in the
+    partials it holds too (the evaluator's ``key_metric``)."""
     from monai_cidir.engines.bundle import _normalise_options
 
     keywords = getattr(factory, "keywords", None)
     if not isinstance(factory, functools.partial) or not keywords:
         return factory
-    return functools.partial(factory.func, *factory.args, **_normalise_options(keywords))
+    keywords = {k: _normalised_factory(v) for k, v in _normalise_options(keywords).items()}
+    return functools.partial(factory.func, *factory.args, **keywords)
 
 
 def _handler_factory(handlers) -> Callable[[], list] | None:
@@ -50,7 +52,7 @@ class CohortTrainingWorkflow:
     For each pair it builds ``network_def()`` (with ``cond_features = loss.cond_features``),
     ``optimizer(param_groups)``, ``trainer(network, optimizer, fixed, moving, sampler, loss=...,
     alpha_prior=..., ...)`` (an :class:`~monai_cidir.engines.CIDIRTrainer` partial) and, after
-    training, ``evaluator(model, fixed_mask, moving_mask, prior=..., ...)`` (an
+    training, ``evaluator(model, item, prior=..., ...)`` (an
     :class:`~monai_cidir.engines.AlphaSelectionEvaluator` partial), then writes the pair's outputs
     and the cohort table (:func:`~monai_cidir.engines.bundle.train_cohort`; under ``torchrun`` the
     pairs are split across the ranks).

@@ -50,7 +50,7 @@ class AlphaChoice(Metric):
 
     Example::
 
-        >>> evaluator = AlphaSelectionEvaluator(model, fixed_mask, moving_mask, key_metric=AlphaChoice(tie_tolerance=2e-3))
+        >>> evaluator = AlphaSelectionEvaluator(model, item, key_metric=AlphaChoice(tie_tolerance=2e-3))
         >>> evaluator.run().alpha  # the alpha this metric chose
     """
 

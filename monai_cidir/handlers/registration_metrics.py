@@ -145,7 +145,7 @@ class AlphaCurveTRE:
     Example::
 
         >>> tre = AlphaCurveTRE(item["fixed_landmarks"], item["moving_landmarks"])  # doctest: +SKIP
-        >>> evaluator = AlphaSelectionEvaluator(model, item["fixed_mask"], item["moving_mask"], val_handlers=[tre])  # doctest: +SKIP
+        >>> evaluator = AlphaSelectionEvaluator(model, item, val_handlers=[tre])  # doctest: +SKIP
         >>> [(r["alpha"], r["tre"]) for r in evaluator.run().rows]  # doctest: +SKIP
     """
 

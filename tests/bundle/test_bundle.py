@@ -325,7 +325,8 @@ def test_lung_mask_weights_reach_the_lungmask_backend(tmp_path):
     parser = _config("train.json")
     parser["lung_mask_weights"] = str(tmp_path / "unet_r231-d5d2fc3d.pth")
     kwargs = parser.get_parsed_content("workflow#options#lung_mask_kwargs")
-    assert parser.get_parsed_content("validate#evaluator#lung_mask_kwargs") == kwargs  # segment-mode selection too
+    segmenter = parser.get_parsed_content("validate#evaluator#lung_mask")  # segment-mode selection too
+    assert (segmenter.backend, segmenter.weights) == ("threshold", tmp_path / "unet_r231-d5d2fc3d.pth")
     assert kwargs == {"weights": str(tmp_path / "unet_r231-d5d2fc3d.pth")}
     with pytest.raises(FileNotFoundError, match=r"the weights file .*unet_r231-d5d2fc3d\.pth does not exist"):
         LungMaskd("fixed_image", backend="lungmask", **kwargs)({"fixed_image": torch.zeros(1, 8, 8, 2)})

@@ -10,6 +10,7 @@ from monai_cidir.engines import AlphaPrior, AlphaSearch, AlphaSelectionEvaluator
 from monai_cidir.engines.alpha_selection import coarse_steps, selection_grid
 from monai_cidir.handlers import AlphaChoice
 from monai_cidir.networks import ConditionedINR
+from monai_cidir.transforms import LungMask
 
 
 class _AlphaScaledField(torch.nn.Module):
@@ -47,12 +48,12 @@ def test_coarse_dice_within_0_005_of_full_resolution(phantom_item):
     alphas = [0.0, 0.5, 1.0]
     # 9 mm on this coarse phantom gives strides (2, 2, 1), as the 4 mm default does on a 1.7 x 1.7 x 5 mm CT
     coarse = AlphaSelectionEvaluator(
-        model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=alphas),
+        model, phantom_item, search=AlphaSearch(alphas=alphas),
         grid=selection_grid(model.mapping, phantom_item["fixed_mask"], coarse_spacing_mm=9.0),
     )
     assert torch.allclose(coarse.grid.spacing, model.mapping.spacing * torch.tensor([2.0, 2.0, 1.0]))
     full = AlphaSelectionEvaluator(
-        model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=alphas), grid=model.mapping
+        model, phantom_item, search=AlphaSearch(alphas=alphas), grid=model.mapping
     )
     c, f = coarse.run(), full.run()
     assert int(torch.tensor(coarse.shape).prod()) * 6 < int(torch.tensor(full.shape).prod())
@@ -97,7 +98,7 @@ class _LowestDice(AlphaChoice):
 def test_the_key_metric_decides(phantom_item):
     # the fixed mask as moving mask: Dice is highest where the field is smallest (alpha -> 1)
     model = RegistrationModel(_AlphaScaledField(c=0.3), CoordinateMapping.from_image(phantom_item["fixed_image"]))
-    args = (model, phantom_item["fixed_mask"], phantom_item["fixed_mask"])
+    args = (model, {**phantom_item, "moving_mask": phantom_item["fixed_mask"]})
     ev = AlphaSelectionEvaluator(*args, search=AlphaSearch(alphas=[0.0, 0.5, 1.0]))
     curve = ev.run()
     dice = {r["alpha"]: r["dice"] for r in curve.rows}
@@ -112,8 +113,8 @@ def test_the_key_metric_decides(phantom_item):
     # misconfigurations are refused before or at the first alpha, naming what is wrong
     with pytest.raises(TypeError, match="AlphaChoice"):
         AlphaSelectionEvaluator(*args, search=AlphaSearch(alphas=[0.5]), key_metric=dict)
-    with pytest.raises(ValueError, match="no_folding"):
-        AlphaSelectionEvaluator(*args, search=AlphaSearch(alphas=[0.5]), no_folding=True, key_metric=AlphaChoice())
+    with pytest.raises(ValueError, match=r"expected the loaded pair .* found MetaTensor"):
+        AlphaSelectionEvaluator(model, phantom_item["fixed_mask"])
     with pytest.raises(KeyError, match="ncc"):
         AlphaSelectionEvaluator(*args, search=AlphaSearch(alphas=[0.5]), key_metric=AlphaChoice(score_key="ncc")).run()
 
@@ -123,10 +124,10 @@ def test_folding_fraction_from_exact_jacobians(phantom_item):
     mirror = torch.eye(4, dtype=torch.float64)
     mirror[0, 0] = -1.0  # det(I + J) = -1 everywhere
     model = RegistrationModel(_AlphaScaledField(c=0.0), mapping, mirror)
-    rows = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=[0.5])).run().rows
+    rows = AlphaSelectionEvaluator(model, phantom_item, search=AlphaSearch(alphas=[0.5])).run().rows
     assert rows[0]["folding"] == 1.0
     model.set_affine(None)
-    rows = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=[0.5])).run().rows
+    rows = AlphaSelectionEvaluator(model, phantom_item, search=AlphaSearch(alphas=[0.5])).run().rows
     assert rows[0]["folding"] == 0.0 and rows[0]["dice"] < 1.0
 
 
@@ -140,7 +141,8 @@ def test_grid_and_golden_section_refinement(phantom_item):
     # the fixed image's own mask as 'moving' mask: Dice is highest where the field is smallest (alpha -> 1)
     model = RegistrationModel(_AlphaScaledField(c=0.3), CoordinateMapping.from_image(phantom_item["fixed_image"]))
     ev = AlphaSelectionEvaluator(
-        model, phantom_item["fixed_mask"], phantom_item["fixed_mask"], search=AlphaSearch(5, golden_section_steps=4), key_metric=AlphaChoice(tie_tolerance=0.0)
+        model, {**phantom_item, "moving_mask": phantom_item["fixed_mask"]}, search=AlphaSearch(5, golden_section_steps=4),
+        key_metric=AlphaChoice(tie_tolerance=0.0),
     )
     from ignite.engine import Events
 
@@ -168,9 +170,9 @@ def test_coarse_steps_follow_the_voxel_size():
 def test_segment_mode_agrees_with_warped_mask(phantom_item):
     torch.manual_seed(0)
     model = RegistrationModel(ConditionedINR(hidden_features=32), CoordinateMapping.from_image(phantom_item["fixed_image"]))
-    kw = dict(search=AlphaSearch(alphas=[0.5]), moving_image=phantom_item["moving_image"], fixed_image=phantom_item["fixed_image"])
-    warp = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], **kw).run()
-    seg = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], None, mode="segment", lung_mask_backend="threshold", **kw)
+    kw = dict(search=AlphaSearch(alphas=[0.5]))
+    warp = AlphaSelectionEvaluator(model, phantom_item, **kw).run()
+    seg = AlphaSelectionEvaluator(model, {**phantom_item, "moving_mask": None}, mode="segment", lung_mask=LungMask(backend="threshold"), **kw)
     # the threshold backend segments the fixed phantom close to its true mask...
     steps = coarse_steps(model.mapping)  # segment mode scores on the whole field of view, ~4 mm apart
     truth = phantom_item["fixed_mask"][0][tuple(slice(0, None, st) for st in steps)] > 0.5
@@ -192,8 +194,8 @@ def test_band_sweep_gives_the_full_grid_dice_exactly(phantom_item, c):
     mapping = CoordinateMapping.from_image(phantom_item["fixed_image"])
     model = RegistrationModel(_AlphaScaledField(c=c), mapping)
     alphas = [0.0, 0.2, 0.5, 0.9, 1.0]
-    band = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=alphas))
-    full = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=alphas), band_mm=None)
+    band = AlphaSelectionEvaluator(model, phantom_item, search=AlphaSearch(alphas=alphas))
+    full = AlphaSelectionEvaluator(model, phantom_item, search=AlphaSearch(alphas=alphas), band_mm=None)
     b, f = band.run(), full.run()
     dices = [r["dice"] for r in f.rows]
     if c > 0.1:
@@ -223,7 +225,7 @@ def test_safe_radius_is_conservative(phantom_item):
     """No point moved by less than its safe radius changes its warped-mask label."""
     mapping = CoordinateMapping.from_image(phantom_item["fixed_image"])
     model = RegistrationModel(_AlphaScaledField(c=0.0), mapping)
-    ev = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=[0.5]))
+    ev = AlphaSelectionEvaluator(model, phantom_item, search=AlphaSearch(alphas=[0.5]))
     g = torch.Generator().manual_seed(0)
     lo, hi = ev._grid_world().min(0).values, ev._grid_world().max(0).values
     pts = lo + (hi - lo) * torch.rand(20000, 3, generator=g)
@@ -241,14 +243,14 @@ def test_safe_radius_is_conservative(phantom_item):
 def test_sweep_folding_is_thinned_and_the_choice_uses_every_point(phantom_item):
     mapping = CoordinateMapping.from_image(phantom_item["fixed_image"])
     model = RegistrationModel(_AlphaScaledField(c=0.0), mapping)
-    ev = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=[0.5]))
+    ev = AlphaSelectionEvaluator(model, phantom_item, search=AlphaSearch(alphas=[0.5]))
     inside = int(ev.fixed_mask_grid.sum())
     thinned = ev._folding_points(2).numel()
     assert inside / 12 < thinned < inside / 4
     with pytest.raises(ValueError, match="folding_stride"):
-        AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], folding_stride=0)
+        AlphaSelectionEvaluator(model, phantom_item, folding_stride=0)
     with pytest.raises(ValueError, match="band_mm"):
-        AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], band_mm=-1.0)
+        AlphaSelectionEvaluator(model, phantom_item, band_mm=-1.0)
 
 
 def test_selection_evaluator_folds_the_keyword_options_and_the_factory_wins(phantom_item):
@@ -257,7 +259,7 @@ def test_selection_evaluator_folds_the_keyword_options_and_the_factory_wins(phan
     from monai_cidir.engines import selection_evaluator
 
     model = RegistrationModel(_AlphaScaledField(c=0.3), CoordinateMapping.from_image(phantom_item["fixed_image"]))
-    args = (model, phantom_item["fixed_mask"], phantom_item["fixed_mask"])
+    args = (model, {**phantom_item, "moving_mask": phantom_item["fixed_mask"]})
     factory = selection_evaluator(num_alphas=3, golden_section_steps=2, coarse_spacing_mm=9.0, chunk_size=4096)
     assert factory.func is AlphaSelectionEvaluator and factory.keywords["mode"] == "warp_mask"
     ev = factory(*args, prior=AlphaPrior(0.0, 1.0))
@@ -271,5 +273,14 @@ def test_selection_evaluator_folds_the_keyword_options_and_the_factory_wins(phan
     own = functools.partial(AlphaSelectionEvaluator, search=AlphaSearch(alphas=[0.0, 1.0]), chunk_size=512)
     ev = selection_evaluator(own, num_alphas=7, chunk_size=4096)(*args, prior=AlphaPrior())
     assert ev.chunk_size == 512 and [r["alpha"] for r in ev.run().rows] == [0.0, 1.0]
+    assert not ev.no_folding and ev.folding_stride == 4
+    # no_folding is the key metric's rule: set on the factory's own key metric too (fresh per evaluator)
+    own_metric = functools.partial(AlphaSelectionEvaluator, key_metric=functools.partial(AlphaChoice, tie_tolerance=0.0))
+    strict = selection_evaluator(own_metric, no_folding=True)
+    first, second = strict(*args, prior=AlphaPrior()), strict(*args, prior=AlphaPrior())
+    assert first.no_folding and first.choice.tie_tolerance == 0.0 and first.folding_stride == 2
+    assert first.choice is not second.choice
+    with pytest.raises(TypeError, match="did you mean 'no_folding'"):
+        selection_evaluator(no_foldin=True)
     with pytest.raises(TypeError, match="AlphaSearch instance"):
         selection_evaluator(functools.partial(AlphaSelectionEvaluator, search=functools.partial(AlphaSearch, 3)))

@@ -106,7 +106,7 @@ def test_search_refines_towards_the_known_optimum(rounds):
     item = make_blob_pair(shape=(16, 14, 12))
     model = RegistrationModel(ConditionedINR(hidden_features=8, cond_features=2), CoordinateMapping.from_image(item["fixed_image"]))
     prior = AlphaPrior(0.0, [1.0, 1.0], "log-uniform", log_floor=1e-3)
-    evaluator = AlphaSelectionEvaluator(model, item["fixed_mask"], item["moving_mask"], prior=prior, search=AlphaSearch(21, refine_rounds=rounds))
+    evaluator = AlphaSelectionEvaluator(model, item, prior=prior, search=AlphaSearch(21, refine_rounds=rounds))
 
     ones = torch.ones(1, 1, 2, 2, 2)  # MeanDice (the key metric) still sees a prediction and a label
 
@@ -133,7 +133,7 @@ def test_vector_model_needs_the_prior():
     item = make_blob_pair(shape=(12, 12, 10))
     model = RegistrationModel(ConditionedINR(hidden_features=8, cond_features=2), CoordinateMapping.from_image(item["fixed_image"]))
     with pytest.raises(ValueError, match="conditioned on 2 weights"):
-        AlphaSelectionEvaluator(model, item["fixed_mask"], item["moving_mask"])
+        AlphaSelectionEvaluator(model, item)
 
 
 # ---------------------------------------------------------------------------- end to end

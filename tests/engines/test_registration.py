@@ -331,7 +331,7 @@ def test_a_network_gone_non_finite_stops_the_selection(phantom_item):
             return coords * self.w * float("nan")
 
     model = RegistrationModel(NaNField(), CoordinateMapping.from_image(phantom_item["fixed_image"]))
-    ev = AlphaSelectionEvaluator(model, phantom_item["fixed_mask"], phantom_item["moving_mask"], search=AlphaSearch(alphas=[0.0, 0.5, 1.0]))
+    ev = AlphaSelectionEvaluator(model, phantom_item, search=AlphaSearch(alphas=[0.0, 0.5, 1.0]))
     with pytest.raises(FloatingPointError, match="non-finite positions at alpha"):
         ev.run()
 
