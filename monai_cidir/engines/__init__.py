@@ -11,6 +11,8 @@
 * :class:`RegistrationModel`, :func:`load_registration_model` (model.py): the trained transform.
 * export.py: displacement field, warped image, alpha curve and lung-mask pictures.
 * quality.py: lung-mask checks before training, lung NCC / Dice and a status per patient after it.
+* :func:`selection_evaluator`, :func:`select_and_export`, :class:`RegistrationExport` (selection.py):
+  the alpha search on a trained model and the one handler that writes a patient's outputs.
 * :func:`register_patient`, :func:`run_cohort`, :func:`export_registration` (registration.py):
   one pair's registration and the cohort loop.
 * :class:`CohortTrainingWorkflow`, :class:`CohortInferenceWorkflow` (workflow.py): what the
@@ -42,15 +44,12 @@ from monai_cidir.engines.registration import (
     default_network,
     export_registration,
     format_summary_table,
-    landmark_tre,
     make_point_sampler,
-    model_prior,
     register_patient,
     run_cohort,
-    select_and_export,
-    selection_evaluator,
     write_cohort_table,
 )
+from monai_cidir.engines.selection import RegistrationExport, landmark_tre, model_prior, select_and_export, selection_evaluator
 from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer, build_lr_scheduler, build_optimizer, scale_initial_output
 from monai_cidir.engines.workflow import CohortInferenceWorkflow, CohortTrainingWorkflow
 from monai_cidir.losses.registration import REGULARIZER_SCALES
@@ -68,6 +67,7 @@ __all__ = [
     "REGULARIZER_SCALES",
     "RegistrationFailed",
     "RegistrationModel",
+    "RegistrationExport",
     "RegistrationOptions",
     "SelectionSettings",
     "TrainingSettings",

@@ -535,6 +535,7 @@ class AlphaSelectionEvaluator(Evaluator):
             with torch.no_grad():
                 best["folding"] = self.folding(best["alpha"], 1)
         self.curve.best = best
+        self.fire_event(AlphaSearchEvents.SEARCH_COMPLETED)  # the curve is final: exports run here
         return self.curve
 
 

@@ -1,14 +1,19 @@
-"""Alpha values: the selection grid spaced as the training prior samples alpha, and the forms an
-alpha takes (a float for one weight, a tuple for ``K``; lists and tensors converted)."""
+"""Alpha values: the selection grid spaced as the training prior samples alpha, the forms an alpha
+takes (a float for one weight, a tuple for ``K``; lists and tensors converted), and the checks of an
+alpha against the range a model is trained on."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_DISTRIBUTION", "LOG_FLOOR", "alpha_grid", "alpha_key", "alpha_values", "format_alpha"]
+__all__ = [
+    "DEFAULT_DISTRIBUTION", "LOG_FLOOR", "alpha_grid", "alpha_key", "alpha_values", "format_alpha", "weight_ranges",
+    "plain_alpha", "check_alpha",
+]  # fmt: skip
 
 
 #: the smallest positive alpha of a log-uniform prior and of its grid (lambda = 0.03 for bending). Below
@@ -70,3 +75,52 @@ def format_alpha(alpha, spec: str = ".3g") -> str:
     values = alpha_values(alpha)
     text = [format(v, spec) for v in values]
     return text[0] if len(text) == 1 else "[" + ", ".join(text) + "]"
+
+
+def weight_ranges(alpha_range: Sequence, num_weights: int | None = None) -> list[tuple[float, float]]:
+    """``alpha_range`` as one ``(low, high)`` per weight: ``[low, high]`` applies to every weight,
+    ``[[low_1, high_1], ..., [low_K, high_K]]`` gives each its own (``num_weights=None``: as many as given).
+
+    Raises:
+        ValueError: for a range that is not two numbers, or per-weight ranges of another count.
+    """
+    values = list(alpha_range)
+    nested = bool(values) and all(isinstance(v, (list, tuple)) for v in values)
+    k = (len(values) if nested else 1) if num_weights is None else num_weights
+    if nested and len(values) != k:
+        raise ValueError(f"alpha_range gives {len(values)} ranges for {k} weight(s): expected [low, high] or {k} pairs, found {alpha_range!r}")
+    pairs = values if nested else [values] * k
+    try:
+        if any(len(pair) != 2 or any(isinstance(v, bool) for v in pair) for pair in pairs):
+            raise ValueError
+        return [(float(lo), float(hi)) for lo, hi in pairs]
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha_range must be [low, high] (or one such pair per weight), found {alpha_range!r}") from None
+
+
+def plain_alpha(alpha) -> float | list[float]:
+    """An alpha as stored in ``metrics.json`` and ``model.pt``: a float for one weight, a list for several."""
+    values = alpha_values(alpha)
+    return values[0] if len(values) == 1 else values
+
+
+def check_alpha(alpha, alpha_range: Sequence, num_weights: int = 1) -> None:
+    """A requested alpha must lie in the range the model was (or will be) trained on, one value per weight.
+
+    Raises:
+        ValueError: naming the alpha and the range.
+    """
+    if alpha is None:
+        return
+    try:
+        values = alpha_values(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a number (or one number per weight), found {alpha!r}") from None
+    if len(values) != num_weights:
+        raise ValueError(f"alpha {alpha!r} has {len(values)} value(s), but the network is conditioned on {num_weights} weight(s): give one per regularizer")
+    for a, (lo, hi) in zip(values, weight_ranges(alpha_range, num_weights)):
+        if not (math.isfinite(a) and lo - 1e-9 <= a <= hi + 1e-9):
+            raise ValueError(
+                f"alpha {alpha} is outside the range the network is trained on, [{lo:g}, {hi:g}]: it was never conditioned "
+                "there, so its field would be an extrapolation. Choose an alpha in that range (or train with a wider alpha_range)."
+            )

@@ -11,8 +11,10 @@ loaded-pair contract of :mod:`monai_cidir.data`) and writes ``output_dir/<name>/
 * ``metrics.json`` (written last: its presence marks the patient as complete),
 * ``checkpoint.pt`` (resumable training state, written during training).
 
-Re-running skips a complete patient unless ``overwrite=True``; an interrupted one resumes
-from ``checkpoint.pt``. All options are keyword arguments so a bundle config can wire them.
+The outputs after training are written once, by :class:`~monai_cidir.engines.selection.RegistrationExport`
+on the selection evaluator. Re-running skips a complete patient unless ``overwrite=True``; an
+interrupted one resumes from ``checkpoint.pt``. The options are the keywords of
+:class:`~monai_cidir.engines.options.RegistrationOptions`, so a bundle config can wire them.
 """
 
 from __future__ import annotations
@@ -36,27 +38,25 @@ from monai.utils import convert_to_tensor
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.data.datalist import PAIR_PATH_KEYS
 from monai_cidir.data.validation import check_image_file, check_image_values, check_pair_names
-from monai_cidir.engines.alpha_search import AlphaSearch
-from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator, alpha_values, format_alpha, selection_grid
-from monai_cidir.engines.alphas import DEFAULT_DISTRIBUTION
-from monai_cidir.engines.export import (
-    dilate_mask,
-    map_displacement,
-    plot_alpha_curve,
-    plot_alpha_map,
-    write_alpha_curve,
-    write_displacement_field,
-    write_json,
-    write_warped_image,
-)
+from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator, format_alpha
+from monai_cidir.engines.alphas import check_alpha, plain_alpha, weight_ranges  # noqa: F401 (weight_ranges, plain_alpha: re-exported)
+from monai_cidir.engines.export import write_json
 from monai_cidir.engines.model import RegistrationModel, load_registration_model, save_registration_model
 from monai_cidir.engines.options import RegistrationOptions, SelectionSettings, TrainingSettings
 from monai_cidir.engines.prealign import fit_affine
-from monai_cidir.engines.quality import mask_entries, prepare_lung_masks, record_status, registration_quality
-from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer, build_optimizer, scale_initial_output
-from monai_cidir.handlers.alpha_choice import AlphaChoice
+from monai_cidir.engines.quality import mask_entries, prepare_lung_masks
+from monai_cidir.engines.selection import (  # noqa: F401 (landmark_tre, prior_ranges: re-exported)
+    _call_factory,
+    _factory_search,
+    factory_keywords,
+    landmark_tre,
+    model_prior,
+    prior_ranges,
+    select_and_export,
+    selection_evaluator,
+)
+from monai_cidir.engines.trainer import AlphaPrior, CIDIRTrainer, build_optimizer, make_alpha_prior, scale_initial_output
 from monai_cidir.handlers.checkpoint import TrainingCheckpoint
-from monai_cidir.handlers.registration_metrics import AlphaCurveTRE
 from monai_cidir.handlers.progress import TrainingProgressBar
 from monai_cidir.losses.registration import RegistrationLoss
 
@@ -212,96 +212,10 @@ def _accepts(factory, kwargs: Mapping) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in params) or set(kwargs) <= names
 
 
-def landmark_tre(
-    model: RegistrationModel | None, alpha: float | None, item: Mapping, moving_grid: CoordinateMapping | None = None
-) -> dict[str, float]:
-    """TRE statistics (mm) of a model at ``alpha`` (``model=None``: before registration).
-
-    Returns:
-        ``{"mean", "sd", "snapped_mean", "snapped_sd"}`` (``snapped_*`` snap to the moving
-        image's voxels, the DIR-LAB convention); empty when the item has no landmarks.
-    """
-    from monai_cidir.metrics import TargetRegistrationError
-
-    if item.get("fixed_landmarks") is None or item.get("moving_landmarks") is None:
-        return {}
-    fixed = torch.as_tensor(item["fixed_landmarks"], dtype=torch.float64)
-    target = torch.as_tensor(item["moving_landmarks"], dtype=torch.float64)
-    pred = fixed if model is None else model.transform_points(fixed, alpha)
-    grid = moving_grid or CoordinateMapping.from_image(item["moving_image"])
-    out = {}
-    for snap, prefix in ((False, ""), (True, "snapped_")):
-        metric = TargetRegistrationError(snap=snap, moving_grid=grid if snap else None, over="landmarks")
-        metric(pred[None], target[None])
-        out[f"{prefix}mean"] = float(metric.aggregate("mean"))
-        out[f"{prefix}sd"] = float(metric.aggregate("std"))
-    return out
-
-
 def _patient_dir(output_dir, name: str) -> Path:
     """``output_dir/<name>``; the name must be a plain folder name, so outputs stay inside ``output_dir``."""
     check_pair_names([str(name)], f"output_dir {output_dir}")
     return Path(output_dir) / str(name)
-
-
-def weight_ranges(alpha_range: Sequence, num_weights: int | None = None) -> list[tuple[float, float]]:
-    """``alpha_range`` as one ``(low, high)`` per weight: ``[low, high]`` applies to every weight,
-    ``[[low_1, high_1], ..., [low_K, high_K]]`` gives each its own (``num_weights=None``: as many as given).
-
-    Raises:
-        ValueError: for a range that is not two numbers, or per-weight ranges of another count.
-    """
-    values = list(alpha_range)
-    nested = bool(values) and all(isinstance(v, (list, tuple)) for v in values)
-    k = (len(values) if nested else 1) if num_weights is None else num_weights
-    if nested and len(values) != k:
-        raise ValueError(f"alpha_range gives {len(values)} ranges for {k} weight(s): expected [low, high] or {k} pairs, found {alpha_range!r}")
-    pairs = values if nested else [values] * k
-    try:
-        if any(len(pair) != 2 or any(isinstance(v, bool) for v in pair) for pair in pairs):
-            raise ValueError
-        return [(float(lo), float(hi)) for lo, hi in pairs]
-    except (TypeError, ValueError):
-        raise ValueError(f"alpha_range must be [low, high] (or one such pair per weight), found {alpha_range!r}") from None
-
-
-def plain_alpha(alpha) -> float | list[float]:
-    """An alpha as stored in ``metrics.json`` and ``model.pt``: a float for one weight, a list for several."""
-    values = alpha_values(alpha)
-    return values[0] if len(values) == 1 else values
-
-
-def check_alpha(alpha, alpha_range: Sequence, num_weights: int = 1) -> None:
-    """A requested alpha must lie in the range the model was (or will be) trained on, one value per weight.
-
-    Raises:
-        ValueError: naming the alpha and the range.
-    """
-    if alpha is None:
-        return
-    try:
-        values = alpha_values(alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"alpha must be a number (or one number per weight), found {alpha!r}") from None
-    if len(values) != num_weights:
-        raise ValueError(f"alpha {alpha!r} has {len(values)} value(s), but the network is conditioned on {num_weights} weight(s): give one per regularizer")
-    for a, (lo, hi) in zip(values, weight_ranges(alpha_range, num_weights)):
-        if not (math.isfinite(a) and lo - 1e-9 <= a <= hi + 1e-9):
-            raise ValueError(
-                f"alpha {alpha} is outside the range the network is trained on, [{lo:g}, {hi:g}]: it was never conditioned "
-                "there, so its field would be an extrapolation. Choose an alpha in that range (or train with a wider alpha_range)."
-            )
-
-
-def make_alpha_prior(alpha_range: Sequence, alpha_distribution: str | Sequence[str], num_weights: int = 1, per_point: bool = True) -> AlphaPrior:
-    """The training prior of the bundle options: ``alpha_range`` (see :func:`weight_ranges`) and
-    ``alpha_distribution`` (one name, or one per weight) for ``num_weights`` weights."""
-    ranges = weight_ranges(alpha_range, num_weights)
-    lows, highs = [r[0] for r in ranges], [r[1] for r in ranges]
-    try:  # the prior checks the distributions, the ranges and their counts
-        return AlphaPrior(lows, highs, alpha_distribution, per_point=per_point, num_weights=num_weights)
-    except ValueError as e:
-        raise ValueError(f"alpha_range / alpha_distribution: {e}") from None
 
 
 def check_options(options: Mapping[str, Any]) -> RegistrationLoss:
@@ -466,212 +380,6 @@ def _precheck_cohort(dataset) -> None:
 
 
 # ---------------------------------------------------------------------------- selection + export
-def select_and_export(
-    model: RegistrationModel,
-    item: dict,
-    patient_dir: str | os.PathLike,
-    evaluator: Callable[..., AlphaSelectionEvaluator] | None = None,
-    prior: AlphaPrior | None = None,
-    alpha: float | None = None,
-    export_images: bool = True,
-    export_coarse_mm: float | None = 6.0,
-    previous: dict | None = None,
-    selection_handlers: Sequence | None = None,
-) -> dict:
-    """Alpha selection (or a fixed ``alpha``), TRE, exports and ``metrics.json`` for one trained model.
-
-    Args:
-        model: the trained registration.
-        item: the loaded pair (images, masks, optional landmarks, name).
-        patient_dir: where the outputs go.
-        evaluator: a factory of the selection evaluator, ``evaluator(model, item, prior=...,
-            val_handlers=...) -> AlphaSelectionEvaluator``:
-            the one owner of the selection settings (search, scoring mode, grid, key metric, chunk
-            size), e.g. the bundle's ``validate#evaluator`` (a ``_mode_: callable`` partial) or
-            :func:`selection_evaluator`'s partial of the keyword options. Default:
-            ``selection_evaluator()`` (21 alphas, lung Dice, the 4 mm grid of the lung's box).
-        prior: the training prior, which spaces the search's grid and bounds ``alpha`` (default: the
-            one stored in ``model.pt``, :func:`model_prior`).
-        alpha: export at this alpha; the sweep still runs (its curve is written) unless the
-            evaluator's search has ``num_alphas=0``.
-        export_images: write ``displacement.nii.gz`` and ``warped_moving.nii.gz``.
-        export_coarse_mm: the exported field is exact in the fixed lung mask grown by 10 mm and
-            interpolated from a grid this coarse (mm) elsewhere
-            (:func:`~monai_cidir.engines.export.map_displacement`; its measured error goes to
-            ``metrics.json`` as ``export_interpolation_max_mm``); ``None``: exact everywhere.
-        previous: entries to carry into ``metrics.json`` (e.g. training seconds).
-        selection_handlers: handlers attached to the selection evaluator (the landmark TRE handler
-            is added when the pair has landmarks).
-
-    Returns:
-        the metrics dict written to ``metrics.json``.
-
-    Example::
-
-        >>> factory = selection_evaluator(num_alphas=11, selection_mode="segment")
-        >>> metrics = select_and_export(model, item, "outputs/pair1", evaluator=factory)  # doctest: +SKIP
-    """
-    k = model.num_weights
-    prior = model_prior(model) if prior is None else prior
-    check_alpha(alpha, prior_ranges(prior), k)
-    names = list(getattr(model, "info", {}).get("regularizer_names") or [str(i) for i in range(k)])
-    patient_dir = Path(patient_dir)
-    name = str(item.get("name", patient_dir.name))
-    start = time.perf_counter()
-    handlers = list(selection_handlers or [])
-    if item.get("fixed_landmarks") is not None and item.get("moving_landmarks") is not None:
-        handlers.append(AlphaCurveTRE(item["fixed_landmarks"], item["moving_landmarks"]))  # the TRE-vs-alpha curve
-    evaluator, rows, best = _sweep(selection_evaluator(evaluator), model, item, prior, handlers, alpha)
-    seconds_selection = time.perf_counter() - start
-    if alpha is None:
-        alpha, chosen = plain_alpha(best["alpha"]), best
-    else:
-        alpha = plain_alpha(alpha)
-        chosen = next((r for r in rows if np.allclose(alpha_values(r["alpha"]), alpha_values(alpha), rtol=0, atol=1e-12)), None)
-        with torch.no_grad():
-            if chosen is None:  # off the grid, or no sweep: score the given alpha alone (every lung point's folding)
-                chosen = evaluator.score(alpha, folding_stride=1)
-            elif evaluator.folding_stride > 1:  # the sweep's folding was thinned
-                chosen = dict(chosen, folding=evaluator.folding(alpha, 1))
-    chunk_size = evaluator.chunk_size
-    if rows:
-        _write_alpha_curve(rows, alpha, patient_dir, names, name, k)
-    export_seconds = time.perf_counter()
-    export_info = _export_images(model, alpha, item, patient_dir, export_coarse_mm, chunk_size) if export_images else {}
-    export_seconds = time.perf_counter() - export_seconds
-    metrics: dict[str, Any] = dict(previous or {})
-    metrics.update(name=name, alpha=plain_alpha(alpha), dice=float(chosen["dice"]), dice_before=evaluator.score_identity())
-    metrics.update(_curve_metrics(rows, best, alpha, chosen, names if k > 1 else None))
-    for key, stats in (("tre_before", landmark_tre(None, None, item)), ("tre_after", landmark_tre(model, alpha, item))):
-        metrics.update({f"{key}_{stat}": value for stat, value in stats.items()})
-    metrics.update(registration_quality(model, alpha, item, evaluator))
-    record_status(metrics)
-    metrics["seconds_selection"] = seconds_selection
-    metrics["seconds_export"] = export_seconds
-    metrics.update({f"export_{k}": v for k, v in export_info.items()})
-    write_json(metrics, patient_dir / "metrics.json")
-    return metrics
-
-
-def _sweep(factory: Callable, model: RegistrationModel, item: Mapping, prior: AlphaPrior, handlers: list, alpha) -> tuple:
-    """Run the factory's search: ``(evaluator, rows, best)``. With ``num_alphas=0`` nothing is scored:
-    the evaluator is built for the given ``alpha`` only (to score it), rows empty, best ``None``."""
-    search = _factory_search(factory) or AlphaSearch()
-    inputs = (model, item)
-    if search.num_alphas == 0:
-        if alpha is None:
-            raise ValueError("no alpha to export: give alpha=... or an evaluator whose search has num_alphas > 0")
-        single = functools.partial(factory, search=AlphaSearch(alphas=[alpha]))  # replaces the factory's own search
-        return _call_factory(single, inputs, {}, prior=prior), [], None
-    evaluator = _call_factory(factory, inputs, {"val_handlers": handlers}, prior=prior)
-    curve = evaluator.run()
-    return evaluator, curve.rows, curve.best
-
-
-def selection_evaluator(
-    evaluator: Callable[..., AlphaSelectionEvaluator] | None = None,
-    lung_mask_backend: str = "threshold",
-    lung_mask_kwargs: dict | None = None,
-    **settings: Any,
-) -> functools.partial:
-    """The selection evaluator factory of the keyword options: one place that turns
-    :func:`register_patient`'s flat selection options into an evaluator partial.
-
-    Args:
-        evaluator: a factory to complete (a class, or a ``functools.partial`` such as the bundle's
-            ``validate#evaluator``); what it sets itself wins over the options below.
-            Default :class:`~monai_cidir.engines.AlphaSelectionEvaluator`.
-        lung_mask_backend, lung_mask_kwargs: the lung-mask transform of ``selection_mode="segment"``.
-        settings: the :class:`~monai_cidir.engines.options.SelectionSettings` keywords: the search
-            ``AlphaSearch(num_alphas, golden_section_steps=...)`` (``num_alphas=0``: no sweep, export
-            at a given alpha), ``no_folding``, ``selection_mode`` (the evaluator's ``mode``), the
-            selection grid ``coarse_spacing_mm`` / ``coarse_factor`` (:func:`selection_grid`) and
-            ``chunk_size`` (points per network call).
-
-    Returns:
-        a ``functools.partial`` of the evaluator class with every option set.
-
-    Example::
-
-        >>> factory = selection_evaluator(num_alphas=11, coarse_spacing_mm=2.0)
-        >>> evaluator = factory(model, item["fixed_mask"], item["moving_mask"], prior=AlphaPrior())  # doctest: +SKIP
-    """
-    base = evaluator or AlphaSelectionEvaluator
-    own = factory_keywords(base)
-    _factory_search(base)  # refuses a search that is not an AlphaSearch, before anything runs
-    s = SelectionSettings.from_keywords(settings)
-    options = {
-        "search": AlphaSearch(s.num_alphas, golden_section_steps=s.golden_section_steps), "mode": s.selection_mode,
-        "grid": functools.partial(selection_grid, coarse_spacing_mm=s.coarse_spacing_mm, coarse_factor=s.coarse_factor),
-        "chunk_size": s.chunk_size,
-    }  # fmt: skip
-    if s.selection_mode == "segment":
-        from monai_cidir.transforms import LungMask
-
-        options["lung_mask"] = LungMask(backend=lung_mask_backend, **(lung_mask_kwargs or {}))
-    merged = {**options, **own}
-    if s.no_folding:  # the key metric owns the folding rule
-        merged["key_metric"] = functools.partial(_refusing_folding, merged.get("key_metric"))
-    return functools.partial(getattr(base, "func", base), **merged)
-
-
-def _refusing_folding(key_metric=None) -> AlphaChoice:
-    """A fresh key metric (the given one, or its factory's, default :class:`AlphaChoice`) that lets
-    only alphas without folding compete."""
-    choice = AlphaChoice() if key_metric is None else key_metric if isinstance(key_metric, AlphaChoice) else key_metric()
-    choice.no_folding = True
-    return choice
-
-
-def model_prior(model: RegistrationModel, alpha_range: Sequence | None = None, alpha_distribution: str | Sequence[str] | None = None) -> AlphaPrior:
-    """The prior a model was trained with (stored in ``model.pt``), or one of the given range /
-    distribution (each overrides the stored one; models saved before the prior was stored give
-    their range and distribution, else the paper's uniform [0, 1])."""
-    info = getattr(model, "info", {}) or {}
-    if alpha_range is None and alpha_distribution is None and info.get("alpha_prior"):
-        return AlphaPrior(**info["alpha_prior"])
-    alpha_range = info.get("alpha_range", (0.0, 1.0)) if alpha_range is None else alpha_range
-    alpha_distribution = info.get("alpha_distribution", "uniform") if alpha_distribution is None else alpha_distribution
-    return make_alpha_prior(alpha_range, alpha_distribution, model.num_weights)
-
-
-def prior_ranges(prior: AlphaPrior) -> list[tuple[float, float]]:
-    """``(low, high)`` of each weight of the prior."""
-    return list(zip(prior.lows, prior.highs))
-
-
-def _curve_metrics(rows: list[dict], best: dict | None, alpha, chosen: dict, names: list[str] | None) -> dict:
-    """``metrics.json``'s entries about the search: the chosen row's folding, how alpha was set, the
-    curve's size and speed, and (with landmarks) the oracle alpha, the lowest TRE scored."""
-    selected = bool(rows) and best is not None and alpha_values(alpha) == alpha_values(best["alpha"])
-    out: dict[str, Any] = {"folding": float(chosen["folding"]), "alpha_selection": "max_dice" if selected else "fixed", "num_alphas_evaluated": len(rows)}
-    if names:  # one weight per regularizer
-        out["alpha_names"] = names
-    if rows:
-        out["dice_at_alpha_min"] = float(rows[0]["dice"])
-        out["seconds_per_alpha"] = float(sum(r["seconds"] for r in rows) / len(rows))
-    if rows and all("tre" in r for r in rows):  # landmarks: the best TRE scored, to compare the choice with
-        oracle = min(rows, key=lambda r: r["tre"])
-        out["alpha_oracle"], out["tre_oracle_mean"] = plain_alpha(oracle["alpha"]), float(oracle["tre"])
-    return out
-
-
-def _write_alpha_curve(rows: list[dict], alpha, patient_dir: Path, names: list[str], name: str, num_weights: int) -> None:
-    """``alpha_curve.csv`` and its picture: the curve (one weight) or the map of evaluated vectors."""
-    write_alpha_curve(rows, patient_dir / "alpha_curve.csv", names)
-    if num_weights == 1:
-        plot_alpha_curve(rows, alpha, patient_dir / "alpha_curve.png", title=name)
-    else:
-        plot_alpha_map(rows, alpha_values(alpha), patient_dir / "alpha_curve.png", names, title=name)
-
-
-def _export_images(model: RegistrationModel, alpha, item: Mapping, patient_dir: Path, coarse_mm: float | None, chunk_size: int) -> dict:
-    """``displacement.nii.gz`` and ``warped_moving.nii.gz`` from one mapping of the field; its error report."""
-    lung = None if coarse_mm is None else dilate_mask(item["fixed_mask"], model.mapping, 10.0)
-    field, info = map_displacement(model, alpha, lung, coarse_mm, chunk_size)  # mapped once for both files
-    write_displacement_field(model, alpha, patient_dir / "displacement.nii.gz", field=field)
-    write_warped_image(model, alpha, item["moving_image"], patient_dir / "warped_moving.nii.gz", field=field)
-    return info
 
 
 # ---------------------------------------------------------------------------- one patient
@@ -805,11 +513,6 @@ TRAINER_OPTIONS = TrainingSettings.names()
 EVALUATOR_OPTIONS = {"selection_mode": "mode", "chunk_size": "chunk_size"}
 
 
-def factory_keywords(factory) -> dict:
-    """The options a ``_mode_: callable`` partial (``functools.partial``) already sets; ``{}`` otherwise."""
-    return dict(getattr(factory, "keywords", None) or {})
-
-
 def _with_factory_options(options: dict, trainer, evaluator) -> dict:
     """register_patient's options with what the trainer / evaluator factories set themselves
     (those win: they are what runs, so settings.json and the logs report them)."""
@@ -821,30 +524,6 @@ def _with_factory_options(options: dict, trainer, evaluator) -> dict:
     if search is not None:  # the grid the factory's search scores (settings.json reports what runs)
         out.update(num_alphas=search.num_alphas, golden_section_steps=search.golden_section_steps)
     return out
-
-
-def _factory_search(factory) -> AlphaSearch | None:
-    """The :class:`AlphaSearch` an evaluator factory sets itself (``validate#evaluator#search``), if any.
-
-    Raises:
-        TypeError: when it is not an ``AlphaSearch`` instance (e.g. a ``_mode_: callable`` partial).
-    """
-    search = factory_keywords(factory).get("search")
-    if search is not None and not isinstance(search, AlphaSearch):
-        raise TypeError(f"the evaluator's search must be an AlphaSearch instance (no '_mode_: callable' in the config), found {search!r}")
-    return search
-
-
-def _call_factory(factory: Callable, args: tuple, options: Mapping[str, Any], **required):
-    """``factory(*args, **required, **options)``, leaving out the options the factory sets itself."""
-    own = factory_keywords(factory)
-    clash = sorted(set(required) & set(own))
-    if clash:
-        raise ValueError(
-            f"the factory {getattr(factory, 'func', factory)!r} sets {clash} itself, but these are given per patient by the "
-            "workflow (from the config's loss / alpha ids, device and output folder): remove them from the factory"
-        )
-    return factory(*args, **required, **{k: v for k, v in options.items() if k not in own})
 
 
 def _open_patient_dir(pdir: Path, settings: dict, overwrite: bool, name: str) -> dict | None:
@@ -972,13 +651,11 @@ def register_patient(
         item, mask_reports = prepare_lung_masks(item, options["lung_mask_backend"], options["lung_mask_kwargs"], overlay=pdir / "lung_masks.png")
         trainer, previous = _train(item, pdir, options, loss, prior, handlers() if callable(handlers) else handlers)
         previous.update(mask_entries(mask_reports))
-        model, model_info = trainer.model, dict(trainer.model.info)
         factory = selection_evaluator(evaluator, **{key: options[key] for key in (*SelectionSettings.names(), "lung_mask_backend", "lung_mask_kwargs")})
         metrics = select_and_export(
-            model, item, pdir, factory, trainer.alpha_prior, options["alpha"], options["export_images"], previous=previous,
+            trainer.model, item, pdir, factory, trainer.alpha_prior, options["alpha"], options["export_images"], previous=previous,
             selection_handlers=selection_handlers,
         )
-        save_registration_model(model, pdir / "model.pt", alpha=metrics["alpha"], **model_info)
         logger.info(
             "%s: alpha %s, Dice %.4f, folding %.2g, TRE %s -> %s mm", name, format_alpha(metrics["alpha"]), metrics["dice"],
             metrics["folding"], _fmt(metrics.get("tre_before_mean")), _fmt(metrics.get("tre_after_mean")),
@@ -1146,9 +823,7 @@ def export_registration(
             previous = {k: v for k, v in old.items() if k in ("iterations", "num_points", "regularizer", "seed", "seconds_affine", "seconds_training", "training_device", "affine_prealign")}
         item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
         previous.update(mask_entries(mask_reports))
-        metrics = select_and_export(model, item, pdir, factory, prior, alpha, previous=previous, **export)
-        save_registration_model(model, pdir / "model.pt", **{**model.info, "alpha": metrics["alpha"]})
-        return metrics
+        return select_and_export(model, item, pdir, factory, prior, alpha, previous=previous, **export)
 
 
 # ---------------------------------------------------------------------------- cohort

@@ -37,7 +37,7 @@ from monai.inferers import SimpleInferer
 
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines import alphas
-from monai_cidir.engines.alphas import alpha_grid
+from monai_cidir.engines.alphas import alpha_grid, weight_ranges
 from monai_cidir.engines.model import RegistrationModel
 from monai_cidir.engines.options import TrainingSettings
 from monai_cidir.losses.registration import RegistrationLoss
@@ -590,3 +590,14 @@ class CIDIRTrainer(Trainer):
         if self.signal_caught is not None:
             logger.warning("training stopped by signal %d at iteration %d; checkpoint written to %s", self.signal_caught, self.state.iteration, self.checkpoint.path)
             raise KeyboardInterrupt if self.signal_caught == signal.SIGINT else SystemExit(128 + self.signal_caught)
+
+
+def make_alpha_prior(alpha_range: Sequence, alpha_distribution: str | Sequence[str], num_weights: int = 1, per_point: bool = True) -> AlphaPrior:
+    """The training prior of the bundle options: ``alpha_range`` (see :func:`weight_ranges`) and
+    ``alpha_distribution`` (one name, or one per weight) for ``num_weights`` weights."""
+    ranges = weight_ranges(alpha_range, num_weights)
+    lows, highs = [r[0] for r in ranges], [r[1] for r in ranges]
+    try:  # the prior checks the distributions, the ranges and their counts
+        return AlphaPrior(lows, highs, alpha_distribution, per_point=per_point, num_weights=num_weights)
+    except ValueError as e:
+        raise ValueError(f"alpha_range / alpha_distribution: {e}") from None

@@ -24,10 +24,12 @@ class AlphaSearchEvents(EventEnum):
     """Events of the alpha search (registered on :class:`~monai_cidir.engines.AlphaSelectionEvaluator`).
 
     ``SEARCH_STARTED`` fires once per search, before the first grid is scored; refinement rounds
-    are further engine runs of the same search.
+    are further engine runs of the same search. ``SEARCH_COMPLETED`` fires once, after the key metric
+    has chosen and ``evaluator.curve`` is final (the export handler writes the outputs then).
     """
 
     SEARCH_STARTED = "search_started"
+    SEARCH_COMPLETED = "search_completed"
 
 
 class AlphaChoice(Metric):

@@ -284,3 +284,27 @@ def test_selection_evaluator_folds_the_keyword_options_and_the_factory_wins(phan
         selection_evaluator(no_foldin=True)
     with pytest.raises(TypeError, match="AlphaSearch instance"):
         selection_evaluator(functools.partial(AlphaSelectionEvaluator, search=functools.partial(AlphaSearch, 3)))
+
+
+def test_the_export_handler_writes_the_outputs_once_when_the_search_completes(phantom_item, tmp_path):
+    """RegistrationExport, attached like any handler, writes after the refinement too, exactly once, at the key metric's choice."""
+    import json
+
+    from monai_cidir.engines import RegistrationExport
+
+    model = RegistrationModel(_AlphaScaledField(c=0.3), CoordinateMapping.from_image(phantom_item["fixed_image"]))
+    model.info = {"name": "p", "alpha_range": [0.0, 1.0]}
+    item = {**phantom_item, "moving_mask": phantom_item["fixed_mask"]}  # Dice is highest at alpha 1
+    export = RegistrationExport(tmp_path / "p", item, export_coarse_mm=None, previous={"seconds_training": 1.5})
+    writes = []
+    write = export.write
+    export.write = lambda *args: writes.append(len(args[1])) or write(*args)
+    ev = AlphaSelectionEvaluator(model, item, search=AlphaSearch(5, golden_section_steps=3), val_handlers=[export])
+    curve = ev.run()
+    assert writes == [5 + 3]  # once, with the grid and the refinement's alphas
+    stored = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert stored == export.metrics and stored["alpha"] == curve.alpha == 1.0 and stored["seconds_training"] == 1.5
+    assert stored["dice"] == pytest.approx(curve.best["dice"]) and stored["num_alphas_evaluated"] == 8
+    for f in ("alpha_curve.csv", "alpha_curve.png", "displacement.nii.gz", "warped_moving.nii.gz", "model.pt"):
+        assert (tmp_path / "p" / f).is_file(), f
+    assert torch.load(tmp_path / "p" / "model.pt", weights_only=False)["alpha"] == 1.0 and model.info["alpha"] == 1.0

@@ -237,7 +237,7 @@ def test_runs_stopped_at_random_moments_rerun_to_the_uninterrupted_result(phanto
 
     from ignite.engine import Events
 
-    from monai_cidir.engines import registration as reg
+    from monai_cidir.engines import selection as reg
     from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator
 
     opts = dict(FAST, max_iterations=60, num_alphas=6, checkpoint_every_s=0.0, seed=0)
