@@ -98,6 +98,17 @@ def _chunk_points(n: int, features: int, device: torch.device) -> int:
     return max(1, _CHUNK_ELEMENTS // max(features, 1))
 
 
+def _point_slices(n: int, features: int, device: torch.device):
+    """The slices of ``n`` points that the kernels walk, each at most :func:`_chunk_points` long."""
+    step = _chunk_points(n, features, device)
+    return (slice(n0, n0 + step) for n0 in range(0, n, step))
+
+
+def _over_features(jw: torch.Tensor, hw: torch.Tensor | None) -> tuple:
+    """The first layer's weight products ``(S, F)`` as ``(S, 1, F)``, broadcast over the points."""
+    return jw[:, None, :], None if hw is None else hw[:, None, :]
+
+
 def _rows(p, sl: slice):
     """Slice per-point parameters (N, 1) or (N, F); leave floats and one-row tensors as they are."""
     if isinstance(p, torch.Tensor) and p.shape[0] != 1:
@@ -218,9 +229,7 @@ class _SineLayer(torch.autograd.Function):
         sin_all, cos_all = torch.empty_like(z_stack[0]), torch.empty_like(z_stack[0])
         k1_all = torch.empty_like(z_stack[0]) if with_k else None
         k2_all = torch.empty_like(z_stack[0]) if with_k else None
-        step = _chunk_points(n, f, z_stack.device)
-        for n0 in range(0, n, step):
-            sl = slice(n0, n0 + step)
+        for sl in _point_slices(n, f, z_stack.device):
             p = _Params(a, w, c, d, sl)
             zc, oc, sn, cs = z_stack[:, sl], out[:, sl], sin_all[sl], cos_all[sl]
             _activate(zc[0] + bias, p, oc[0], sn, cs)
@@ -249,9 +258,7 @@ class _SineLayer(torch.autograd.Function):
         gz = torch.empty_like(z_stack)
         gbias = torch.zeros_like(bias) if ctx.needs_input_grad[1] else None
         ga, gw, gc, gd = _param_buffers(ctx, (a, w, c, d), 2)
-        step = _chunk_points(n, f, z_stack.device)
-        for n0 in range(0, n, step):
-            sl = slice(n0, n0 + step)
+        for sl in _point_slices(n, f, z_stack.device):
             p = _Params(a, w, c, d, sl)
             zc, gc_in, gzc = z_stack[:, sl], grad[:, sl], gz[:, sl]
             sn, cs = sin_all[sl], cos_all[sl]
@@ -292,11 +299,8 @@ class _FirstSineLayer(torch.autograd.Function):
         sin_all, cos_all = torch.empty_like(z0), torch.empty_like(z0)
         k1_all = torch.empty_like(z0) if with_k else None
         k2_all = torch.empty_like(z0) if with_k else None
-        step = _chunk_points(n, f, z0.device)
-        jw3 = jw[:, None, :]
-        hw3 = None if hw is None else hw[:, None, :]
-        for n0 in range(0, n, step):
-            sl = slice(n0, n0 + step)
+        jw3, hw3 = _over_features(jw, hw)
+        for sl in _point_slices(n, f, z0.device):
             p = _Params(a, w, c, d, sl)
             oc, sn, cs = out[:, sl], sin_all[sl], cos_all[sl]
             _activate(z0[sl].clone(), p, oc[0], sn, cs)
@@ -321,11 +325,8 @@ class _FirstSineLayer(torch.autograd.Function):
         gjw = torch.zeros_like(jw) if ctx.needs_input_grad[1] else None
         ghw = torch.zeros_like(hw) if hw is not None and ctx.needs_input_grad[2] else None
         ga, gw, gc, gd = _param_buffers(ctx, (a, w, c, d), 3)
-        step = _chunk_points(n, f, z0.device)
-        jw3 = jw[:, None, :]
-        hw3 = None if hw is None else hw[:, None, :]
-        for n0 in range(0, n, step):
-            sl = slice(n0, n0 + step)
+        jw3, hw3 = _over_features(jw, hw)
+        for sl in _point_slices(n, f, z0.device):
             p = _Params(a, w, c, d, sl)
             gc_in = grad[:, sl]
             z = z0[sl]
@@ -446,9 +447,7 @@ class _AdjointHessian(torch.autograd.Function):
         shared_j = z_or_jz.shape[0] != 4
         if shared_j:  # first layer: the products are the same for every point
             pairs_t = _pairs(jz, k1.new_empty((1, 6, f)))[0].t()  # (F, 6)
-        step = _chunk_points(n, f, k1.device)
-        for n0 in range(0, n, step):
-            sl = slice(n0, n0 + step)
+        for sl in _point_slices(n, f, k1.device):
             dc = delta if delta.shape[1] == 1 else delta[:, sl]
             e = dc * k2[sl]  # (D, nc, F)
             if shared_j:
@@ -479,9 +478,7 @@ class _AdjointHessian(torch.autograd.Function):
         g_k2 = torch.zeros_like(k2) if g_contribution is not None else None
         if shared_j:
             pairs_shared = _pairs(jz, k1.new_empty((1, 6, f)))[0]  # (6, F)
-        step = _chunk_points(n, f, k1.device)
-        for n0 in range(0, n, step):
-            sl = slice(n0, n0 + step)
+        for sl in _point_slices(n, f, k1.device):
             dc = delta if shared_d else delta[:, sl]
             gd = None
             if g_next is not None:
