@@ -28,7 +28,7 @@ __all__ = ["CohortTrainingWorkflow", "CohortInferenceWorkflow"]
 def _normalised_factory(factory: Callable | None) -> Callable | None:
     """A partial whose command-line strings (``"none"``, ``"true"``) are turned into values, in the
     partials it holds too (the evaluator's ``key_metric``)."""
-    from monai_cidir.engines.bundle import _normalise_options
+    from monai_cidir.engines.cli import _normalise_options
 
     keywords = getattr(factory, "keywords", None)
     if not isinstance(factory, functools.partial) or not keywords:
