@@ -174,9 +174,10 @@ class AlphaSelectionEvaluator(Evaluator):
         item: the loaded pair: ``fixed_mask`` (MetaTensor ``(1, X, Y, Z)`` on the model's fixed grid),
             ``moving_mask`` (its own grid; needed by ``mode="warp_mask"``) and, for ``mode="segment"``,
             ``fixed_image`` and ``moving_image``.
-        prior: the training prior (:class:`~monai_cidir.engines.AlphaPrior`, as stored in
-            ``model.pt``): the search's first grid is spaced as it samples alpha. ``None``: the
-            paper's uniform prior on ``[0, 1]``; required for a model conditioned on ``K > 1`` weights.
+        prior: the training prior (:class:`~monai_cidir.engines.AlphaPrior`): the search's first grid
+            is spaced as it samples alpha. ``None``: the one the model was trained with, as
+            ``model.pt`` stores it (``model.info["alpha_prior"]``), else the paper's uniform prior on
+            ``[0, 1]``; required for a model conditioned on ``K > 1`` weights.
         search: which alphas are scored (:class:`~monai_cidir.engines.AlphaSearch`: the grid size or
             explicit alphas, golden-section steps, refinement rounds); default ``AlphaSearch()``
             (21 alphas, no refinement for one weight).
@@ -232,7 +233,8 @@ class AlphaSelectionEvaluator(Evaluator):
         if int(folding_stride) < 1:
             raise ValueError(f"folding_stride must be >= 1, found {folding_stride}")
         self.num_weights = int(getattr(model, "num_weights", 1))
-        self.prior = prior
+        self.prior = _stored_prior(model) if prior is None else prior
+        prior = self.prior
         self.search = AlphaSearch() if search is None else search
         alphas = self.search.first(prior, self.num_weights)
         if not alphas:
@@ -555,6 +557,16 @@ def _pair_inputs(item: Mapping[str, Any], mode: str, band_mm) -> tuple:
     if band_mm is not None and not band_mm > 0:
         raise ValueError(f"band_mm must be positive or None, found {band_mm}")
     return item["fixed_mask"], moving_mask, moving_image, fixed_image
+
+
+def _stored_prior(model):
+    """The prior ``model.pt`` stores for a trained model (``None`` for a model without one)."""
+    state = (getattr(model, "info", None) or {}).get("alpha_prior")
+    if not state:
+        return None
+    from monai_cidir.engines.trainer import AlphaPrior
+
+    return AlphaPrior(**state)
 
 
 def _median_alpha(alphas: list, num_weights: int):

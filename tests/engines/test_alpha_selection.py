@@ -308,3 +308,14 @@ def test_the_export_handler_writes_the_outputs_once_when_the_search_completes(ph
     for f in ("alpha_curve.csv", "alpha_curve.png", "displacement.nii.gz", "warped_moving.nii.gz", "model.pt"):
         assert (tmp_path / "p" / f).is_file(), f
     assert torch.load(tmp_path / "p" / "model.pt", weights_only=False)["alpha"] == 1.0 and model.info["alpha"] == 1.0
+
+
+def test_a_trained_model_is_searched_on_its_own_prior(phantom_item):
+    """prior=None reads the prior model.pt stores (log-uniform: 0, then log-spaced), not the paper's uniform grid."""
+    model = RegistrationModel(_AlphaScaledField(c=0.3), CoordinateMapping.from_image(phantom_item["fixed_image"]))
+    plain = AlphaSelectionEvaluator(model, phantom_item, search=AlphaSearch(5))
+    model.info = {"alpha_prior": AlphaPrior(0.0, 1.0, "log-uniform", log_floor=1e-4).state_dict()}
+    stored = AlphaSelectionEvaluator(model, phantom_item, search=AlphaSearch(5))
+    first = lambda ev: [a["alpha"] for a in ev.data_loader]  # noqa: E731
+    assert first(plain) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert first(stored) == pytest.approx([0.0, 1e-4, 1e-3 * 10 ** (1 / 3), 10 ** (-4 / 3), 1.0])
