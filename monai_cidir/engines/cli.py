@@ -85,7 +85,9 @@ def _literal(value: str | bool) -> Any:
 
 def _new_option_of_known_parent(parser, key: str) -> bool:
     """``a#b`` not in the config, where ``a`` is an options dict (passed on as keyword arguments) or a
-    component whose ``_target_`` accepts ``b``: a legitimate new option."""
+    component whose ``_target_`` accepts ``b``: a legitimate new option. A target that takes its
+    options as ``**keywords`` names them by a ``keyword_options`` group (e.g. ``CIDIRTrainer``'s
+    :class:`~monai_cidir.engines.options.TrainingSettings`)."""
     import inspect
     from pydoc import locate
 
@@ -105,7 +107,26 @@ def _new_option_of_known_parent(parser, key: str) -> bool:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return True
-    return leaf in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    group = getattr(fn, "keyword_options", None)
+    if leaf in params or group is not None:
+        return leaf in params or leaf in group.names()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _sibling_ids(parser, key: str) -> list[str]:
+    """The ids beside a nested ``a#b`` (the keys of ``a``, and the options of its target's
+    ``keyword_options`` group), for the closest-match hint."""
+    from pydoc import locate
+
+    parent, sep, _ = key.rpartition("#")
+    if not sep or parent not in parser or not isinstance(parser[parent], dict):
+        return []
+    node = parser[parent]
+    names = [str(k) for k in node if not str(k).startswith("_")]
+    target = locate(node["_target_"]) if isinstance(node.get("_target_"), str) else None
+    group = getattr(target, "keyword_options", None)
+    names += list(group.names()) if group is not None else []
+    return [f"{parent}#{n}" for n in dict.fromkeys(names)]
 
 
 @exit_with_message
@@ -149,7 +170,7 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> None:
         if key not in parser and _new_option_of_known_parent(parser, key):
             continue
         if key not in parser:
-            close = difflib.get_close_matches(key, known, n=3)
+            close = difflib.get_close_matches(key, known + _sibling_ids(parser, key), n=3)
             hint = f"; closest: {', '.join('--' + c for c in close)}" if close else ""
             problems.append(f"--{key}: no config id '{key}' in {files}, so nothing would read it{hint}")
             continue

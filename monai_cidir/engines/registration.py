@@ -235,12 +235,25 @@ def check_options(options: Mapping[str, Any]) -> RegistrationLoss:
     """
     given = {k: v for k, v in options.items() if k not in (*COMPONENTS, "alpha_prior")}
     opts = RegistrationOptions.from_keywords(given, extra=COMPONENTS)  # the names and the value checks
+    _check_trainer_factory(options.get("trainer"))
     loss = _registration_loss(options.get("loss"), opts.regularizer, opts.regularizer_scales, opts.loss_balance)  # not two losses
     k = loss.cond_features
     make_alpha_prior(opts.alpha_range, opts.alpha_distribution, k)  # ranges and distributions, one per weight or for all
     check_alpha(opts.alpha, opts.alpha_range, k)
     check_device(opts.device)
     return loss
+
+
+def _check_trainer_factory(trainer) -> None:
+    """The settings a trainer partial sets itself (``train#trainer``), checked as the trainer would:
+    a misspelt or bad one stops the cohort before any pair, not every pair at its trainer."""
+    func = getattr(trainer, "func", trainer)
+    group = getattr(func, "keyword_options", None)
+    own = factory_keywords(trainer)
+    if group is None or not own:
+        return
+    params = inspect.signature(func).parameters
+    group.from_keywords({k: v for k, v in own.items() if k not in params})
 
 
 def _registration_loss(loss, regularizer, regularizer_scales, loss_balance) -> RegistrationLoss:

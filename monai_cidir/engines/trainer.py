@@ -381,6 +381,8 @@ class CIDIRTrainer(Trainer):
         >>> moved = trainer.model.transform_points(landmarks, alpha=0.3)
     """
 
+    keyword_options = TrainingSettings  # what ``**settings`` accepts (the bundle's command-line check reads it)
+
     def __init__(
         self,
         network: torch.nn.Module,

@@ -341,6 +341,7 @@ def test_lung_mask_weights_reach_the_lungmask_backend(tmp_path):
         (["--max_iterations", "abc"], r"--max_iterations abc: expected int like the default 600, found str"),
         (["--network_def#hidden_feature", "64"], r"no config id 'network_def#hidden_feature'"),
         (["--regularization_points", "half"], r"--regularization_points half: expected int like the default 500, found str"),
+        (["--train#trainer#num_point", "10"], r"no config id 'train#trainer#num_point' .* closest: --train#trainer#num_points"),
     ],
 )
 def test_command_line_overrides_that_nothing_reads_are_refused(tmp_path, monkeypatch, flags, message):
@@ -360,7 +361,8 @@ def test_command_line_overrides_that_nothing_reads_are_refused(tmp_path, monkeyp
     good = [argv[0], "run", "training", "--config_file", config, "--max_iterations", "5", "--network_def#hidden_features", "16",
             "--overwrite", "true", "--alpha_range", "[0, 0.5]", "--dataset_dir", "/data/x", "--alpha_range", "$[0, 1]",
             "--loss#balance", "100", "--alpha_distribution", "uniform", "--checkpoint_every_s", "null", "--regularization_points", "null",
-            "--validate#evaluator#key_metric#tie_tolerance", "0.002", "--validate#evaluator#search#num_alphas", "5"]  # fmt: skip
+            "--validate#evaluator#key_metric#tie_tolerance", "0.002", "--validate#evaluator#search#num_alphas", "5",
+            "--train#trainer#grad_clip", "0.5", "--train#trainer#derivatives", "autograd"]  # fmt: skip
     from monai_cidir.engines.bundle import check_cli_overrides
 
     check_cli_overrides(good)

@@ -85,3 +85,23 @@ def test_command_line_strings_reach_the_key_metric_inside_the_evaluator_partial(
     normalised = _normalised_factory(factory)
     assert normalised.keywords["key_metric"]().no_folding is True and normalised.keywords["chunk_size"] == 7
     assert _normalised_factory(functools.partial(AlphaChoice, no_folding="false"))().no_folding is False
+
+
+def test_a_trainer_partial_with_a_bad_setting_stops_the_cohort_before_any_pair(tmp_path):
+    calls = []
+
+    class Pairs:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            calls.append(i)
+            raise AssertionError("loaded")
+
+    for keywords, error, match in (
+        ({"num_point": 10}, TypeError, "did you mean 'num_points'"),
+        ({"max_iterations": 0}, ValueError, "expected max_iterations >= 1"),
+    ):
+        with pytest.raises(error, match=match):
+            run_cohort(Pairs(), tmp_path, trainer=functools.partial(CIDIRTrainer, **keywords))
+    assert calls == [] and not any(tmp_path.iterdir())
