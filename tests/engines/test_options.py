@@ -11,6 +11,20 @@ from monai_cidir.engines import CIDIRTrainer, RegistrationOptions, SelectionSett
 from monai_cidir.engines.registration import COMPONENTS, RESULT_SETTINGS
 
 
+class _Unloadable:
+    """Two pairs that record any attempt to load them."""
+
+    def __init__(self, calls: list) -> None:
+        self.calls = calls
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i):
+        self.calls.append(i)
+        raise AssertionError("loaded")
+
+
 def test_registration_options_are_the_two_groups_plus_their_own():
     names = set(RegistrationOptions.names())
     assert set(TrainingSettings.names()) <= names and set(SelectionSettings.names()) <= names
@@ -62,15 +76,7 @@ def test_misspelt_options_name_the_closest(tmp_path):
         SelectionSettings(selection_mode="dice")
     # a cohort refuses a misspelt option once, before loading or training any pair
     calls = []
-
-    class Pairs:
-        def __len__(self):
-            return 2
-
-        def __getitem__(self, i):
-            calls.append(i)
-            raise AssertionError("loaded")
-
+    Pairs = functools.partial(_Unloadable, calls)
     with pytest.raises(TypeError, match="did you mean 'max_iterations'"):
         run_cohort(Pairs(), tmp_path, max_iteration=5)
     assert calls == [] and not any(tmp_path.iterdir())
@@ -89,15 +95,7 @@ def test_command_line_strings_reach_the_key_metric_inside_the_evaluator_partial(
 
 def test_a_trainer_partial_with_a_bad_setting_stops_the_cohort_before_any_pair(tmp_path):
     calls = []
-
-    class Pairs:
-        def __len__(self):
-            return 2
-
-        def __getitem__(self, i):
-            calls.append(i)
-            raise AssertionError("loaded")
-
+    Pairs = functools.partial(_Unloadable, calls)
     for keywords, error, match in (
         ({"num_point": 10}, TypeError, "did you mean 'num_points'"),
         ({"max_iterations": 0}, ValueError, "expected max_iterations >= 1"),
