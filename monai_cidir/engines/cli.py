@@ -236,7 +236,7 @@ def _normalise_options(kwargs: dict) -> dict:
     for key in _FLAG_OPTIONS:
         if key in out:
             out[key] = as_flag(out[key], key, allow=("auto",) if key == "affine_prealign" else ())
-    for key in ("alpha", "time_budget_s", "checkpoint_every_s"):
+    for key in ("alpha", "time_budget_s", *_NULLABLE):  # "null" / "none" as typed on a command line
         if isinstance(out.get(key), str) and out[key].strip().lower() in ("none", "null", ""):
             out[key] = None
     for key in ("alpha", "alpha_range"):  # "[0.1, 0.03]": one weight per regularizer, as a JSON list

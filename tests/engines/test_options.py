@@ -103,3 +103,13 @@ def test_a_trainer_partial_with_a_bad_setting_stops_the_cohort_before_any_pair(t
         with pytest.raises(error, match=match):
             run_cohort(Pairs(), tmp_path, trainer=functools.partial(CIDIRTrainer, **keywords))
     assert calls == [] and not any(tmp_path.iterdir())
+
+
+def test_null_as_typed_on_a_command_line_reaches_the_trainer_as_none():
+    """`--regularization_points null` (documented: regularise every point) and `--time_budget_s none`."""
+    from monai_cidir.engines.workflow import _normalised_factory
+
+    trainer = _normalised_factory(functools.partial(CIDIRTrainer, regularization_points="null", time_budget_s="none", max_iterations=5))
+    assert trainer.keywords == {"regularization_points": None, "time_budget_s": None, "max_iterations": 5}
+    settings = TrainingSettings.from_keywords({k: v for k, v in trainer.keywords.items()})
+    assert settings.regularization_points is None and settings.time_budget_s is None
