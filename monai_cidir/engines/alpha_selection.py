@@ -63,6 +63,7 @@ from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines.alphas import LOG_FLOOR, alpha_grid, alpha_key, alpha_values, format_alpha
 from monai_cidir.engines.alpha_search import AlphaSearch
 from monai_cidir.engines.model import RegistrationModel
+from monai_cidir.engines.trainer import stored_prior
 from monai_cidir.handlers.alpha_choice import AlphaChoice, AlphaSearchEvents
 
 __all__ = ["AlphaSelectionEvaluator", "AlphaCurve", "AlphaSearch", "LOG_FLOOR", "alpha_grid", "alpha_values", "coarse_steps", "format_alpha", "mask_region", "selection_grid"]
@@ -233,7 +234,7 @@ class AlphaSelectionEvaluator(Evaluator):
         if int(folding_stride) < 1:
             raise ValueError(f"folding_stride must be >= 1, found {folding_stride}")
         self.num_weights = int(getattr(model, "num_weights", 1))
-        self.prior = _stored_prior(model) if prior is None else prior
+        self.prior = stored_prior(model) if prior is None else prior
         prior = self.prior
         self.search = AlphaSearch() if search is None else search
         alphas = self.search.first(prior, self.num_weights)
@@ -557,16 +558,6 @@ def _pair_inputs(item: Mapping[str, Any], mode: str, band_mm) -> tuple:
     if band_mm is not None and not band_mm > 0:
         raise ValueError(f"band_mm must be positive or None, found {band_mm}")
     return item["fixed_mask"], moving_mask, moving_image, fixed_image
-
-
-def _stored_prior(model):
-    """The prior ``model.pt`` stores for a trained model (``None`` for a model without one)."""
-    state = (getattr(model, "info", None) or {}).get("alpha_prior")
-    if not state:
-        return None
-    from monai_cidir.engines.trainer import AlphaPrior
-
-    return AlphaPrior(**state)
 
 
 def _median_alpha(alphas: list, num_weights: int):

@@ -107,9 +107,11 @@ def _new_option_of_known_parent(parser, key: str) -> bool:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return True
+    if leaf in params:
+        return True
     group = getattr(fn, "keyword_options", None)
-    if leaf in params or group is not None:
-        return leaf in params or leaf in group.names()
+    if group is not None:  # the target's **keywords are this group's options
+        return leaf in group.names()
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 

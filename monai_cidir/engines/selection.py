@@ -36,7 +36,7 @@ from monai_cidir.engines.export import (
 from monai_cidir.engines.model import RegistrationModel, save_registration_model
 from monai_cidir.engines.options import SelectionSettings
 from monai_cidir.engines.quality import record_status, registration_quality
-from monai_cidir.engines.trainer import AlphaPrior, make_alpha_prior
+from monai_cidir.engines.trainer import AlphaPrior, make_alpha_prior, stored_prior
 from monai_cidir.handlers.alpha_choice import AlphaChoice, AlphaSearchEvents
 from monai_cidir.handlers.registration_metrics import AlphaCurveTRE
 
@@ -222,20 +222,22 @@ class RegistrationExport:
         info = dict(getattr(model, "info", None) or {})
         k = model.num_weights
         names = list(info.get("regularizer_names") or [str(i) for i in range(k)])
+        name = str(item.get("name", pdir.name))
         alpha, chosen = self._chosen(evaluator, rows, best)
         seconds_selection = time.perf_counter() - self._start
         if rows:
-            _write_alpha_curve(rows, alpha, pdir, names, str(item.get("name", pdir.name)), k)
+            _write_alpha_curve(rows, alpha, pdir, names, name, k)
         start = time.perf_counter()
         images = _export_images(model, alpha, item, pdir, self.export_coarse_mm, evaluator.chunk_size) if self.export_images else {}
+        seconds_export = time.perf_counter() - start  # the two images alone, as before the handler
         metrics: dict[str, Any] = dict(self.previous)
-        metrics.update(name=str(item.get("name", pdir.name)), alpha=plain_alpha(alpha), dice=float(chosen["dice"]), dice_before=evaluator.score_identity())
+        metrics.update(name=name, alpha=plain_alpha(alpha), dice=float(chosen["dice"]), dice_before=evaluator.score_identity())
         metrics.update(_curve_metrics(rows, best, alpha, chosen, names if k > 1 else None))
         for key, stats in (("tre_before", landmark_tre(None, None, item)), ("tre_after", landmark_tre(model, alpha, item))):
             metrics.update({f"{key}_{stat}": value for stat, value in stats.items()})
         metrics.update(registration_quality(model, alpha, item, evaluator))
         record_status(metrics)
-        metrics.update(seconds_selection=seconds_selection, seconds_export=time.perf_counter() - start)
+        metrics.update(seconds_selection=seconds_selection, seconds_export=seconds_export)
         metrics.update({f"export_{key}": v for key, v in images.items()})
         if info:  # a trained model (with what model.pt stores beside the network): kept with the chosen alpha
             save_registration_model(model, pdir / "model.pt", **{**info, "alpha": metrics["alpha"]})
@@ -304,9 +306,10 @@ def model_prior(model: RegistrationModel, alpha_range: Sequence | None = None, a
     """The prior a model was trained with (stored in ``model.pt``), or one of the given range /
     distribution (each overrides the stored one; models saved before the prior was stored give
     their range and distribution, else the paper's uniform [0, 1])."""
+    stored = stored_prior(model)
+    if alpha_range is None and alpha_distribution is None and stored is not None:
+        return stored
     info = getattr(model, "info", {}) or {}
-    if alpha_range is None and alpha_distribution is None and info.get("alpha_prior"):
-        return AlphaPrior(**info["alpha_prior"])
     alpha_range = info.get("alpha_range", (0.0, 1.0)) if alpha_range is None else alpha_range
     alpha_distribution = info.get("alpha_distribution", "uniform") if alpha_distribution is None else alpha_distribution
     return make_alpha_prior(alpha_range, alpha_distribution, model.num_weights)

@@ -603,3 +603,10 @@ def make_alpha_prior(alpha_range: Sequence, alpha_distribution: str | Sequence[s
         return AlphaPrior(lows, highs, alpha_distribution, per_point=per_point, num_weights=num_weights)
     except ValueError as e:
         raise ValueError(f"alpha_range / alpha_distribution: {e}") from None
+
+
+def stored_prior(model) -> AlphaPrior | None:
+    """The prior a trained model's ``model.pt`` stores (``model.info["alpha_prior"]``, with its floor);
+    ``None`` for a model without one (saved before the prior was stored, or never saved)."""
+    state = (getattr(model, "info", None) or {}).get("alpha_prior")
+    return AlphaPrior(**state) if state else None
