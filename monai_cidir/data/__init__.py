@@ -7,6 +7,7 @@ import line plus their names in ``__all__``.
 from __future__ import annotations
 
 from monai_cidir.data.datalist import PAIR_PATH_KEYS, RegistrationPairDataset, load_pair_datalist, write_pair_datalist
+from monai_cidir.data.dicom import DicomSeriesReader, list_dicom_series, write_dicom_series
 from monai_cidir.data.dirlab import (
     DIRLAB_CASES,
     DIRLabCase,
@@ -48,6 +49,9 @@ __all__ = [
     "SlidingBreathingMotion",
     "make_realistic_pair",
     "moving_grid",
+    "DicomSeriesReader",
+    "list_dicom_series",
+    "write_dicom_series",
     "DIRLAB_CASES",
     "DIRLabCase",
     "DIRLabDataset",

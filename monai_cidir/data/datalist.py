@@ -10,10 +10,11 @@ A datalist is a JSON file::
     ]}
 
 ``fixed_image`` and ``moving_image`` are required, the rest optional (plus ``meta``, free for
-the user's own data); any other key is an error naming the known ones, so that a misspelt key
+the user's own data, and ``fixed_series_uid`` / ``moving_series_uid``, the SeriesInstanceUID to
+read from a DICOM folder that holds several series); any other key is an error naming the known ones, so that a misspelt key
 (``fixed_landmark``) does not silently drop the landmarks. Names become output folders: plain
-names, unique. Relative paths are resolved against the datalist's folder. Images: anything MONAI's ITK reader opens (NIfTI, MHA/MHD, NRRD, a
-DICOM series folder). Landmarks: any format of :func:`~monai_cidir.data.load_landmarks` (CSV with
+names, unique. Relative paths are resolved against the datalist's folder. Images: anything MONAI's ITK reader opens (NIfTI, MHA/MHD, NRRD), or a
+DICOM series folder (:class:`~monai_cidir.data.DicomSeriesReader`). Landmarks: any format of :func:`~monai_cidir.data.load_landmarks` (CSV with
 header ``x,y,z`` in world LPS mm is the recommended one). fixed = inhale, moving = exhale: the
 network maps a fixed-space world point ``p`` to ``p + u(p)`` in moving space.
 """
@@ -44,6 +45,8 @@ PAIR_PATH_KEYS = (
     "moving_landmarks",
 )
 _REQUIRED = ("fixed_image", "moving_image")
+#: record keys that hold plain strings: the SeriesInstanceUID to read from a DICOM folder with several series
+PAIR_SERIES_KEYS = ("fixed_series_uid", "moving_series_uid")
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +100,16 @@ def load_pair_datalist(
         missing = [k for k in _REQUIRED if not rec.get(k)]
         if missing:
             raise ValueError(f"datalist {path}: record {i} of '{key}' lacks {missing}; it has keys {list(rec)}")
-        known = ("name", "meta", *path_keys)
+        known = ("name", "meta", *path_keys, *PAIR_SERIES_KEYS)
         unknown = [k for k in rec if k not in known]
         if unknown:
             hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
             said = ", ".join(f"'{k}'" + (f" (did you mean '{h[0]}'?)" if h else "") for k, h in hints.items())
             raise ValueError(f"datalist {path}: record {i} of '{key}' has unknown key(s) {said}; the known keys are {list(known)}")
         rec = dict(rec)
+        for k in PAIR_SERIES_KEYS:
+            if k in rec and not isinstance(rec[k], str):
+                raise ValueError(f"datalist {path}: record {i}: '{k}' must be a SeriesInstanceUID string, found {rec[k]!r}")
         if rec.get("name") is None:
             rec["name"] = f"pair_{i:03d}"
         given = [k for k in ("fixed_landmarks", "moving_landmarks") if rec.get(k)]

@@ -23,6 +23,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, ResampleToMatch
 from monai.utils import ensure_tuple
 
+from monai_cidir.data.dicom import DicomSeriesReader, is_dicom_path
 from monai_cidir.data.dirlab import dirlab_affine, read_dirlab_image
 from monai_cidir.data.validation import check_image_file, check_image_values
 from monai_cidir.data.landmarks import load_landmarks
@@ -34,6 +35,7 @@ DEFAULT_PAIR_KEYS = {
     "image": ("fixed_image", "moving_image"),
     "mask": ("fixed_mask", "moving_mask"),
     "landmarks": ("fixed_landmarks", "moving_landmarks"),
+    "series_uid": ("fixed_series_uid", "moving_series_uid"),
 }
 
 
@@ -99,9 +101,12 @@ class LoadDIRLabd(MapTransform):
 class LoadRegistrationPaird(MapTransform):
     """Load a pair-datalist record (see :func:`~monai_cidir.data.load_pair_datalist`) into a loaded pair.
 
-    * Images: MONAI ``LoadImage`` with the ITK reader (NIfTI, MHA/MHD, NRRD, DICOM series folder, ...),
-      channel first, float32, values as stored (HU for CT); ``affine`` = index -> world RAS mm.
-      Multi-channel or non-3-D images are refused.
+    * Images: MONAI ``LoadImage`` with the ITK reader (NIfTI, MHA/MHD, NRRD, ...), channel first,
+      float32, values as stored (HU for CT); ``affine`` = index -> world RAS mm. A folder or a
+      ``.dcm`` file is a DICOM series, read by :class:`~monai_cidir.data.DicomSeriesReader` (geometry
+      from every slice's ImagePositionPatient / ImageOrientationPatient, not ITK's, which mirrors
+      series with a negative SpacingBetweenSlices); a folder with several series needs the record's
+      ``fixed_series_uid`` / ``moving_series_uid``. Multi-channel or non-3-D images are refused.
     * Masks: read the same way and binarised (``value > 0`` -> 1.0, so label maps such as
       lungmask's 1 = right / 2 = left lung become one lung mask). A mask stored on another grid
       than its image is resampled onto the image's grid (nearest neighbour, through world
@@ -116,7 +121,10 @@ class LoadRegistrationPaird(MapTransform):
         image_keys: (fixed, moving) image keys.
         mask_keys: (fixed, moving) mask keys, paired with ``image_keys`` by position.
         landmark_keys: (fixed, moving) landmark keys, paired with ``image_keys`` by position.
-        reader: the reader given to ``monai.transforms.LoadImage`` (default ``"ITKReader"``).
+        series_uid_keys: (fixed, moving) keys of the SeriesInstanceUID to read from a DICOM folder
+            holding several series, paired with ``image_keys`` by position.
+        reader: the reader given to ``monai.transforms.LoadImage`` for image files that are not
+            DICOM (default ``"ITKReader"``).
         name_key: key of the pair's name; set from the fixed image's file name when absent.
         check_ct: require CT values in Hounsfield units (some voxels below -400 HU: air or lung).
             Every image is also checked for a complete file, a positive spacing in its header,
@@ -147,7 +155,9 @@ class LoadRegistrationPaird(MapTransform):
         reader: object = "ITKReader",
         name_key: str = "name",
         check_ct: bool = True,
+        series_uid_keys: Sequence[str] = DEFAULT_PAIR_KEYS["series_uid"],
     ) -> None:
+        self.series_uid_keys = ensure_tuple(series_uid_keys)
         self.image_keys = ensure_tuple(image_keys)
         self.mask_keys = ensure_tuple(mask_keys)
         self.landmark_keys = ensure_tuple(landmark_keys)
@@ -159,18 +169,27 @@ class LoadRegistrationPaird(MapTransform):
         self.name_key = name_key
         self.check_ct = bool(check_ct)
         self._loader = LoadImage(reader=reader, image_only=True, dtype=np.float32, ensure_channel_first=True)
+        self._dicom_loader = LoadImage(image_only=True, dtype=np.float32, ensure_channel_first=True)
         self._resample = ResampleToMatch(mode="nearest", padding_mode="zeros")
 
-    def _load(self, key: str, path, image: bool = False) -> MetaTensor:
+    def _load(self, key: str, path, image: bool = False, series_uid: str | None = None) -> MetaTensor:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{key}: file not found: {path}")
         check_image_file(path, key)
+        dicom = is_dicom_path(path)
         try:
-            img = self._loader(str(path))
+            if dicom:
+                # the reader at call time: LoadImage(reader=...) would fall back to ITK when it refuses a series
+                img = self._dicom_loader(str(path), reader=DicomSeriesReader(series_uid=series_uid))
+            else:
+                img = self._loader(str(path))
+        except ValueError as e:  # the DICOM reader's own checks name the series and what is wrong
+            raise ValueError(f"{key}: {e}") from e
         except Exception as e:  # readers raise many types; give the user the file and the reader
             hint = " (a headerless DIR-LAB .img: use monai_cidir.data.DIRLabDataset)" if path.suffix == ".img" else ""
-            raise RuntimeError(f"{key}: could not read {path} with {self.reader}{hint}: {e}") from e
+            used = "DicomSeriesReader" if dicom else self.reader
+            raise RuntimeError(f"{key}: could not read {path} with {used}{hint}: {e}") from e
         if img.ndim != 4 or img.shape[0] != 1:
             raise ValueError(
                 f"{key}: expected a single-channel 3-D image, i.e. (1, X, Y, Z) after loading, found shape "
@@ -194,7 +213,8 @@ class LoadRegistrationPaird(MapTransform):
             if key not in d:
                 raise KeyError(f"LoadRegistrationPaird: the record has no '{key}'; keys: {list(d)}")
             if _is_path(d[key]):
-                d[key] = self._load(key, d[key], image=True)
+                uid_key = dict(zip(self.image_keys, self.series_uid_keys)).get(key)
+                d[key] = self._load(key, d[key], image=True, series_uid=d.get(uid_key) if uid_key else None)
         for i, key in enumerate(self.mask_keys):
             if key not in d or d[key] is None:
                 continue
