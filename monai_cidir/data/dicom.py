@@ -294,7 +294,10 @@ def read_dicom_series(series: DicomSeries, where: str = "") -> tuple[np.ndarray,
     """
     where = where or f"series {series.uid}"
     geo = _geometry(series, where)
-    volume = np.stack([_slice_array(series.datasets[i], series.files[i]) for i in geo.order], axis=-1)
+    first = series.datasets[0]
+    volume = np.empty((int(first.Columns), int(first.Rows), len(geo.order)), dtype=np.float32)  # filled in place: one copy
+    for k, i in enumerate(geo.order):
+        volume[:, :, k] = _slice_array(series.datasets[i], series.files[i])
     volume = _untilt(volume, geo, where)
     volume, step = _regular_slices(volume, geo.positions @ geo.normal, where)
     affine = np.eye(4)
