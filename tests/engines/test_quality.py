@@ -99,6 +99,8 @@ def test_cohort_runs_every_patient_then_fails(tmp_path, capsys):
     rows = {r["name"]: r for r in info.value.rows}
     assert rows["no_lung"]["status"] == "failed" and "the mask is empty" in rows["no_lung"]["error"]
     assert rows["blob2"]["status"] in ("ok", "warning") and (tmp_path / "blob2" / "metrics.json").is_file()
+    for name in ("no_lung", "blob2"):  # the masks' picture: written before training, also for the rejected mask
+        assert (tmp_path / name / "lung_masks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     blob = rows["blob2"]
     for key in ("fixed_lung_ml", "moving_lung_ml", "ncc_before", "ncc_affine", "ncc_after", "dice_before", "dice_affine", "dice"):
         assert np.isfinite(blob[key]), key
