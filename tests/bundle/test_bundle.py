@@ -126,12 +126,12 @@ def test_configs_expose_the_documented_keys(names, run_id):
 def test_the_loss_is_a_config_component_built_from_the_regularizer_key():
     """train.json's `loss` id is a RegistrationLoss the training call receives; --regularizer and
     --loss#... overrides reach it, and nothing else builds a second loss."""
-    from monai_cidir.losses import REGULARIZER_SCALES, RegistrationLoss
+    from monai_cidir.losses import RegistrationLoss
 
     parser = _config("train.json")
     loss = parser.get_parsed_content("loss")
     assert isinstance(loss, RegistrationLoss) and loss.names == ["bending"] and loss.balance is None
-    assert loss.scales == {"bending": REGULARIZER_SCALES["bending"]}
+    assert loss.scales == {"bending": 3e3}  # the documented default scale (README)
     call = parser["workflow"]
     assert call["loss"] == "@loss" and "regularizer" not in call and "regularizer" not in call["options"]  # one owner
     parser["regularizer"] = "hyperelastic"
@@ -216,12 +216,14 @@ def _cohort(work: Path) -> list[dict]:
 def test_training_writes_everything_inside_the_working_directory(trained):
     assert (trained / "data" / "cidir_phantom" / "datalist.json").is_file()
     pdir = trained / "outputs" / "phantom_seed0"
-    for f in ("model.pt", "alpha_curve.csv", "alpha_curve.png", "displacement.nii.gz", "warped_moving.nii.gz", "metrics.json"):
+    for f in ("model.pt", "alpha_curve.csv", "alpha_curve.png", "displacement.nii.gz", "warped_moving.nii.gz", "metrics.json", "lung_masks.png"):
         assert (pdir / f).is_file(), f
+    assert (pdir / "lung_masks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in trained.iterdir()) == ["data", "outputs"]
     m = _metrics(trained)
     assert m["iterations"] == TINY_TRAIN["max_iterations"]
     assert m["affine_prealign"] is False  # the string "false" was read as a flag
+    print("MEASURE bundle", m["tre_before_mean"], m["tre_after_mean"], m["tre_after_mean"] / m["tre_before_mean"])  # MEASURE
     assert m["tre_after_mean"] < 0.5 * m["tre_before_mean"], m
     assert m["dice"] > m["dice_before"]
     assert 0.0 <= m["alpha"] <= 1.0 and m["folding"] < 1e-3
@@ -245,6 +247,7 @@ def test_evaluation_recomputes_the_tables(trained, monkeypatch):
     assert float(overall["tre_before"]) == pytest.approx(m["tre_before_mean"], abs=1e-6)
     # the exported displacement.nii.gz, applied by SimpleITK, agrees with the model to 0.05 mm
     assert float(overall["tre_exported_field"]) == pytest.approx(m["tre_after_mean"], abs=0.05)
+    print("MEASURE bundle eval", overall)  # MEASURE
     assert float(overall["tre_after"]) < 0.5 * float(overall["tre_before"])
 
 
@@ -316,6 +319,36 @@ def test_a_failed_patient_is_reported_and_the_run_exits_non_zero(tmp_path, monke
     m = _metrics(tmp_path)
     assert m["ncc_after"] > m["ncc_before"] and m["dice"] >= m["dice_affine"] - 0.01
     assert m["lung_masks"]["fixed"]["source"] == "given" and m["fixed_lung_ml"] > 300.0
+
+
+def scrambled_inr(**kwargs):
+    """``network_def`` of a patient that fails the quality check: SIREN at omega_0 60 with its output
+    layer x20, several centimetres of motion changing every few mm (kept so by a zero learning rate)."""
+    from monai_cidir.networks import ConditionedINR
+
+    net = ConditionedINR(**kwargs)
+    with torch.no_grad():
+        net.layers[-1].weight.mul_(20.0)
+    return net
+
+
+def test_a_patient_worse_than_no_registration_exits_non_zero(tmp_path, monkeypatch, capsys):
+    """Not a crash: the patient trains and exports, but its lung NCC falls below no registration; the
+    quality check marks it failed and the command line exits with status 1 (SystemExit)."""
+    monkeypatch.chdir(tmp_path)
+    scrambled = {
+        **TINY_TRAIN, "max_iterations": 2, "num_alphas": 3, "learning_rate": 0.0,
+        "network_def#_target_": f"{__name__}.scrambled_inr", "network_def#hidden_features": 32, "network_def#omega_0": 60.0,
+        "workflow#options#init_output_scale": 1.0,  # keep the scrambled output layer as it is (None is dropped by run)
+    }  # fmt: skip
+    with pytest.raises(SystemExit, match=r"1 of 1 patient\(s\) failed \(phantom_seed0\)"):
+        run("training", config_file=str(CONFIGS / "train.json"), **scrambled)
+    (row,) = _cohort(tmp_path)
+    assert row["status"] == "failed" and not row.get("error")  # failed by the check, not by an exception
+    m = _metrics(tmp_path)
+    assert m["status"] == "failed" and any("worse than no registration" in w for w in m["warnings"]), m["warnings"]
+    assert m["ncc_after"] < m["ncc_before"] - 0.005
+    assert "FAILED phantom_seed0: worse than no registration" in capsys.readouterr().out
 
 
 def test_lung_mask_weights_reach_the_lungmask_backend(tmp_path):

@@ -124,11 +124,27 @@ def test_datalist_refuses_unknown_keys_bad_names_and_empty_lists(tmp_path, caplo
     assert "TRE needs both" in caplog.text and "fixed_landmarks" in caplog.text
 
 
-def test_check_image_file_passes_a_good_file_once(tmp_path):
+def test_check_image_file_passes_a_good_file_once(tmp_path, monkeypatch):
+    """A good file is read once (the gzip stream and the header); a rewritten file is read again."""
+    import os
+
+    from monai_cidir.data import validation
+
+    reads = []
+    for name in ("_check_gzip", "_nifti_spacing"):
+        original = getattr(validation, name)
+        monkeypatch.setattr(validation, name, lambda *a, _f=original, _n=name: reads.append(_n) or _f(*a))
     path = _nifti(tmp_path / "f.nii.gz", _ct())
-    check_image_file(path, "fixed_image")
+    assert check_image_file(path, "fixed_image") is None
+    assert reads == ["_check_gzip", "_nifti_spacing"]
     check_image_file(path, "fixed_image")  # cached: same size and mtime
+    assert reads == ["_check_gzip", "_nifti_spacing"]
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed since: checked again
+    check_image_file(path, "fixed_image")
+    assert reads == ["_check_gzip", "_nifti_spacing"] * 2
     check_image_file(tmp_path, "dicom folder")  # folders are left to the reader
+    assert len(reads) == 4
 
 
 def test_the_cohort_is_checked_as_a_whole_before_any_training(tmp_path):

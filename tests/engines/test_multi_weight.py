@@ -20,6 +20,9 @@ from monai_cidir.losses import RegistrationLoss
 from monai_cidir.networks import ConditionedINR
 
 TINY = dict(shape=(48, 48, 32), spacing=(5.6, 5.6, 8.0))
+# TRE after / before of the two-weight run (120 iterations), measured at commit 8835b11 + this test:
+# 4.36 -> 0.452 mm (0.104x) at [1, 1], 0.442 mm at [0.01, 0.1]; the bound keeps a margin of about half
+TWO_WEIGHT_TRE_RATIO = 0.15
 
 
 # ---------------------------------------------------------------------------- prior
@@ -156,14 +159,20 @@ def test_two_weights_end_to_end(two_weight_run):
     pdir = out / item["name"]
     assert m["alpha_names"] == ["bending", "jacobian"]
     assert isinstance(m["alpha"], list) and len(m["alpha"]) == 2
-    assert m["tre_after_mean"] <= 0.5 * m["tre_before_mean"], (m["tre_before_mean"], m["tre_after_mean"])
+    assert m["tre_after_mean"] <= TWO_WEIGHT_TRE_RATIO * m["tre_before_mean"], (m["tre_before_mean"], m["tre_after_mean"])
     assert json.loads((pdir / "metrics.json").read_text())["alpha"] == m["alpha"]
     with open(pdir / "alpha_curve.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["alpha_bending", "alpha_jacobian", "dice", "folding", "seconds", "tre"]  # tre: the pair has landmarks
     assert len(rows) == m["num_alphas_evaluated"] >= 9
-    best = max(float(r["dice"]) for r in rows)
-    assert m["dice"] == pytest.approx(best, abs=1e-3 + 1e-6) or m["folding"] > 0  # ties within 1e-3 -> the smoother field
+    # the selection rule, written out here: the highest Dice wins, Dice within 1e-3 of it are ties, and
+    # the smoother field wins a tie (the larger sum of alpha_r / the largest alpha_r evaluated)
+    vectors = [(float(r["alpha_bending"]), float(r["alpha_jacobian"]), float(r["dice"])) for r in rows]
+    highs = [max(v[i] for v in vectors) for i in (0, 1)]
+    best = max(v[2] for v in vectors)
+    chosen = max((v for v in vectors if v[2] >= best - 1e-3 - 1e-6), key=lambda v: (v[0] / highs[0] + v[1] / highs[1], v[:2]))
+    assert m["alpha"] == pytest.approx(list(chosen[:2]), rel=1e-5, abs=1e-9), (m["alpha"], chosen)
+    assert m["dice"] == pytest.approx(chosen[2], abs=1e-5)
     model = load_registration_model(pdir / "model.pt")
     assert model.info["regularizer_names"] == ["bending", "jacobian"] and model.info["cond_features"] == 2
     assert model.info["alpha"] == m["alpha"]
@@ -183,7 +192,12 @@ def test_two_weights_reexport_at_a_given_vector(two_weight_run):
     item, out, m = two_weight_run
     again = export_registration(item, out, alpha=[0.01, 0.1], num_alphas=0)
     assert again["alpha"] == [0.01, 0.1] and again["alpha_selection"] == "fixed"
-    assert np.isfinite(again["tre_after_mean"])
+    # the TRE of the reloaded model at that vector, computed here; not the selected vector's
+    model = load_registration_model(out / item["name"] / "model.pt")
+    moved = item["fixed_landmarks"] + model.displacement(item["fixed_landmarks"], [0.01, 0.1])
+    assert again["tre_after_mean"] == pytest.approx(float((moved - item["moving_landmarks"]).norm(dim=1).mean()), abs=1e-4)
+    assert again["tre_after_mean"] < TWO_WEIGHT_TRE_RATIO * again["tre_before_mean"]
+    assert abs(again["tre_after_mean"] - m["tre_after_mean"]) > 1e-3, (again["tre_after_mean"], m["tre_after_mean"])
     with pytest.raises(ValueError, match="conditioned on 2 weight"):
         export_registration(item, out, alpha=0.1, num_alphas=0)
 

@@ -99,6 +99,8 @@ def test_cohort_runs_every_patient_then_fails(tmp_path, capsys):
     rows = {r["name"]: r for r in info.value.rows}
     assert rows["no_lung"]["status"] == "failed" and "the mask is empty" in rows["no_lung"]["error"]
     assert rows["blob2"]["status"] in ("ok", "warning") and (tmp_path / "blob2" / "metrics.json").is_file()
+    for name in ("no_lung", "blob2"):  # the masks' picture: written before training, also for the rejected mask
+        assert (tmp_path / name / "lung_masks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     blob = rows["blob2"]
     for key in ("fixed_lung_ml", "moving_lung_ml", "ncc_before", "ncc_affine", "ncc_after", "dice_before", "dice_affine", "dice"):
         assert np.isfinite(blob[key]), key
@@ -109,3 +111,35 @@ def test_cohort_runs_every_patient_then_fails(tmp_path, capsys):
     assert float(table["blob2"]["ncc_after"]) == pytest.approx(blob["ncc_after"])
     printed = capsys.readouterr().out
     assert "FAILED no_lung: LungMaskError" in printed and "blob2" in printed
+
+
+def _scrambled_network():
+    """An INR whose output is several centimetres of motion changing every few mm (SIREN at omega_0 60,
+    output layer x20): with a zero learning rate it stays so, and the result is worse than no registration."""
+    net = ConditionedINR(hidden_features=32, omega_0=60.0)
+    with torch.no_grad():
+        net.layers[-1].weight.mul_(20.0)
+    return net
+
+
+SCRAMBLED = dict(FAST, network=_scrambled_network, init_output_scale=None, learning_rate=0.0, max_iterations=2, affine_prealign=False)
+
+
+def test_a_patient_worse_than_its_affine_fails_the_cohort(tmp_path, capsys):
+    """Not an exception: a patient that trains and exports, but whose lung NCC and Dice fall below
+    no registration, is 'failed' and makes the cohort raise RegistrationFailed (the API's exit status 1);
+    its outputs are kept and the reason is the quality check's."""
+    with pytest.raises(RegistrationFailed, match=r"1 of 1 patient\(s\) failed:\n  blob2: worse than no registration") as info:
+        run_cohort([_pair(seed=2)], tmp_path, progress=False, **SCRAMBLED)
+    (row,) = info.value.rows
+    assert row["status"] == "failed" and "error" not in row  # trained and exported, failed by the check
+    assert row["ncc_after"] < row["ncc_before"] - 0.005, row
+    stored = json.loads((tmp_path / "blob2" / "metrics.json").read_text())
+    assert stored["status"] == "failed" and stored["warnings"] == row["warnings"]
+    with open(tmp_path / "metrics.csv") as f:
+        (table,) = list(csv.DictReader(f))
+    assert table["status"] == "failed"
+    assert "FAILED blob2" in capsys.readouterr().out
+    # raise_on_failure=False (the bundle's call) returns the rows with the same verdict
+    rows = run_cohort([_pair(seed=2)], tmp_path, progress=False, raise_on_failure=False, **SCRAMBLED)
+    assert [r["status"] for r in rows] == ["failed"]

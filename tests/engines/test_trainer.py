@@ -10,7 +10,7 @@ from engine_fixtures import breathing_motion, make_blob_pair
 from ignite.engine import Events
 
 from monai_cidir.coordinates import CoordinateMapping
-from monai_cidir.engines import REGULARIZER_SCALES, AlphaPrior, CIDIRTrainer, RegistrationModel, make_point_sampler
+from monai_cidir.engines import AlphaPrior, CIDIRTrainer, RegistrationModel, make_point_sampler
 from monai_cidir.losses import BendingEnergyRegularizer, GlobalNCCLoss, JacobianRegularizer
 from monai_cidir.handlers import TrainingCheckpoint
 from monai_cidir.networks import ConditionedINR
@@ -45,8 +45,8 @@ def test_loss_is_minus_ncc_plus_alpha_times_scaled_regularizers(pair):
     moved, jac, hess = model.forward_with_derivatives(points, alpha, order=2)
     fmap, mmap = CoordinateMapping.from_image(pair["fixed_image"]), CoordinateMapping.from_image(pair["moving_image"])
     sim = GlobalNCCLoss()(fmap.sample(pair["fixed_image"], points), mmap.sample(pair["moving_image"], moved))
-    bend = alpha * REGULARIZER_SCALES["bending"] * BendingEnergyRegularizer()(hess)
-    jreg = alpha * 0.5 * REGULARIZER_SCALES["jacobian"] * JacobianRegularizer()(jac)
+    bend = alpha * 3e3 * BendingEnergyRegularizer()(hess)  # the documented default scales: bending 3e3, Jacobian 5
+    jreg = alpha * 0.5 * 5.0 * JacobianRegularizer()(jac)
     assert out["similarity"] == pytest.approx(float(sim), rel=1e-4)
     assert out["reg_bending"] == pytest.approx(float(bend), rel=1e-3, abs=1e-9)
     assert out["reg_jacobian"] == pytest.approx(float(jreg), rel=1e-3, abs=1e-9)

@@ -27,8 +27,8 @@ def test_one_alpha_weights_every_term_by_alpha_times_its_scale():
     fixed, moving, jac, hess = _derivatives()
     loss = RegistrationLoss({"bending": 1.0, "jacobian": 0.5})
     terms = loss(fixed, moving, jac, hess, torch.tensor([0.3], dtype=torch.float64))
-    bend = 0.3 * REGULARIZER_SCALES["bending"] * BendingEnergyRegularizer()(hess)
-    jreg = 0.3 * 0.5 * REGULARIZER_SCALES["jacobian"] * JacobianRegularizer()(jac)
+    bend = 0.3 * 3e3 * BendingEnergyRegularizer()(hess)  # the documented default scales (README): bending 3e3 mm^2, Jacobian 5
+    jreg = 0.3 * 0.5 * 5.0 * JacobianRegularizer()(jac)
     sim = GlobalNCCLoss()(fixed, moving)
     torch.testing.assert_close(terms["reg_bending"], bend)
     torch.testing.assert_close(terms["reg_jacobian"], jreg)
@@ -36,6 +36,17 @@ def test_one_alpha_weights_every_term_by_alpha_times_its_scale():
     torch.testing.assert_close(terms["loss"], sim + bend + jreg)
     assert loss.order == 2 and loss.names == ["bending", "jacobian"] and loss.cond_features == 1
     assert RegistrationLoss("jacobian").order == 1
+
+
+def test_the_documented_default_scales():
+    """lambda(alpha) = alpha * scale with the scales README and the module docstring state (bending 3e3 mm^2,
+    Jacobian 5, hyperelastic 50): literals here, so a changed default fails until the documentation moves too."""
+    assert REGULARIZER_SCALES == {"bending": 3e3, "jacobian": 5.0, "hyperelastic": 50.0}
+    assert RegistrationLoss().scales == {"bending": 3e3}  # bending is the default regularizer
+    assert RegistrationLoss(["jacobian", "hyperelastic"]).scales == {"jacobian": 5.0, "hyperelastic": 50.0}
+    fixed, moving, jac, hess = _derivatives(n=8)
+    terms = RegistrationLoss()(fixed, moving, jac, hess, torch.tensor([1.0], dtype=torch.float64))
+    torch.testing.assert_close(terms["reg_bending"], 3e3 * BendingEnergyRegularizer()(hess))  # alpha = 1: lambda = 3000
 
 
 def test_per_point_alpha_weights_each_point():
@@ -57,7 +68,7 @@ def test_per_regularizer_alpha_moves_only_its_own_term():
     torch.testing.assert_close(moved_bending["reg_jacobian"], base["reg_jacobian"])
     torch.testing.assert_close(moved_jacobian["reg_jacobian"], 2 * base["reg_jacobian"])
     torch.testing.assert_close(moved_jacobian["reg_bending"], base["reg_bending"])
-    jreg = 0.4 * REGULARIZER_SCALES["jacobian"] * JacobianRegularizer()(jac)
+    jreg = 0.4 * 5.0 * JacobianRegularizer()(jac)
     torch.testing.assert_close(base["reg_jacobian"], jreg)
 
 
