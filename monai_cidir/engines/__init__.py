@@ -11,6 +11,7 @@
 * :class:`RegistrationModel`, :func:`load_registration_model` (model.py): the trained transform.
 * export.py: displacement field, warped image, alpha curve and lung-mask pictures.
 * quality.py: lung-mask checks before training, lung NCC / Dice and a status per patient after it.
+* :func:`plot_registration` (overview.py): ``registration.png``, the pair before and after, three planes.
 * :func:`selection_evaluator`, :func:`select_and_export`, :class:`RegistrationExport` (selection.py):
   the alpha search on a trained model and the one handler that writes a patient's outputs.
 * :func:`register_patient`, :func:`run_cohort`, :func:`export_registration` (registration.py):
@@ -34,6 +35,7 @@ from monai_cidir.engines.export import (
 )
 from monai_cidir.engines.options import RegistrationOptions, SelectionSettings, TrainingSettings
 from monai_cidir.engines.model import RegistrationModel, iter_grid_chunks, load_registration_model, save_registration_model
+from monai_cidir.engines.overview import plot_registration
 from monai_cidir.engines.prealign import AffinePrealignment, fit_affine
 from monai_cidir.engines.quality import assess_registration, prepare_lung_masks, registration_quality
 from monai_cidir.engines.registration import (
@@ -91,6 +93,7 @@ __all__ = [
     "selection_grid",
     "plot_alpha_curve",
     "plot_lung_masks",
+    "plot_registration",
     "prepare_lung_masks",
     "register_patient",
     "registration_quality",

@@ -6,6 +6,9 @@ loaded-pair contract of :mod:`monai_cidir.data`) and writes ``output_dir/<name>/
 * ``model.pt`` (:func:`~monai_cidir.engines.model.load_registration_model`),
 * ``alpha_curve.csv`` / ``alpha_curve.png``,
 * ``lung_masks.png`` (both lung masks over their images, written before training),
+* ``registration.png`` (fixed vs moving before and fixed vs warped moving after, three planes through
+  the lungs: :func:`~monai_cidir.engines.overview.plot_registration`; the "before" half alone when the
+  scans do not overlap and the patient stops before training),
 * ``displacement.nii.gz`` (ITK displacement field at the chosen alpha, LPS),
 * ``warped_moving.nii.gz`` (the moving image resampled on the fixed grid),
 * ``metrics.json`` (written last: its presence marks the patient as complete),
@@ -44,7 +47,7 @@ from monai_cidir.engines.export import write_json
 from monai_cidir.engines.model import RegistrationModel, load_registration_model, save_registration_model
 from monai_cidir.engines.options import RegistrationOptions, SelectionSettings, TrainingSettings
 from monai_cidir.engines.prealign import fit_affine
-from monai_cidir.engines.quality import mask_entries, prepare_lung_masks
+from monai_cidir.engines.quality import check_mask_overlap, mask_entries, prepare_lung_masks
 from monai_cidir.engines.selection import (  # noqa: F401 (landmark_tre, prior_ranges: re-exported)
     _call_factory,
     _factory_search,
@@ -82,6 +85,7 @@ OUTPUT_FILES = (
     "alpha_curve.csv",
     "alpha_curve.png",
     "lung_masks.png",
+    "registration.png",
     "displacement.nii.gz",
     "warped_moving.nii.gz",
     "metrics.json",
@@ -662,8 +666,9 @@ def register_patient(
             return stored
 
         item, mask_reports = prepare_lung_masks(item, options["lung_mask_backend"], options["lung_mask_kwargs"], overlay=pdir / "lung_masks.png")
+        overlap = check_mask_overlap(item, mask_reports, picture=pdir / "registration.png")  # scans placed apart (a mirrored axis) stop here
         trainer, previous = _train(item, pdir, options, loss, prior, handlers() if callable(handlers) else handlers)
-        previous.update(mask_entries(mask_reports))
+        previous.update(mask_entries(mask_reports), **overlap)
         factory = selection_evaluator(evaluator, **{key: options[key] for key in (*SelectionSettings.names(), "lung_mask_backend", "lung_mask_kwargs")})
         metrics = select_and_export(
             trainer.model, item, pdir, factory, trainer.alpha_prior, options["alpha"], options["export_images"], previous=previous,
@@ -835,7 +840,7 @@ def export_registration(
             old = json.loads((pdir / "metrics.json").read_text())
             previous = {k: v for k, v in old.items() if k in ("iterations", "num_points", "regularizer", "seed", "seconds_affine", "seconds_training", "training_device", "affine_prealign")}
         item, mask_reports = prepare_lung_masks(item, lung_mask_backend, lung_mask_kwargs, overlay=pdir / "lung_masks.png")
-        previous.update(mask_entries(mask_reports))
+        previous.update(mask_entries(mask_reports), **check_mask_overlap(item, mask_reports))
         return select_and_export(model, item, pdir, factory, prior, alpha, previous=previous, **export)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from monai_cidir.coordinates import CoordinateMapping
 from monai_cidir.engines.alpha_search import AlphaSearch
-from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator, selection_grid
+from monai_cidir.engines.alpha_selection import AlphaSelectionEvaluator, format_alpha, selection_grid
 from monai_cidir.engines.alphas import alpha_values, check_alpha, plain_alpha
 from monai_cidir.engines.export import (
     dilate_mask,
@@ -154,7 +154,8 @@ class RegistrationExport:
     """Writes one patient's outputs, once, when the alpha search completes
     (:attr:`~monai_cidir.handlers.AlphaSearchEvents.SEARCH_COMPLETED`): ``alpha_curve.csv`` /
     ``alpha_curve.png``, ``displacement.nii.gz`` and ``warped_moving.nii.gz`` at the chosen alpha (or
-    the given one), ``model.pt`` with that alpha, and last ``metrics.json`` (Dice, folding, TRE before
+    the given one), ``registration.png`` (the pair before and after, three planes: the picture to open
+    first), ``model.pt`` with that alpha, and last ``metrics.json`` (Dice, folding, TRE before
     and after, lung NCC and status, timings), whose presence marks the patient complete.
 
     Args:
@@ -237,6 +238,7 @@ class RegistrationExport:
             metrics.update({f"{key}_{stat}": value for stat, value in stats.items()})
         metrics.update(registration_quality(model, alpha, item, evaluator))
         record_status(metrics)
+        metrics["seconds_picture"] = _write_picture(model, alpha, item, pdir / "registration.png", metrics)
         metrics.update(seconds_selection=seconds_selection, seconds_export=seconds_export)
         metrics.update({f"export_{key}": v for key, v in images.items()})
         if info:  # a trained model (with what model.pt stores beside the network): kept with the chosen alpha
@@ -245,6 +247,20 @@ class RegistrationExport:
         write_json(metrics, pdir / "metrics.json")  # last: marks the patient complete
         self.metrics = metrics
         return metrics
+
+
+def _write_picture(model: RegistrationModel, alpha, item: Mapping, path: Path, metrics: Mapping) -> float:
+    """``registration.png`` (:func:`~monai_cidir.engines.overview.plot_registration`) titled with the
+    result; its seconds."""
+    from monai_cidir.engines.overview import plot_registration
+
+    start = time.perf_counter()
+    title = (
+        f"{metrics['name']}: alpha {format_alpha(alpha)}, lung Dice {metrics['dice_before']:.3f} before -> {metrics['dice']:.3f} "
+        f"after, folding {100 * metrics['folding']:.2f}%, status {metrics['status']}"
+    )
+    plot_registration(item, lambda p: model.transform_points(p, alpha), path, title=title)
+    return time.perf_counter() - start
 
 
 def selection_evaluator(
@@ -330,6 +346,9 @@ def _curve_metrics(rows: list[dict], best: dict | None, alpha, chosen: dict, nam
     if rows:
         out["dice_at_alpha_min"] = float(rows[0]["dice"])
         out["seconds_per_alpha"] = float(sum(r["seconds"] for r in rows) / len(rows))
+    if len(rows) >= 5:  # a curve: near 0, the Dice cannot choose (quality.FLAT_DICE_RANGE)
+        dice = [float(r["dice"]) for r in rows]
+        out["dice_range"] = max(dice) - min(dice)
     if rows and all("tre" in r for r in rows):  # landmarks: the best TRE scored, to compare the choice with
         oracle = min(rows, key=lambda r: r["tre"])
         out["alpha_oracle"], out["tre_oracle_mean"] = plain_alpha(oracle["alpha"]), float(oracle["tre"])

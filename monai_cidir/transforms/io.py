@@ -110,7 +110,7 @@ class LoadRegistrationPaird(MapTransform):
     * Masks: read the same way and binarised (``value > 0`` -> 1.0, so label maps such as
       lungmask's 1 = right / 2 = left lung become one lung mask). A mask stored on another grid
       than its image is resampled onto the image's grid (nearest neighbour, through world
-      coordinates).
+      coordinates); one whose grid does not cover the image (:func:`check_mask_grid`) is refused.
     * Landmarks: :func:`~monai_cidir.data.load_landmarks`, with the matching image (fixed
       landmarks -> fixed image, moving -> moving) as reference for voxel-index formats.
 
@@ -136,7 +136,8 @@ class LoadRegistrationPaird(MapTransform):
         RuntimeError: when the reader cannot open a file (names the file and the reader).
         OSError: for a truncated or corrupt ``.gz`` file.
         ValueError: for images that are not single-channel 3-D, a non-positive spacing, non-finite
-            or constant values, or (``check_ct``) no voxel in the air/lung HU range.
+            or constant values, or (``check_ct``) no voxel in the air/lung HU range; for a mask on another
+            grid that does not cover its image (naming the mask file, both grids and the overlap).
 
     Example::
 
@@ -218,10 +219,13 @@ class LoadRegistrationPaird(MapTransform):
         for i, key in enumerate(self.mask_keys):
             if key not in d or d[key] is None:
                 continue
+            source = d[key] if _is_path(d[key]) else f"{key} (in memory)"
             mask = self._load(key, d[key]) if _is_path(d[key]) else d[key]
             image = d[self.image_keys[i]]
             if isinstance(mask, MetaTensor) and isinstance(image, MetaTensor) and not self._same_grid(mask, image):
-                mask = self._resample(mask, image)
+                resampled = self._resample(mask, image)
+                check_mask_grid(mask, resampled, image, key, source, self.image_keys[i])
+                mask = resampled
             d[key] = (mask > 0).to(torch.float32)  # a MetaTensor stays one, with its affine
         for i, key in enumerate(self.landmark_keys):
             if key not in d or d[key] is None:
@@ -242,3 +246,62 @@ def _stem(path) -> str:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+#: a mask on another grid must cover at least this share of its image's field of view
+MIN_MASK_GRID_OVERLAP = 0.5
+
+#: ... and at least this share of its (nonzero) voxels must lie inside the image
+MIN_MASK_INSIDE = 0.5
+
+
+def _grid_text(img) -> str:
+    from monai_cidir.coordinates import CoordinateMapping
+
+    m = CoordinateMapping.from_image(img)
+    spacing = ", ".join(f"{v:.3g}" for v in m.spacing.tolist())
+    origin = ", ".join(f"{v:.1f}" for v in m.affine[:3, 3].tolist())
+    return f"shape {tuple(m.spatial_shape)}, spacing ({spacing}) mm, origin ({origin}) mm RAS"
+
+
+def _fov_inside(of: MetaTensor, grid: MetaTensor, points: int = 32) -> float:
+    """The share of ``of``'s field of view (a ``points``^3 lattice over its voxel centres) inside ``grid``'s voxel box."""
+    from monai_cidir.coordinates import CoordinateMapping
+
+    source, target = CoordinateMapping.from_image(of), CoordinateMapping.from_image(grid)
+    shape = [min(int(n), points) for n in source.spatial_shape]
+    index = target.world_to_index(source.world_grid(shape, dtype=torch.float64).reshape(-1, 3))
+    upper = torch.as_tensor(target.spatial_shape, dtype=torch.float64) - 0.5
+    return float(((index >= -0.5) & (index <= upper)).all(dim=1).double().mean())
+
+
+def check_mask_grid(mask: MetaTensor, resampled: torch.Tensor, image: MetaTensor, key: str, source, image_key: str) -> None:
+    """A mask stored on another grid than its image must cover the image: checked after resampling it.
+
+    Raises:
+        ValueError: naming the mask file, both grids (shape, spacing, origin) and the overlap,
+            when the resampled mask is empty, its grid covers less than :data:`MIN_MASK_GRID_OVERLAP`
+            of the image's field of view, or less than :data:`MIN_MASK_INSIDE` of its voxels lie inside the image.
+    """
+    from monai_cidir.transforms.lung_quality import image_label
+
+    covered = _fov_inside(image, mask)
+    nonzero = torch.nonzero(torch.as_tensor(mask).reshape(mask.shape[-3:]) > 0)
+    inside = 0.0
+    if len(nonzero):
+        from monai_cidir.coordinates import CoordinateMapping
+
+        pts = CoordinateMapping.from_image(mask).index_to_world(nonzero[:: max(1, len(nonzero) // 20000)].double())
+        index = CoordinateMapping.from_image(image).world_to_index(pts)
+        upper = torch.as_tensor(image.shape[1:], dtype=torch.float64) - 0.5
+        inside = float(((index >= -0.5) & (index <= upper)).all(dim=1).double().mean())
+    empty = not bool((torch.as_tensor(resampled) > 0).any())
+    if empty or covered < MIN_MASK_GRID_OVERLAP or inside < MIN_MASK_INSIDE:
+        problem = "is empty once resampled onto its image" if empty else "does not cover its image"
+        raise ValueError(
+            f"{key}: the mask {source} is on another grid than {image_key} and {problem}: its grid covers "
+            f"{100 * covered:.0f}% of the image's field of view (at least {100 * MIN_MASK_GRID_OVERLAP:.0f}% expected) and "
+            f"{100 * inside:.0f}% of its nonzero voxels lie inside the image (at least {100 * MIN_MASK_INSIDE:.0f}% expected). "
+            f"Mask grid: {_grid_text(mask)}; image grid ({image_label(image, image_key)}): {_grid_text(image)}. "
+            "Give the mask made on this image (same grid, or one covering the same field of view)."
+        )

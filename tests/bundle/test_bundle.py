@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigParser, run, verify_metadata
+from monai.data import MetaTensor
 
 import monai_cidir
 from monai_cidir.engines.bundle import as_flag, make_dataset, make_phantom_cohort
@@ -219,8 +220,13 @@ def test_training_writes_everything_inside_the_working_directory(trained):
     for f in ("model.pt", "alpha_curve.csv", "alpha_curve.png", "displacement.nii.gz", "warped_moving.nii.gz", "metrics.json", "lung_masks.png"):
         assert (pdir / f).is_file(), f
     assert (pdir / "lung_masks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(pdir / "registration.png") as png:  # the picture a user opens first
+        assert png.format == "PNG" and png.size == (960, 760)
     assert sorted(p.name for p in trained.iterdir()) == ["data", "outputs"]
     m = _metrics(trained)
+    assert m["status"] == "ok", m["warnings"]  # no quality gate trips on the phantom
     assert m["iterations"] == TINY_TRAIN["max_iterations"]
     assert m["affine_prealign"] is False  # the string "false" was read as a flag
     print("MEASURE bundle", m["tre_before_mean"], m["tre_after_mean"], m["tre_after_mean"] / m["tre_before_mean"])  # MEASURE
@@ -307,15 +313,23 @@ def test_a_failed_patient_is_reported_and_the_run_exits_non_zero(tmp_path, monke
     filled = {k: torch.where(item[m] > 0.5, torch.full_like(item[k], 40.0), item[k]) for k, m in (("fixed_image", "fixed_mask"), ("moving_image", "moving_mask"))}
     bad = {"name": "no_lung", **filled}
     write_registration_pair(bad, data)
+    mirrored = dict(item, name="mirrored")  # the fixed scan read as ITK 5.4 reads a DICOM series with a negative slice spacing
+    for key in ("fixed_image", "fixed_mask"):
+        affine = torch.as_tensor(item[key].affine, dtype=torch.float64).clone()
+        affine[:3, 2] = -affine[:3, 2]
+        mirrored[key] = MetaTensor(item[key].as_tensor(), affine=affine)
+    write_registration_pair(mirrored, data)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match=r"1 of 2 patient\(s\) failed \(no_lung\)"):
+    with pytest.raises(SystemExit, match=r"2 of 3 patient\(s\) failed \(no_lung, mirrored\)|2 of 3 patient\(s\) failed \(mirrored, no_lung\)"):
         run("training", config_file=str(CONFIGS / "train.json"), **{**TINY_TRAIN, "dataset_dir": str(data)})
     rows = {r["name"]: r for r in _cohort(tmp_path)}
     assert rows["no_lung"]["status"] == "failed" and "LungMaskError" in rows["no_lung"]["error"]
     assert "no_lung_inhale.nii.gz" in rows["no_lung"]["error"]  # names the image
+    assert rows["mirrored"]["status"] == "failed" and "the scans do not overlap in world space: check the orientation of" in rows["mirrored"]["error"]
+    assert "mirrored_exhale.nii.gz" in rows["mirrored"]["error"] and "mirrored_inhale.nii.gz" in rows["mirrored"]["error"]
     assert rows["phantom_seed0"]["status"] == "ok" and (tmp_path / "outputs" / "phantom_seed0" / "metrics.json").is_file()
     printed = capsys.readouterr().out
-    assert "FAILED no_lung: LungMaskError" in printed
+    assert "FAILED no_lung: LungMaskError" in printed and "FAILED mirrored: ValueError: mirrored: the scans do not overlap" in printed
     m = _metrics(tmp_path)
     assert m["ncc_after"] > m["ncc_before"] and m["dice"] >= m["dice_affine"] - 0.01
     assert m["lung_masks"]["fixed"]["source"] == "given" and m["fixed_lung_ml"] > 300.0

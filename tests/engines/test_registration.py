@@ -50,6 +50,14 @@ def trained(phantom_item, tmp_path_factory):
     return out, metrics
 
 
+def _png_size(path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+        return png.size
+
+
 def _sitk_tre(field_path, item) -> float:
     field = sitk.Cast(sitk.ReadImage(str(field_path)), sitk.sitkVectorFloat64)
     tx = sitk.DisplacementFieldTransform(field)
@@ -66,6 +74,8 @@ def test_register_patient_improves_and_exports(trained, phantom_item):
     png = (pdir / "lung_masks.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # a picture (three views of two images), not an empty file
     assert m["tre_after_mean"] <= TRE_RATIO * m["tre_before_mean"], (m["tre_before_mean"], m["tre_after_mean"])
+    assert _png_size(pdir / "registration.png") == (960, 760)
+    assert m["status"] == "ok" and m["warnings"] == []  # no gate trips on a good registration
     assert m["dice"] > m["dice_before"]
     assert m["folding"] < 1e-3
     assert json.loads((pdir / "metrics.json").read_text())["tre_after_mean"] == pytest.approx(m["tre_after_mean"])
@@ -406,8 +416,13 @@ def test_pairs_that_cannot_be_scored_or_do_not_overlap_stop_before_training(phan
     affine[:3, 3] += torch.tensor([0.0, 0.0, 2000.0])  # the moving scan 2 m away: nothing to register
     moved_far = {**phantom_item, "moving_image": MetaTensor(far.as_tensor(), affine=affine),
                  "moving_mask": MetaTensor(phantom_item["moving_mask"].as_tensor(), affine=affine)}  # fmt: skip
+    with pytest.raises(ValueError, match=r"the scans do not overlap in world space: check the orientation of .* lung Dice of 0.000"):
+        register_patient(moved_far, out, **FAST)  # lungs of one volume that do not overlap: stopped before the pre-alignment
+    assert not (out / phantom_item["name"] / "checkpoint.pt").exists()  # not trained
+    half = phantom_item["moving_mask"].as_tensor().clone()
+    half[..., : half.shape[-1] // 2] = 0.0  # volumes that disagree: the overlap gate leaves it to the field-of-view check
     with pytest.raises(ValueError, match=r"only 0% of the fixed lung lies inside the moving image's field of view"):
-        register_patient(moved_far, out, affine_prealign=False, **FAST)  # (the pre-alignment would find a pure offset)
+        register_patient({**moved_far, "moving_mask": MetaTensor(half, affine=affine)}, out, affine_prealign=False, **FAST)
     assert not (out / phantom_item["name"] / "checkpoint.pt").exists()  # not trained
 
 

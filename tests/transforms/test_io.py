@@ -218,3 +218,27 @@ def test_lps_csv_matches_itk_convention(tmp_path):
     lps = np.array([img.TransformContinuousIndexToPhysicalPoint([float(v) for v in r]) for r in VOXELS])
     np.testing.assert_allclose(rows, lps, atol=1e-5)
     np.testing.assert_allclose(ras_to_lps(ras).numpy(), lps, atol=1e-9)
+
+
+def test_a_mask_whose_grid_does_not_cover_its_image_is_an_error_naming_the_mask(tmp_path):
+    """Issue 26: a mask on another grid used to end as "the lung mask is empty" naming the image. Now: the
+    mask file, both grids and the overlap, at loading (before training)."""
+    fixed_img = _sitk_image(_linear_hu(FIXED_GEOM["size"]), FIXED_GEOM)
+    _write(fixed_img, tmp_path / "f.nii.gz")
+    labels = np.zeros(FIXED_GEOM["size"], np.uint8)
+    labels[2:10, 2:8, 1:7] = 1
+    far = dict(FIXED_GEOM, origin=(250.0, 30.0, -20.0))  # another scan's grid: 300 mm to the side
+    _write(_sitk_image(labels, far), tmp_path / "far_mask.nii.gz")
+    record = {"fixed_image": str(tmp_path / "f.nii.gz"), "moving_image": str(tmp_path / "f.nii.gz")}
+    with pytest.raises(ValueError) as err:
+        LoadRegistrationPaird()({**record, "fixed_mask": str(tmp_path / "far_mask.nii.gz")})
+    msg = str(err.value)
+    assert msg.startswith(f"fixed_mask: the mask {tmp_path / 'far_mask.nii.gz'} is on another grid than fixed_image and is empty once resampled")
+    assert "its grid covers 0% of the image's field of view" in msg and "0% of its nonzero voxels lie inside the image" in msg
+    assert "Mask grid: shape (12, 10, 8), spacing (0.9, 1.1, 2) mm, origin (-250.0, -30.0, -20.0) mm RAS" in msg  # LPS -> RAS
+    assert f"image grid ({tmp_path / 'f.nii.gz'}): shape (12, 10, 8), spacing (0.9, 1.1, 2) mm, origin (50.0, -30.0, -20.0) mm RAS" in msg
+    # a grid over one corner of the image: the mask is not empty once resampled, but cannot hold the image's lungs
+    corner = dict(FIXED_GEOM, size=(5, 4, 3))
+    _write(_sitk_image(np.ones(corner["size"], np.uint8), corner), tmp_path / "corner_mask.mha")
+    with pytest.raises(ValueError, match=r"corner_mask.mha is on another grid than moving_image and does not cover its image: its grid covers (\d)% "):
+        LoadRegistrationPaird()({**record, "moving_mask": str(tmp_path / "corner_mask.mha")})
