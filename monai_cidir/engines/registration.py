@@ -661,9 +661,12 @@ def register_patient(
         if stored is not None:
             return stored
 
+        start = time.perf_counter()
         item, mask_reports = prepare_lung_masks(item, options["lung_mask_backend"], options["lung_mask_kwargs"], overlay=pdir / "lung_masks.png")
+        seconds_masks = time.perf_counter() - start
+        logger.info("%s: lung masks ready (computed where missing, checked, lung_masks.png) in %.1f s", name, seconds_masks)
         trainer, previous = _train(item, pdir, options, loss, prior, handlers() if callable(handlers) else handlers)
-        previous.update(mask_entries(mask_reports))
+        previous.update(mask_entries(mask_reports), seconds_masks=seconds_masks)
         factory = selection_evaluator(evaluator, **{key: options[key] for key in (*SelectionSettings.names(), "lung_mask_backend", "lung_mask_kwargs")})
         metrics = select_and_export(
             trainer.model, item, pdir, factory, trainer.alpha_prior, options["alpha"], options["export_images"], previous=previous,
@@ -968,7 +971,9 @@ def run_cohort(
     """
     output_dir = Path(output_dir)
     check_options(_with_factory_options(kwargs, kwargs.get("trainer"), kwargs.get("evaluator")))
+    start = time.perf_counter()
     _precheck_cohort(dataset)
+    logger.info("cohort pre-check: %s pair(s) in %.1f s", len(dataset) if hasattr(dataset, "__len__") else "?", time.perf_counter() - start)
     rows: list[dict] = []
     seen: set[str] = set()
     if progress and kwargs.get("handlers") is None:
@@ -977,8 +982,10 @@ def run_cohort(
     for i, load in enumerate(_patients(dataset)):
         name = _record_name(dataset, i)
         try:
+            start = time.perf_counter()
             item = load()
             name = str(item.get("name") or name)
+            logger.info("%s: loaded in %.1f s", name, time.perf_counter() - start)
             if name in seen:
                 raise ValueError(f"a second pair is named {name!r}: names must be unique (each names an output folder)")
             seen.add(name)
