@@ -1,6 +1,7 @@
 """``registration.png``: the picture a registration user opens first.
 
-Three planes through the fixed lungs (axial, coronal, sagittal, in radiological display), each
+Three planes through the fixed lungs (axial and coronal through their centre of mass, sagittal
+through the centre of one lung; radiological display), each
 shown four ways: fixed and moving *before* registration as a two-colour overlay (fixed magenta,
 moving green: aligned anatomy is grey, a misplaced one shows in colour) and their absolute
 difference, then the same for fixed and the *warped* moving image. The planes are laid out in
@@ -57,19 +58,28 @@ def _plane_points(
     return pts.reshape(-1, 3), (len(rows), len(cols))
 
 
-def _mask_center(mask, shape) -> torch.Tensor:
-    """The mask's centre of mass as a voxel index (from its per-axis sums: no voxel list); the grid's centre without one."""
+def _mask_centers(mask, mapping: CoordinateMapping) -> dict[str, torch.Tensor]:
+    """World points the planes cross: the mask's centre of mass (axial, coronal) and, for the sagittal
+    plane, the centre of the fuller side left or right of it (one lung, not the mediastinum between
+    the two). From per-axis sums, no voxel list; the grid's centre without a mask."""
+    shape = mapping.spatial_shape
     centre = (torch.tensor(shape, dtype=torch.float64) - 1) / 2
-    if mask is None:
-        return centre
-    m = (convert_to_tensor(mask, track_meta=False).reshape(shape) > 0.5).float()
-    total = float(m.sum())
-    if total == 0:
-        return centre
-    for a in range(3):
-        profile = m.sum(dim=tuple(b for b in range(3) if b != a)).double()
-        centre[a] = float((profile * torch.arange(shape[a], dtype=torch.float64)).sum()) / total
-    return centre
+    side = centre.clone()
+    m = None if mask is None else (convert_to_tensor(mask, track_meta=False).reshape(shape) > 0.5).float()
+    if m is not None and float(m.sum()) > 0:
+        profiles = [m.sum(dim=tuple(b for b in range(3) if b != a)).double() for a in range(3)]
+        for a, prof in enumerate(profiles):
+            centre[a] = float((prof * torch.arange(shape[a], dtype=torch.float64)).sum() / prof.sum())
+        side = centre.clone()
+        x = int(torch.argmax(mapping.affine[0, :3].abs()))  # the array axis closest to left-right
+        idx = torch.arange(shape[x], dtype=torch.float64)
+        halves = [idx <= centre[x], idx > centre[x]]
+        prof = profiles[x]
+        fuller = max(halves, key=lambda h: float(prof[h].sum()))
+        if float(prof[fuller].sum()) > 0:
+            side[x] = float((prof[fuller] * idx[fuller]).sum() / prof[fuller].sum())
+    world = mapping.index_to_world(centre)
+    return {"axial": world, "coronal": world, "sagittal": mapping.index_to_world(side)}
 
 
 def _read(image, points: torch.Tensor) -> np.ndarray:
@@ -99,10 +109,10 @@ def registration_planes(
     """
     mapping = CoordinateMapping.from_image(item["fixed_image"])
     grids = (mapping, CoordinateMapping.from_image(item["moving_image"]))
-    center = mapping.index_to_world(_mask_center(item.get("fixed_mask"), mapping.spatial_shape))
+    centers = _mask_centers(item.get("fixed_mask"), mapping)
     out = {}
     for view in VIEWS:
-        pts, shape = _plane_points(grids, center, view, max_pixels)
+        pts, shape = _plane_points(grids, centers[view[0]], view, max_pixels)
         planes = {"fixed": _read(item["fixed_image"], pts), "moving": _read(item["moving_image"], pts)}
         if transform is not None:  # phi where the fixed scan is (the field is not defined beyond it)
             inside = torch.from_numpy(~np.isnan(planes["fixed"]))
