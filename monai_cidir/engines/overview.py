@@ -17,6 +17,7 @@ most ``max_pixels`` per side), so the picture costs about a second whatever the 
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -185,8 +186,8 @@ def plot_registration(
             ax_d.set_title(f"{view}, {stage}: |fixed - {key}| (0-500 HU)", fontsize=7)
             for ax in (ax_o, ax_d):
                 ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
+    if title:  # wrapped to the figure's width (the "before" half alone is narrow)
+        fig.suptitle("\n".join(textwrap.wrap(title, 75 * len(stages))), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.0 * len(planes) + 0.5) if title else 1))
     fig.savefig(path)
     plt.close(fig)
