@@ -5,7 +5,8 @@ For each case this runs the pipeline with the bundle's training budget (``regist
 before registration (``dice_before``), after the affine (``dice_affine``) and after cIDIR
 (``dice``), the folding at the exported alpha, the two lung volumes, the share of each image's
 field of view the mask covers, the range of the lung Dice over the scored alphas, the status and
-the stopping error (if any). The table goes to ``docs/quality_gates.md`` by hand.
+the stopping error (if any). One JSON per case goes to ``--output`` (default
+``benchmarks/results/quality_gates/``); the table of ``docs/quality_gates.md`` is made from them by hand.
 
 Cases (``--cases``, comma separated):
 

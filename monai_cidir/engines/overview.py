@@ -1,6 +1,7 @@
 """``registration.png``: the picture a registration user opens first.
 
-Three planes through the fixed lungs (axial, coronal, sagittal, in radiological display), each
+Three planes through the fixed lungs (axial and coronal through their centre of mass, sagittal
+through the centre of one lung; radiological display), each
 shown four ways: fixed and moving *before* registration as a two-colour overlay (fixed magenta,
 moving green: aligned anatomy is grey, a misplaced one shows in colour) and their absolute
 difference, then the same for fixed and the *warped* moving image. The planes are laid out in
@@ -9,13 +10,15 @@ scan really lies: a mirrored or shifted scan, or a failed registration, is seen 
 planes span both scans' world boxes; where one scan is absent the other shows in its own colour
 alone, and the difference is dark blue.
 
-Only the planes are sampled (the moving image read at ``phi(p)`` for the plane's points, at
-most ``max_pixels`` per side), so the picture costs about a second whatever the volume size.
+Only the planes are sampled (at most ``max_pixels`` per side; ``phi`` evaluated on a 6 mm lattice
+of each plane and interpolated between, as the export does outside the lung), so the picture
+costs a few seconds whatever the volume size.
 """
 
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -57,19 +60,28 @@ def _plane_points(
     return pts.reshape(-1, 3), (len(rows), len(cols))
 
 
-def _mask_center(mask, shape) -> torch.Tensor:
-    """The mask's centre of mass as a voxel index (from its per-axis sums: no voxel list); the grid's centre without one."""
+def _mask_centers(mask, mapping: CoordinateMapping) -> dict[str, torch.Tensor]:
+    """World points the planes cross: the mask's centre of mass (axial, coronal) and, for the sagittal
+    plane, the centre of the fuller side left or right of it (one lung, not the mediastinum between
+    the two). From per-axis sums, no voxel list; the grid's centre without a mask."""
+    shape = mapping.spatial_shape
     centre = (torch.tensor(shape, dtype=torch.float64) - 1) / 2
-    if mask is None:
-        return centre
-    m = (convert_to_tensor(mask, track_meta=False).reshape(shape) > 0.5).float()
-    total = float(m.sum())
-    if total == 0:
-        return centre
-    for a in range(3):
-        profile = m.sum(dim=tuple(b for b in range(3) if b != a)).double()
-        centre[a] = float((profile * torch.arange(shape[a], dtype=torch.float64)).sum()) / total
-    return centre
+    side = centre.clone()
+    m = None if mask is None else (convert_to_tensor(mask, track_meta=False).reshape(shape) > 0.5).float()
+    if m is not None and float(m.sum()) > 0:
+        profiles = [m.sum(dim=tuple(b for b in range(3) if b != a)).double() for a in range(3)]
+        for a, prof in enumerate(profiles):
+            centre[a] = float((prof * torch.arange(shape[a], dtype=torch.float64)).sum() / prof.sum())
+        side = centre.clone()
+        x = int(torch.argmax(mapping.affine[0, :3].abs()))  # the array axis closest to left-right
+        idx = torch.arange(shape[x], dtype=torch.float64)
+        halves = [idx <= centre[x], idx > centre[x]]
+        prof = profiles[x]
+        fuller = max(halves, key=lambda h: float(prof[h].sum()))
+        if float(prof[fuller].sum()) > 0:
+            side[x] = float((prof[fuller] * idx[fuller]).sum() / prof[fuller].sum())
+    world = mapping.index_to_world(centre)
+    return {"axial": world, "coronal": world, "sagittal": mapping.index_to_world(side)}
 
 
 def _read(image, points: torch.Tensor) -> np.ndarray:
@@ -84,7 +96,7 @@ def _read(image, points: torch.Tensor) -> np.ndarray:
 
 
 def registration_planes(
-    item: Mapping, transform: Callable[[torch.Tensor], torch.Tensor] | None, max_pixels: int = 320
+    item: Mapping, transform: Callable[[torch.Tensor], torch.Tensor] | None, max_pixels: int = 320, coarse_mm: float = 6.0
 ) -> dict[str, dict[str, np.ndarray]]:
     """The three planes of :func:`plot_registration` as arrays.
 
@@ -92,6 +104,8 @@ def registration_planes(
         item: the loaded pair (``fixed_image``, ``moving_image``, ``fixed_mask``).
         transform: ``phi``, world points (float64 ``(N, 3)``) -> their moving positions; ``None``: no "after".
         max_pixels: pixels along a plane's longer side (the pixel is never finer than the fixed voxel).
+        coarse_mm: ``transform`` is evaluated on a lattice of the plane this far apart and its
+            displacement interpolated bilinearly between (the export's rule outside the lung); 0: every pixel.
 
     Returns:
         ``{view: {"fixed", "moving", "warped"}}`` of 2-D HU arrays (NaN outside a scan), rows
@@ -99,20 +113,41 @@ def registration_planes(
     """
     mapping = CoordinateMapping.from_image(item["fixed_image"])
     grids = (mapping, CoordinateMapping.from_image(item["moving_image"]))
-    center = mapping.index_to_world(_mask_center(item.get("fixed_mask"), mapping.spatial_shape))
+    centers = _mask_centers(item.get("fixed_mask"), mapping)
     out = {}
     for view in VIEWS:
-        pts, shape = _plane_points(grids, center, view, max_pixels)
+        pts, shape = _plane_points(grids, centers[view[0]], view, max_pixels)
         planes = {"fixed": _read(item["fixed_image"], pts), "moving": _read(item["moving_image"], pts)}
-        if transform is not None:  # phi where the fixed scan is (the field is not defined beyond it)
-            inside = torch.from_numpy(~np.isnan(planes["fixed"]))
-            planes["warped"] = np.full(len(pts), np.nan)
-            if bool(inside.any()):
-                with torch.no_grad():
-                    moved = torch.as_tensor(transform(pts[inside]), dtype=torch.float64)
-                planes["warped"][inside.numpy()] = _read(item["moving_image"], moved)
+        if transform is not None:  # the field where the fixed scan is (it is not defined beyond it)
+            moved = _plane_transform(transform, pts, shape, coarse_mm)
+            planes["warped"] = _read(item["moving_image"], moved)
+            planes["warped"][np.isnan(planes["fixed"])] = np.nan
         out[view[0]] = {k: v.reshape(shape) for k, v in planes.items()}
     return out
+
+
+def _plane_transform(transform, pts: torch.Tensor, shape: tuple[int, int], coarse_mm: float) -> torch.Tensor:
+    """``transform(pts)`` of a plane's points (a regular lattice ``shape``): evaluated on an even lattice
+    about ``coarse_mm`` apart over the same corners, and bilinear between."""
+    import torch.nn.functional as F
+
+    grid = pts.reshape(*shape, 3)
+    d_row = grid[1, 0] - grid[0, 0] if shape[0] > 1 else torch.zeros(3, dtype=pts.dtype)
+    d_col = grid[0, 1] - grid[0, 0] if shape[1] > 1 else torch.zeros(3, dtype=pts.dtype)
+    pixel = max(float(d_row.norm()), float(d_col.norm()), 1e-6)
+    step = int(coarse_mm / pixel) if coarse_mm > 0 else 1
+    if step <= 1 or min(shape) < 3:
+        with torch.no_grad():
+            return torch.as_tensor(transform(pts), dtype=torch.float64)
+    n_rows, n_cols = (max(2, -(-(n - 1) // step) + 1) for n in shape)
+    r = torch.linspace(0, shape[0] - 1, n_rows, dtype=torch.float64)
+    c = torch.linspace(0, shape[1] - 1, n_cols, dtype=torch.float64)
+    coarse = (grid[0, 0] + r[:, None, None] * d_row + c[None, :, None] * d_col).reshape(-1, 3)
+    with torch.no_grad():
+        disp = torch.as_tensor(transform(coarse), dtype=torch.float64) - coarse
+    disp = disp.reshape(n_rows, n_cols, 3).permute(2, 0, 1)[None]
+    full = F.interpolate(disp, size=shape, mode="bilinear", align_corners=True)[0].permute(1, 2, 0).reshape(-1, 3)
+    return pts + full
 
 
 def _grey(hu: np.ndarray) -> np.ndarray:
@@ -175,8 +210,8 @@ def plot_registration(
             ax_d.set_title(f"{view}, {stage}: |fixed - {key}| (0-500 HU)", fontsize=7)
             for ax in (ax_o, ax_d):
                 ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
+    if title:  # wrapped to the figure's width (the "before" half alone is narrow)
+        fig.suptitle("\n".join(textwrap.wrap(title, 75 * len(stages))), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.0 * len(planes) + 0.5) if title else 1))
     fig.savefig(path)
     plt.close(fig)

@@ -1008,9 +1008,10 @@ def run_cohort(
 
     A patient that cannot be loaded or registered (an implausible computed lung mask, a bad
     file, ...) is logged with the reason and stops alone: the others still run, and the table
-    lists it with ``status`` "failed" and its ``error``. A patient whose result is worse than its
-    own affine (:func:`~monai_cidir.engines.quality.assess_registration`) keeps its outputs and
-    counts as failed too.
+    lists it with ``status`` "failed" and its ``error``; so does a pair whose scans do not overlap in
+    world space (:func:`~monai_cidir.engines.quality.check_mask_overlap`, before training). A patient
+    whose result is worse than its own affine or trips an absolute gate (folding, lung Dice:
+    :func:`~monai_cidir.engines.quality.assess_registration`) keeps its outputs and counts as failed too.
 
     Returns:
         one metrics dict per patient.
