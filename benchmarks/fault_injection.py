@@ -11,7 +11,9 @@ failed, and restores the file. It prints a Markdown table (fault, file, tests ru
 seconds) and exits 1 when a fault is not caught, the clean run fails, or a substitution does not
 match exactly once (the code moved: update the fault here).
 
-Run it after each large change (about 15 minutes on 2 busy cores; ``--only`` narrows it)::
+Run it after each large change. Each fault runs only its few tests: from seconds (unit tests) to one
+training of the end-to-end fixtures (``tests/engines/test_registration.py``, 150 iterations) for the
+faults that need a trained model; ``--only`` narrows the run, ``--skip-clean`` skips the clean run::
 
     python benchmarks/fault_injection.py                      # every fault
     python benchmarks/fault_injection.py --only scale,resume  # faults whose name contains a word
