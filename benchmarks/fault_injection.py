@@ -229,7 +229,9 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, 
     except subprocess.TimeoutExpired:
         return "error", -1, f"timed out after {timeout:.0f} s", time.perf_counter() - start
     seconds = time.perf_counter() - start
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    first_error = next((line for line in lines if line.startswith("E ")), "")  # what failed: the first assertion line
+    tail = "\n".join([first_error[:160]] * bool(first_error) + lines[-15:])
     verdict = {0: "passed", 1: "failed"}.get(proc.returncode, "error")
     return verdict, proc.returncode, tail, seconds
 
@@ -304,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                 (root / f.path).write_text(original)
             caught = verdict == "failed"
             ok &= caught
-            result = f"caught ({_summary(tail)})" if caught else f"**NOT CAUGHT** ({verdict}: {_summary(tail)})"
+            why = tail.splitlines()[0].replace("|", "/") if tail.startswith("E ") else ""
+            result = f"caught ({_summary(tail)}{': `' + why[1:].strip() + '`' if why else ''})" if caught else f"**NOT CAUGHT** ({verdict}: {_summary(tail)})"
             rows.append({**dataclasses.asdict(f), "result": result, "seconds": seconds})
             print(f"{'caught' if caught else 'NOT CAUGHT'}: {f.name} ({seconds:.0f} s)", flush=True)
             if not caught and verdict == "error":
