@@ -11,7 +11,9 @@ failed, and restores the file. It prints a Markdown table (fault, file, tests ru
 seconds) and exits 1 when a fault is not caught, the clean run fails, or a substitution does not
 match exactly once (the code moved: update the fault here).
 
-Run it after each large change (about 15 minutes on 2 busy cores; ``--only`` narrows it)::
+Run it after each large change. Each fault runs only its few tests: from seconds (unit tests) to one
+training of the end-to-end fixtures (``tests/engines/test_registration.py``, 150 iterations) for the
+faults that need a trained model; ``--only`` narrows the run, ``--skip-clean`` skips the clean run::
 
     python benchmarks/fault_injection.py                      # every fault
     python benchmarks/fault_injection.py --only scale,resume  # faults whose name contains a word
@@ -227,7 +229,9 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, 
     except subprocess.TimeoutExpired:
         return "error", -1, f"timed out after {timeout:.0f} s", time.perf_counter() - start
     seconds = time.perf_counter() - start
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    first_error = next((line for line in lines if line.startswith("E ")), "")  # what failed: the first assertion line
+    tail = "\n".join([first_error[:160]] * bool(first_error) + lines[-15:])
     verdict = {0: "passed", 1: "failed"}.get(proc.returncode, "error")
     return verdict, proc.returncode, tail, seconds
 
@@ -302,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                 (root / f.path).write_text(original)
             caught = verdict == "failed"
             ok &= caught
-            result = f"caught ({_summary(tail)})" if caught else f"**NOT CAUGHT** ({verdict}: {_summary(tail)})"
+            why = tail.splitlines()[0].replace("|", "/") if tail.startswith("E ") else ""
+            result = f"caught ({_summary(tail)}{': `' + why[1:].strip() + '`' if why else ''})" if caught else f"**NOT CAUGHT** ({verdict}: {_summary(tail)})"
             rows.append({**dataclasses.asdict(f), "result": result, "seconds": seconds})
             print(f"{'caught' if caught else 'NOT CAUGHT'}: {f.name} ({seconds:.0f} s)", flush=True)
             if not caught and verdict == "error":

@@ -40,6 +40,9 @@ TINY_TRAIN = {
     "affine_prealign": "false",  # a string, as `--affine_prealign false` arrives from the command line
     "log_every": 20,
 }
+# TRE after / before of the TINY_TRAIN run, measured at commit 8835b11 + these tests (CPU): 4.53 -> 0.664 mm
+# (0.147x); the bound keeps a margin of about two thirds of that (the former bound was 0.5x)
+TRE_RATIO = 0.25
 
 
 def _config(*names: str) -> ConfigParser:
@@ -229,8 +232,7 @@ def test_training_writes_everything_inside_the_working_directory(trained):
     assert m["status"] == "ok", m["warnings"]  # no quality gate trips on the phantom
     assert m["iterations"] == TINY_TRAIN["max_iterations"]
     assert m["affine_prealign"] is False  # the string "false" was read as a flag
-    print("MEASURE bundle", m["tre_before_mean"], m["tre_after_mean"], m["tre_after_mean"] / m["tre_before_mean"])  # MEASURE
-    assert m["tre_after_mean"] < 0.5 * m["tre_before_mean"], m
+    assert m["tre_after_mean"] < TRE_RATIO * m["tre_before_mean"], m
     assert m["dice"] > m["dice_before"]
     assert 0.0 <= m["alpha"] <= 1.0 and m["folding"] < 1e-3
     rows = _cohort(trained)
@@ -253,8 +255,7 @@ def test_evaluation_recomputes_the_tables(trained, monkeypatch):
     assert float(overall["tre_before"]) == pytest.approx(m["tre_before_mean"], abs=1e-6)
     # the exported displacement.nii.gz, applied by SimpleITK, agrees with the model to 0.05 mm
     assert float(overall["tre_exported_field"]) == pytest.approx(m["tre_after_mean"], abs=0.05)
-    print("MEASURE bundle eval", overall)  # MEASURE
-    assert float(overall["tre_after"]) < 0.5 * float(overall["tre_before"])
+    assert float(overall["tre_after"]) < TRE_RATIO * float(overall["tre_before"])
 
 
 def test_inference_reexports_at_a_fixed_alpha_without_retraining(trained, monkeypatch):
