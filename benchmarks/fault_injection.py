@@ -205,6 +205,35 @@ FAULTS: tuple[Fault, ...] = (
         'status = "ok"',
         ("tests/engines/test_quality.py::test_assess_registration_rules", "tests/engines/test_quality.py::test_worse_than_its_affine_is_failed_and_said"),
     ),
+    # ------------------------------------------------------------------ clinical scans (issue 26)
+    Fault(
+        "DICOM slices stacked in file order, not along the slice normal",
+        "monai_cidir/data/dicom.py",
+        '    order = np.argsort(ipp @ normal, kind="stable")',
+        "    order = np.arange(len(ipp))",
+        ("tests/data/test_dicom.py",),
+    ),
+    Fault(
+        "DICOM slice axis signed by SpacingBetweenSlices (ITK 5.4's mirror)",
+        "monai_cidir/data/dicom.py",
+        "    affine[:3, 2] = geo.normal * step",
+        "    affine[:3, 2] = geo.normal * step * (1 if float(series.datasets[0].get('SpacingBetweenSlices', 1) or 1) > 0 else -1)",
+        ("tests/data/test_dicom.py",),
+    ),
+    Fault(
+        "folding gate off (22% folding reads ok)",
+        "monai_cidir/engines/quality.py",
+        "    if folding is not None and folding > MAX_LUNG_FOLDING:",
+        "    if False:",
+        ("tests/engines/test_quality.py::test_absolute_gates_hold_whatever_the_affine_did",),
+    ),
+    Fault(
+        "scans that do not overlap are trained anyway",
+        "monai_cidir/engines/quality.py",
+        "    if agree and dice < MIN_OVERLAP_DICE:",
+        "    if False:",
+        ("tests/engines/test_quality.py::test_mirrored_scan_stops_before_training_and_whole_fov_masks_warn",),
+    ),
 )
 
 
