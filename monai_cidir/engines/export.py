@@ -357,16 +357,27 @@ def _radiological(image, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return hu, m, spacing
 
 
-def _mask_slices(m: np.ndarray, axis: int, slices: int) -> list[int]:
-    """One slice through the largest component's centre, or ``slices`` spread over the mask's extent."""
+def _largest_component_centre(m: np.ndarray) -> np.ndarray | None:
+    """Mean voxel index of a mask's largest connected component (``None`` when empty), found on the mask's box."""
     from scipy import ndimage
 
+    lo = [np.flatnonzero(m.any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
+    if any(len(v) == 0 for v in lo):
+        return None
+    box = tuple(slice(int(v[0]), int(v[-1]) + 1) for v in lo)
+    labels, _ = ndimage.label(m[box])
+    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return np.argwhere(labels == largest).mean(0) + np.array([sl.start for sl in box])
+
+
+def _mask_slices(m: np.ndarray, axis: int, slices: int, centre: np.ndarray | None = None) -> list[int]:
+    """One slice through the largest component's centre (``centre``: when already known), or ``slices``
+    spread over the mask's extent."""
     if not m.any():
         return [m.shape[axis] // 2] if slices == 1 else list(np.linspace(0, m.shape[axis] - 1, slices + 2)[1:-1].round().astype(int))
     if slices == 1:
-        labels, _ = ndimage.label(m)
-        largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
-        return [int(round(np.argwhere(labels == largest)[:, axis].mean()))]
+        centre = _largest_component_centre(m) if centre is None else centre
+        return [int(round(float(centre[axis])))]
     inside = np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != axis)))
     return list(np.linspace(inside[0], inside[-1], slices + 2)[1:-1].round().astype(int))
 
@@ -403,8 +414,9 @@ def plot_lung_masks(panels: Sequence[tuple[str, object, object]], path: str | os
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.1 * rows + 0.4), dpi=80, squeeze=False)
     for p, (label, image, mask) in enumerate(panels):
         hu, m, sp = _radiological(image, mask)
+        centre = _largest_component_centre(m) if slices == 1 else None  # one labelling for the three views
         for v, (axis, view) in enumerate(((2, "axial"), (1, "coronal"), (0, "sagittal"))):
-            for c, k in enumerate(_mask_slices(m, axis, slices)):
+            for c, k in enumerate(_mask_slices(m, axis, slices, centre)):
                 ax = axes[p, v] if slices == 1 else axes[3 * p + v, c]
                 i, j = [a for a in range(3) if a != axis]  # image columns run along i, rows along j
                 img, msk = np.take(hu, k, axis=axis).T, np.take(m, k, axis=axis).T
