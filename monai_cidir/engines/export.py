@@ -128,8 +128,7 @@ def map_displacement(
     sizes = [max(2, int(np.ceil(e / coarse_mm)) + 1) if n > 1 else 1 for e, n in zip(extent, shape)]
     coarse_world = mapping.world_grid(sizes, dtype=torch.float64).reshape(-1, 3)  # first / last centres kept
     coarse = model.displacement(coarse_world, alpha, chunk_size).float().reshape(*sizes, 3)
-    field = F.interpolate(coarse.permute(3, 0, 1, 2)[None], size=shape, mode="trilinear", align_corners=True)
-    field = np.ascontiguousarray(field[0].permute(1, 2, 3, 0).numpy())
+    field = _upsample_field(coarse, shape)
     flat_field = field.reshape(-1, 3)
     inside = np.flatnonzero(exact_mask)
     flat_field[inside] = at_voxels(inside)
@@ -140,6 +139,25 @@ def map_displacement(
         err = np.linalg.norm(flat_field[pick] - at_voxels(pick), axis=1)
         info.update(interpolation_max_mm=float(err.max()), interpolation_p99_mm=float(np.percentile(err, 99)))
     return field, info
+
+
+def _upsample_field(coarse: torch.Tensor, shape: Sequence[int]) -> np.ndarray:
+    """Trilinear (``align_corners=True``) upsampling of a coarse ``(x, y, z, 3)`` field to ``(*shape, 3)``, written
+    slice by slice into the output (in-plane first, then along the last axis): memory is the output plus the
+    coarse slices upsampled in-plane, not the three full-size copies of one ``F.interpolate`` call."""
+    import torch.nn.functional as F
+
+    nx, ny, nz = (int(n) for n in shape)
+    planes = F.interpolate(coarse.permute(2, 3, 0, 1), size=(nx, ny), mode="bilinear", align_corners=True)  # (cz, 3, X, Y)
+    planes = planes.permute(0, 2, 3, 1).contiguous().numpy()  # (cz, X, Y, 3)
+    out = np.empty((nx, ny, nz, 3), dtype=np.float32)
+    cz = planes.shape[0]
+    for k in range(nz):
+        t = k * (cz - 1) / (nz - 1) if nz > 1 and cz > 1 else 0.0
+        k0 = min(int(np.floor(t)), cz - 1)
+        w = np.float32(t - k0)
+        out[:, :, k] = planes[k0] if w == 0 or k0 + 1 >= cz else (1 - w) * planes[k0] + w * planes[k0 + 1]
+    return out
 
 
 def write_displacement_field(
