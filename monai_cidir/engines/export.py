@@ -128,8 +128,7 @@ def map_displacement(
     sizes = [max(2, int(np.ceil(e / coarse_mm)) + 1) if n > 1 else 1 for e, n in zip(extent, shape)]
     coarse_world = mapping.world_grid(sizes, dtype=torch.float64).reshape(-1, 3)  # first / last centres kept
     coarse = model.displacement(coarse_world, alpha, chunk_size).float().reshape(*sizes, 3)
-    field = F.interpolate(coarse.permute(3, 0, 1, 2)[None], size=shape, mode="trilinear", align_corners=True)
-    field = np.ascontiguousarray(field[0].permute(1, 2, 3, 0).numpy())
+    field = _upsample_field(coarse, shape)
     flat_field = field.reshape(-1, 3)
     inside = np.flatnonzero(exact_mask)
     flat_field[inside] = at_voxels(inside)
@@ -140,6 +139,25 @@ def map_displacement(
         err = np.linalg.norm(flat_field[pick] - at_voxels(pick), axis=1)
         info.update(interpolation_max_mm=float(err.max()), interpolation_p99_mm=float(np.percentile(err, 99)))
     return field, info
+
+
+def _upsample_field(coarse: torch.Tensor, shape: Sequence[int]) -> np.ndarray:
+    """Trilinear (``align_corners=True``) upsampling of a coarse ``(x, y, z, 3)`` field to ``(*shape, 3)``, written
+    slice by slice into the output (in-plane first, then along the last axis): memory is the output plus the
+    coarse slices upsampled in-plane, not the three full-size copies of one ``F.interpolate`` call."""
+    import torch.nn.functional as F
+
+    nx, ny, nz = (int(n) for n in shape)
+    planes = F.interpolate(coarse.permute(2, 3, 0, 1), size=(nx, ny), mode="bilinear", align_corners=True)  # (cz, 3, X, Y)
+    planes = planes.permute(0, 2, 3, 1).contiguous().numpy()  # (cz, X, Y, 3)
+    out = np.empty((nx, ny, nz, 3), dtype=np.float32)
+    cz = planes.shape[0]
+    for k in range(nz):
+        t = k * (cz - 1) / (nz - 1) if nz > 1 and cz > 1 else 0.0
+        k0 = min(int(np.floor(t)), cz - 1)
+        w = np.float32(t - k0)
+        out[:, :, k] = planes[k0] if w == 0 or k0 + 1 >= cz else (1 - w) * planes[k0] + w * planes[k0 + 1]
+    return out
 
 
 def write_displacement_field(
@@ -357,16 +375,27 @@ def _radiological(image, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return hu, m, spacing
 
 
-def _mask_slices(m: np.ndarray, axis: int, slices: int) -> list[int]:
-    """One slice through the largest component's centre, or ``slices`` spread over the mask's extent."""
+def _largest_component_centre(m: np.ndarray) -> np.ndarray | None:
+    """Mean voxel index of a mask's largest connected component (``None`` when empty), found on the mask's box."""
     from scipy import ndimage
 
+    lo = [np.flatnonzero(m.any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
+    if any(len(v) == 0 for v in lo):
+        return None
+    box = tuple(slice(int(v[0]), int(v[-1]) + 1) for v in lo)
+    labels, _ = ndimage.label(m[box])
+    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return np.argwhere(labels == largest).mean(0) + np.array([sl.start for sl in box])
+
+
+def _mask_slices(m: np.ndarray, axis: int, slices: int, centre: np.ndarray | None = None) -> list[int]:
+    """One slice through the largest component's centre (``centre``: when already known), or ``slices``
+    spread over the mask's extent."""
     if not m.any():
         return [m.shape[axis] // 2] if slices == 1 else list(np.linspace(0, m.shape[axis] - 1, slices + 2)[1:-1].round().astype(int))
     if slices == 1:
-        labels, _ = ndimage.label(m)
-        largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
-        return [int(round(np.argwhere(labels == largest)[:, axis].mean()))]
+        centre = _largest_component_centre(m) if centre is None else centre
+        return [int(round(float(centre[axis])))]
     inside = np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != axis)))
     return list(np.linspace(inside[0], inside[-1], slices + 2)[1:-1].round().astype(int))
 
@@ -403,8 +432,9 @@ def plot_lung_masks(panels: Sequence[tuple[str, object, object]], path: str | os
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.1 * rows + 0.4), dpi=80, squeeze=False)
     for p, (label, image, mask) in enumerate(panels):
         hu, m, sp = _radiological(image, mask)
+        centre = _largest_component_centre(m) if slices == 1 else None  # one labelling for the three views
         for v, (axis, view) in enumerate(((2, "axial"), (1, "coronal"), (0, "sagittal"))):
-            for c, k in enumerate(_mask_slices(m, axis, slices)):
+            for c, k in enumerate(_mask_slices(m, axis, slices, centre)):
                 ax = axes[p, v] if slices == 1 else axes[3 * p + v, c]
                 i, j = [a for a in range(3) if a != axis]  # image columns run along i, rows along j
                 img, msk = np.take(hu, k, axis=axis).T, np.take(m, k, axis=axis).T

@@ -137,3 +137,16 @@ def test_map_displacement_is_exact_in_the_region_and_reports_its_error_outside()
     # coarse_mm=None (or no region) maps every voxel exactly
     full, info = map_displacement(model, 0.5, region, coarse_mm=None)
     assert np.array_equal(full, exact) and info["exact_fraction"] == 1.0
+
+
+def test_the_coarse_field_is_upsampled_as_one_trilinear_interpolation():
+    """Slice by slice (in-plane, then along z) gives torch's trilinear interpolation with aligned corners."""
+    import torch.nn.functional as F
+
+    from monai_cidir.engines.export import _upsample_field
+
+    torch.manual_seed(0)
+    for sizes, shape in (((9, 7, 5), (40, 31, 23)), ((4, 5, 1), (10, 11, 1)), ((6, 6, 2), (12, 12, 2))):
+        coarse = torch.randn(*sizes, 3)
+        reference = F.interpolate(coarse.permute(3, 0, 1, 2)[None], size=shape, mode="trilinear", align_corners=True)[0].permute(1, 2, 3, 0)
+        np.testing.assert_allclose(_upsample_field(coarse, shape), reference.numpy(), atol=1e-5)
