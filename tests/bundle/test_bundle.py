@@ -87,7 +87,7 @@ def test_metadata_lists_the_package():
     assert meta["schema"].endswith("meta_schema_20240725.json")
     assert "optional_packages_version" not in meta  # deprecated in this schema
     assert meta["required_packages_version"]["monai_cidir"] == monai_cidir.__version__
-    for pkg in ("pytorch-ignite", "nibabel", "itk", "lungmask", "scipy"):
+    for pkg in ("pytorch-ignite", "nibabel", "itk", "lungmask", "scipy", "pydicom"):
         assert pkg in meta["required_packages_version"], pkg
 
 
