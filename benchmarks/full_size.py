@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="", help="variant name appended to the result files")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-run", action="store_true", help="only build (or reuse) the pair")
+    p.add_argument(
+        "--dicom", action="store_true",
+        help="give the fixed scan as a DICOM series written as Philips exports it (SpacingBetweenSlices negative, files in descending order)",
+    )
     p.add_argument("--train-arg", action="append", default=[], help="extra command-line words of the bundle run (repeatable)")
     return p
 
@@ -217,6 +221,24 @@ def markdown(result: dict) -> str:
     return "\n".join([head, "|" + "---|" * (len(cells)), "| " + " | ".join(cells) + " |"])
 
 
+def dicom_variant(datalist: Path) -> Path:
+    """The same pair with its fixed scan as a DICOM series (negative SpacingBetweenSlices, descending files): reused."""
+    from monai.transforms import LoadImage
+
+    from monai_cidir.data import write_dicom_series
+
+    out = datalist.with_name(datalist.stem + "_dicom.json")
+    if out.is_file():
+        return out
+    record = dict(json.loads(datalist.read_text())["training"][0])
+    fixed = LoadImage(reader="ITKReader", image_only=True)(str(datalist.parent / record["fixed_image"]))
+    folder = datalist.parent / (Path(record["fixed_image"]).name.split(".")[0] + "_dicom")
+    write_dicom_series(np.asarray(fixed), np.asarray(fixed.affine), folder, spacing_between_slices="negative", file_order="descending")
+    record.update(fixed_image=folder.name, name=record["name"] + "_dicom")
+    out.write_text(json.dumps({"training": [record]}, indent=2) + "\n")
+    return out
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not args.chest_ct.is_file():
@@ -226,16 +248,18 @@ def main(argv=None) -> int:
     datalist = args.data / f"datalist_{args.slices}.json"
     if not datalist.is_file():
         datalist = make_case(args.chest_ct, args.data, args.slices)
+    if args.dicom:
+        datalist = dicom_variant(datalist)
     if args.skip_run:
         return 0
-    output = args.output or args.data / f"out_{args.slices}"
+    output = args.output or args.data / f"out_{args.slices}{'_dicom' if args.dicom else ''}"
     run = run_bundle(datalist, output, args.threads, args.train_arg)
     name = json.loads(datalist.read_text())["training"][0]["name"]
     metrics_path = output / name / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     result = {
         "shape": f"512 x 512 x {args.slices}",
-        "command": f"python benchmarks/full_size.py --slices {args.slices}",
+        "command": f"python benchmarks/full_size.py --slices {args.slices}{' --dicom' if args.dicom else ''}",
         "threads": args.threads,
         "wall_s": run["wall_s"],
         "peak_rss_gib": run["peak_rss_gib"],
@@ -253,7 +277,7 @@ def main(argv=None) -> int:
     table = markdown(result)
     print(table)
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = f"full_size_{args.slices}" + (f"_{args.tag}" if args.tag else "")
+    stem = f"full_size_{args.slices}" + ("_dicom" if args.dicom else "") + (f"_{args.tag}" if args.tag else "")
     (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.results / f"{stem}.md").write_text(f"`{result['command']}`, {args.threads} threads, load average {result['load_1min']:.1f} at the end\n\n{table}\n")
     print(f"wrote {args.results / stem}.md/.json")
